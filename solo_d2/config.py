@@ -1,0 +1,51 @@
+"""``add_solo_config``: every SOLO-family config key, under ``MODEL.SOLO``."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_solo_config"]
+
+
+def add_solo_config(cfg: CN) -> None:
+    """Add the SOLO-family keys to a detectron2 config (in place). Safe to call twice."""
+    if "SOLO" in cfg.MODEL:
+        return
+    _C = cfg
+    _C.MODEL.SOLO = CN()
+    # ---- instance branch (category + kernel towers), one entry per level -----------------------
+    _C.MODEL.SOLO.NUM_CLASSES = 80  # foreground classes (contiguous ids 0..C-1; C is background)
+    # Backbone features fed to the instance branch. The first is resized x0.5 and the last is
+    # resized to the size of the one before it (SOLO's "split_feats"), giving strides 8,8,16,32,32.
+    _C.MODEL.SOLO.INSTANCE_IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    _C.MODEL.SOLO.FPN_INSTANCE_STRIDES = [8, 8, 16, 32, 32]  # effective stride of each level
+    # Range of sqrt(box w * box h), in input pixels, that makes an instance positive on a level
+    # (inclusive at both ends; ranges overlap, so an instance can be positive on two levels).
+    _C.MODEL.SOLO.FPN_SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]
+    _C.MODEL.SOLO.NUM_GRIDS = [40, 36, 24, 16, 12]  # S: the S x S category/kernel grid per level
+    _C.MODEL.SOLO.SIGMA = 0.2  # epsilon of the paper: centre region = sigma * box size
+    _C.MODEL.SOLO.INSTANCE_IN_CHANNELS = 256  # channels of the instance-branch input features
+    _C.MODEL.SOLO.INSTANCE_CHANNELS = 512  # width of the category and kernel towers
+    _C.MODEL.SOLO.NUM_INSTANCE_CONVS = 4  # 3x3 convs in each tower
+    _C.MODEL.SOLO.NUM_KERNELS = 256  # E: length of each dynamic 1x1 kernel = mask-feature channels
+    _C.MODEL.SOLO.NORM = "GN"  # norm in tower convs and mask-feature convs ("GN" or "" for none)
+    _C.MODEL.SOLO.PRIOR_PROB = 0.01  # initial foreground probability of the category classifier
+    # ---- mask-feature branch (SOLOv2) ------------------------------------------------------------
+    _C.MODEL.SOLO.MASK_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # fused to the stride of the first
+    _C.MODEL.SOLO.MASK_IN_CHANNELS = 256  # channels of the mask-branch input features
+    _C.MODEL.SOLO.MASK_CHANNELS = 128  # hidden width of the mask-feature branch
+    # ---- losses --------------------------------------------------------------------------------
+    _C.MODEL.SOLO.LOSS = CN()
+    _C.MODEL.SOLO.LOSS.FOCAL_ALPHA = 0.25  # sigmoid focal loss alpha (category branch)
+    _C.MODEL.SOLO.LOSS.FOCAL_GAMMA = 2.0  # sigmoid focal loss gamma
+    _C.MODEL.SOLO.LOSS.FOCAL_WEIGHT = 1.0  # weight of loss_cls (sum / (num positive cells + 1))
+    _C.MODEL.SOLO.LOSS.DICE_WEIGHT = 3.0  # weight of loss_mask (dice, mean over positive samples)
+    # ---- inference -----------------------------------------------------------------------------
+    _C.MODEL.SOLO.SCORE_THRESH_TEST = 0.1  # category score a grid cell needs to be a candidate
+    _C.MODEL.SOLO.MASK_THRESH_TEST = 0.5  # soft-mask binarisation threshold (also mask-NMS IoU)
+    _C.MODEL.SOLO.NMS_PRE_TOPK = 500  # candidates kept (by maskness-rescored score) before NMS
+    _C.MODEL.SOLO.UPDATE_THRESH_TEST = 0.05  # score a detection needs after Matrix NMS decay
+    _C.MODEL.SOLO.NMS_TYPE = "matrix"  # "matrix" (Matrix NMS) or "mask" (sequential mask NMS)
+    _C.MODEL.SOLO.NMS_KERNEL = "gaussian"  # Matrix NMS decay: "gaussian" or "linear"
+    _C.MODEL.SOLO.NMS_SIGMA = 2.0  # Gaussian decay exp(-sigma * iou^2), the reference code's form
+    # Candidates whose soft masks are computed at once; bounds inference memory however many
+    # grid cells pass SCORE_THRESH_TEST (results do not depend on it).
+    _C.MODEL.SOLO.INFERENCE_CHUNK_SIZE = 256
+    # Final detections per image come from the standard key TEST.DETECTIONS_PER_IMAGE (100).

@@ -1,0 +1,270 @@
+"""SOLOv2 inference post-processing (solo_spec.md §4): points NMS, Matrix NMS, mask NMS, resizing.
+
+Shape shorthand:
+    B: images     C: classes     G: grid cells of all levels (sum of S_l^2)     E: kernel length
+    N: candidates (cell, class) pairs    Hf, Wf: mask-feature size    H, W: output image size
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes, Instances
+from torch import Tensor
+
+__all__ = [
+    "point_nms",
+    "matrix_nms",
+    "mask_nms",
+    "masks_to_boxes",
+    "resize_masks",
+    "solov2_postprocess",
+]
+
+
+def point_nms(heat: Tensor) -> Tensor:
+    """Keep a cell's scores only where they equal the max of its 2x2 window to the up-left.
+
+    The reference pools with kernel 2, stride 1, padding 1 and crops ``[:-1, :-1]``, so each cell
+    is compared with its up, left and up-left neighbours only (asymmetric, kept for parity).
+
+    Args:
+        heat: (B, C, S, S) probabilities.
+    Returns:
+        (B, C, S, S) with suppressed entries set to 0.
+    """
+    hmax = F.max_pool2d(heat, 2, stride=1, padding=1)[:, :, :-1, :-1]
+    return heat * (hmax == heat).to(heat.dtype)
+
+
+def _mask_iou(masks: Tensor, areas: Tensor, labels: Tensor) -> Tensor:
+    """(N, N) upper-triangular same-class IoU: entry [i, j] (i < j) is IoU(i, j) if same class."""
+    m = masks.flatten(1).to(torch.float32)
+    inter = m @ m.T
+    union = areas[None, :] + areas[:, None] - inter
+    iou = (inter / union).triu(diagonal=1)
+    same = (labels[None, :] == labels[:, None]).triu(diagonal=1)
+    return iou * same
+
+
+def matrix_nms(
+    labels: Tensor,
+    masks: Tensor,
+    areas: Tensor,
+    scores: Tensor,
+    *,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+) -> Tensor:
+    """Matrix NMS: decay every score by its overlap with higher-scoring same-class masks.
+
+    ``decay_j = min_i f(iou_ij) / f(max_k iou_ki)`` over higher-scoring i, with the reference
+    code's Gaussian ``f(x) = exp(-sigma * x^2)`` or linear ``f(x) = 1 - x``. The linear form
+    clamps its denominator so identical masks decay to 0 instead of giving NaN.
+
+    Args:
+        labels: (N,) classes.
+        masks: (N, H, W) or (N, K) binary masks, sorted by descending score.
+        areas: (N,) mask areas (pixel counts).
+        scores: (N,) scores, descending.
+        kernel: "gaussian" or "linear".
+        sigma: Gaussian parameter.
+    Returns:
+        (N,) decayed scores.
+    """
+    if len(labels) == 0:
+        return scores
+    decay_iou = _mask_iou(masks, areas.to(torch.float32), labels)  # (N, N), [i, j], i above j
+    compensate = decay_iou.max(dim=0).values[:, None]  # (N, 1): row i gets max_k iou[k, i]
+    if kernel == "gaussian":
+        decay = torch.exp(-sigma * (decay_iou**2 - compensate**2))
+    elif kernel == "linear":
+        decay = (1 - decay_iou) / (1 - compensate).clamp(min=1e-6)
+    else:
+        raise ValueError(f"Matrix NMS kernel must be 'gaussian' or 'linear', got {kernel!r}")
+    return scores * decay.min(dim=0).values.to(scores.dtype)
+
+
+def mask_nms(
+    labels: Tensor, masks: Tensor, areas: Tensor, scores: Tensor, *, iou_threshold: float = 0.5
+) -> Tensor:
+    """Sequential (greedy) mask NMS, the reference's ``NMS_TYPE="mask"`` alternative.
+
+    Args:
+        labels, masks, areas, scores: as :func:`matrix_nms` (sorted by descending score).
+        iou_threshold: a mask is removed when its IoU with a kept higher same-class mask exceeds it.
+    Returns:
+        (N,) bool keep mask.
+    """
+    n = len(labels)
+    keep = torch.ones(n, dtype=torch.bool, device=labels.device)
+    if n == 0:
+        return keep
+    suppress = (_mask_iou(masks, areas.to(torch.float32), labels) > iou_threshold).cpu()
+    keep_cpu = keep.cpu()
+    for i in range(n):  # greedy order dependency: only kept masks suppress
+        if keep_cpu[i]:
+            keep_cpu &= ~suppress[i]
+    return keep_cpu.to(labels.device)
+
+
+def masks_to_boxes(masks: Tensor) -> Tensor:
+    """Tight XYXY boxes of binary masks (detectron2 convention: x2 = last column + 1).
+
+    Args:
+        masks: (N, H, W) bool.
+    Returns:
+        (N, 4) float32; an empty mask gives (0, 0, 0, 0).
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
+    cols = masks.any(dim=1)  # (N, W)
+    rows = masks.any(dim=2)  # (N, H)
+    xs = torch.arange(w, device=masks.device)
+    ys = torch.arange(h, device=masks.device)
+    x1 = torch.where(cols, xs, w).min(dim=1).values
+    x2 = torch.where(cols, xs, -1).max(dim=1).values + 1
+    y1 = torch.where(rows, ys, h).min(dim=1).values
+    y2 = torch.where(rows, ys, -1).max(dim=1).values + 1
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).to(torch.float32)
+    return boxes * cols.any(dim=1, keepdim=True)
+
+
+def resize_masks(
+    soft_masks: Tensor,
+    canvas_hw: Tuple[int, int],
+    image_hw: Tuple[int, int],
+    output_hw: Tuple[int, int],
+    threshold: float,
+    chunk_size: int = 16,
+) -> Tensor:
+    """Soft masks at the feature stride -> binary masks at the original image size.
+
+    Upsample to the padded canvas, crop the image's own region, resize to the output size, then
+    threshold; bilinear with align_corners=False as the reference. Done in chunks of masks so that
+    a very large output image only ever holds ``chunk_size`` float masks.
+
+    Args:
+        soft_masks: (N, Hf, Wf) probabilities.
+        canvas_hw: padded canvas size (Hf * stride, Wf * stride).
+        image_hw: (h, w) of the image inside the canvas (the model input).
+        output_hw: (H, W) requested output size.
+        threshold: binarisation threshold.
+    Returns:
+        (N, H, W) bool.
+    """
+    h, w = image_hw
+    out = torch.empty((len(soft_masks), *output_hw), dtype=torch.bool, device=soft_masks.device)
+    for start in range(0, len(soft_masks), chunk_size):
+        m = soft_masks[start : start + chunk_size].unsqueeze(0)
+        m = F.interpolate(m, size=canvas_hw, mode="bilinear")[:, :, :h, :w]
+        m = F.interpolate(m, size=output_hw, mode="bilinear")
+        out[start : start + chunk_size] = m[0] > threshold
+    return out
+
+
+def _empty_result(output_hw: Tuple[int, int], device) -> Instances:
+    result = Instances(output_hw)
+    result.pred_masks = torch.zeros((0, *output_hw), dtype=torch.bool, device=device)
+    result.pred_boxes = Boxes(torch.zeros(0, 4, device=device))
+    result.scores = torch.zeros(0, device=device)
+    result.pred_classes = torch.zeros(0, dtype=torch.int64, device=device)
+    return result
+
+
+def _soft_masks(kernels: Tensor, mask_feat: Tensor) -> Tensor:
+    """(n, E) dynamic 1x1 kernels applied to (E, Hf, Wf) features -> (n, Hf, Wf) probabilities."""
+    e, hf, wf = mask_feat.shape
+    return torch.sigmoid(kernels @ mask_feat.reshape(e, hf * wf)).view(-1, hf, wf)
+
+
+@torch.no_grad()
+def solov2_postprocess(
+    cate_scores: Tensor,
+    kernels: Tensor,
+    cell_strides: Tensor,
+    mask_feat: Tensor,
+    mask_stride: int,
+    image_hw: Tuple[int, int],
+    output_hw: Tuple[int, int],
+    *,
+    score_threshold: float,
+    mask_threshold: float,
+    nms_pre: int,
+    update_threshold: float,
+    nms_type: str,
+    nms_kernel: str,
+    nms_sigma: float,
+    max_per_image: int,
+    chunk_size: int,
+) -> Instances:
+    """From one image's head outputs to final ``Instances`` (solo_spec.md §4).
+
+    Candidates are scored in chunks of ``chunk_size`` so memory stays bounded however many grid
+    cells pass the score threshold; masks of the ``nms_pre`` best are then recomputed.
+
+    Args:
+        cate_scores: (G, C) category probabilities after points NMS, levels concatenated,
+            cells row-major.
+        kernels: (G, E) dynamic kernels, same order.
+        cell_strides: (G,) instance stride of each cell's level (area filter).
+        mask_feat: (E, Hf, Wf) mask features of this image (padded canvas).
+        mask_stride: stride of ``mask_feat`` (4).
+        image_hw: (h, w) of the model input inside the padded canvas.
+        output_hw: (H, W) size of the returned masks.
+    Returns:
+        Instances of size output_hw with pred_masks (N, H, W) bool, pred_boxes, scores,
+        pred_classes (int64), sorted by descending score, N <= max_per_image.
+    """
+    device = cate_scores.device
+    cells, labels = (cate_scores > score_threshold).nonzero(as_tuple=True)  # (N,), (N,)
+    scores = cate_scores[cells, labels]
+    strides = cell_strides[cells]
+
+    # 1) soft masks, area filter and maskness rescoring, chunk by chunk
+    areas = torch.empty_like(scores)
+    maskness = torch.empty_like(scores)
+    single_chunk = None
+    for start in range(0, len(cells), chunk_size):
+        soft = _soft_masks(kernels[cells[start : start + chunk_size]], mask_feat)
+        hard = soft > mask_threshold
+        area = hard.sum(dim=(1, 2)).to(soft.dtype)
+        areas[start : start + chunk_size] = area
+        maskness[start : start + chunk_size] = (soft * hard).sum(dim=(1, 2)) / area
+        single_chunk = soft if len(cells) <= chunk_size else None
+    keep = areas > strides
+    if not keep.any():
+        return _empty_result(output_hw, device)
+    scores = scores[keep] * maskness[keep]
+    order = torch.argsort(scores, descending=True)[:nms_pre]
+    selected = keep.nonzero(as_tuple=True)[0][order]
+    scores, labels, areas = scores[order], labels[selected], areas[selected]
+    if single_chunk is not None:
+        soft = single_chunk[selected]
+    else:
+        soft = _soft_masks(kernels[cells[selected]], mask_feat)
+    hard = soft > mask_threshold
+
+    # 2) NMS
+    if nms_type == "matrix":
+        scores = matrix_nms(labels, hard, areas, scores, kernel=nms_kernel, sigma=nms_sigma)
+        keep = scores >= update_threshold
+    elif nms_type == "mask":
+        keep = mask_nms(labels, hard, areas, scores, iou_threshold=mask_threshold)
+    else:
+        raise ValueError(f"MODEL.SOLO.NMS_TYPE must be 'matrix' or 'mask', got {nms_type!r}")
+    if not keep.any():
+        return _empty_result(output_hw, device)
+    scores, labels, soft = scores[keep], labels[keep], soft[keep]
+    order = torch.argsort(scores, descending=True)[:max_per_image]
+    scores, labels, soft = scores[order], labels[order], soft[order]
+
+    # 3) masks at the output size, boxes from the masks
+    hf, wf = mask_feat.shape[-2:]
+    masks = resize_masks(soft, (hf * mask_stride, wf * mask_stride), image_hw, output_hw, mask_threshold)
+    result = Instances(output_hw)
+    result.pred_masks = masks
+    result.pred_boxes = Boxes(masks_to_boxes(masks))
+    result.scores = scores
+    result.pred_classes = labels
+    return result
