@@ -15,6 +15,7 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from ..adelaidet import is_adelaidet_solov2_state_dict
 from .heads import SOLOv2InstanceHead, SOLOv2MaskHead, split_instance_features
 from .losses import category_loss, dice_loss
 from .postprocessing import point_nms, solov2_postprocess
@@ -23,6 +24,16 @@ from .targets import assign_grid_targets
 __all__ = ["SOLOv2"]
 
 logger = logging.getLogger(__name__)
+
+
+def _log_checkpoint_layout(module, state_dict, prefix, *args):
+    if prefix == "" and is_adelaidet_solov2_state_dict(state_dict):
+        heads = sum(k.startswith(("ins_head.", "mask_head.")) for k in state_dict)
+        logger.info(
+            f"Recognised AdelaiDet's SOLOv2 checkpoint layout ({heads} head tensors, "
+            f"{sum(k.startswith('backbone.') for k in state_dict)} backbone tensors): "
+            "its key names are this model's, loading without renaming."
+        )
 
 
 @META_ARCH_REGISTRY.register()
@@ -91,6 +102,7 @@ class SOLOv2(nn.Module):
             max_per_image=max_per_image,
             chunk_size=chunk_size,
         )
+        self.register_load_state_dict_pre_hook(_log_checkpoint_layout)
         if nms_type not in ("matrix", "mask"):
             raise ValueError(f"MODEL.SOLO.NMS_TYPE must be 'matrix' or 'mask', got {nms_type!r}")
         if nms_kernel not in ("gaussian", "linear"):
