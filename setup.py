@@ -3,6 +3,7 @@
 detectron2 is not on PyPI under its own name, so it is not listed in install_requires: install it
 first (``python3 tools/setup_env.py`` does it, see README "How detectron2 gets installed").
 """
+
 from setuptools import find_packages, setup
 
 setup(

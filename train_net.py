@@ -6,6 +6,7 @@
     python train_net.py --config-file ... --dataset mydata_train=ann.json:images/ \
         DATASETS.TRAIN "('mydata_train',)" MODEL.SOLO.NUM_CLASSES 3
 """
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch

@@ -4,6 +4,7 @@ AdelaiDet's checkpoints need no key mapping: this project's SOLOv2 names its mod
 does (``backbone.*``, ``ins_head.*``, ``mask_head.*``), so ``DetectionCheckpointer(model).load``
 loads them directly. What differs is the config namespace, translated here.
 """
+
 from typing import Any, Dict
 
 from detectron2.config import CfgNode

@@ -1,4 +1,5 @@
 """``add_solo_config``: every SOLO-family config key, under ``MODEL.SOLO``."""
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_solo_config"]
@@ -49,3 +50,7 @@ def add_solo_config(cfg: CN) -> None:
     # grid cells pass SCORE_THRESH_TEST (results do not depend on it).
     _C.MODEL.SOLO.INFERENCE_CHUNK_SIZE = 256
     # Final detections per image come from the standard key TEST.DETECTIONS_PER_IMAGE (100).
+
+    # ---- solver --------------------------------------------------------------------------------
+    # "SGD" (detectron2's, the published recipes) or "ADAMW" (BASE_LR, WEIGHT_DECAY as usual).
+    _C.SOLVER.OPTIMIZER = "SGD"

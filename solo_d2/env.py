@@ -1,4 +1,5 @@
 """Environment report for bug reports: ``python -m solo_d2.env``."""
+
 import importlib
 import importlib.metadata
 import json

@@ -1,4 +1,5 @@
 """Shared test helpers: a tiny SOLOv2 config and synthetic inputs, all on CPU."""
+
 from pathlib import Path
 
 import pytest
@@ -58,5 +59,7 @@ def make_input(h, w, boxes=(), classes=(), seed=0):
 @pytest.fixture
 def parity_fixture_path():
     if not PARITY_FIXTURE.exists():
-        pytest.skip(f"parity fixture {PARITY_FIXTURE} not found (it lives in ../shared/, beside CI's clone)")
+        pytest.skip(
+            f"parity fixture {PARITY_FIXTURE} not found (it lives in ../shared/, beside CI's clone)"
+        )
     return PARITY_FIXTURE

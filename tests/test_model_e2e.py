@@ -1,12 +1,12 @@
 """End-to-end tests of a tiny SOLOv2 on CPU: training steps, inference, batching, copies."""
+
 import copy
 
 import pytest
 import torch
+from conftest import make_input, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-
-from conftest import make_input, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,10 @@ def test_losses_decrease_when_overfitting_one_batch():
 def _inference(model, inputs):
     model.eval()
     with torch.no_grad():
-        return [r["instances"] for r in model([{k: x[k] for k in ("image", "height", "width")} for x in inputs])]
+        return [
+            r["instances"]
+            for r in model([{k: x[k] for k in ("image", "height", "width")} for x in inputs])
+        ]
 
 
 def test_inference_output_contract(model):

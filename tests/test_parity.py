@@ -1,12 +1,12 @@
 """AdelaiDet parity: tools/check_parity.py on the public fixture, and direct checkpoint loading."""
+
 import subprocess
 import sys
 
 import torch
+from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-
-from conftest import REPO
 
 
 def test_check_parity_tool_passes(parity_fixture_path):

@@ -182,6 +182,8 @@ def test_register_shapes(tmp_path: Path) -> None:
         assert Path(d["file_name"]).is_file()
         for a in d["annotations"]:
             segm = a["segmentation"]
-            assert isinstance(segm, dict) and {"size", "counts"} <= set(segm) or all(
-                isinstance(poly, list) and len(poly) >= 6 for poly in segm
+            assert (
+                isinstance(segm, dict)
+                and {"size", "counts"} <= set(segm)
+                or all(isinstance(poly, list) and len(poly) >= 6 for poly in segm)
             )

@@ -9,6 +9,7 @@ AdelaiDet's losses. Prints one line per case and exits 0 only when every toleran
 scores within 1e-3, identical classes in the same order, every mask IoU >= 0.99, losses within
 1e-3 relative.
 """
+
 import argparse
 import sys
 import tempfile
@@ -50,7 +51,10 @@ def load_model(fixture, device):
     cfg = build_cfg(fixture)
     cfg.MODEL.DEVICE = device
     model = build_model(cfg)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in fixture["checkpoint"]["model"].items()}
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in fixture["checkpoint"]["model"].items()
+    }
     with tempfile.NamedTemporaryFile(suffix=".pth") as f:
         torch.save({"model": state}, f.name)
         DetectionCheckpointer(model).load(f.name)
@@ -148,9 +152,14 @@ def main(argv=None):
     if "train" in fixture:
         cases.append(check_training(model, fixture["train"]))
     for line, problems in cases:
-        print(("PASS " if not problems else "FAIL ") + line + ("" if not problems else " -- " + "; ".join(problems)))
+        print(
+            ("PASS " if not problems else "FAIL ")
+            + line
+            + ("" if not problems else " -- " + "; ".join(problems))
+        )
         failures += bool(problems)
-    print(f"{'OK' if not failures else 'FAILED'}: {len(cases) + 1 - failures}/{len(cases) + 1} checks passed")
+    total = len(cases) + 1
+    print(f"{'OK' if not failures else 'FAILED'}: {total - failures}/{total} checks passed")
     return 1 if failures else 0
 
 

@@ -9,6 +9,7 @@ Writes to ``output/quickstart/`` (or --output-dir): the model (``model_final.pth
 ``shapes_val``), ``loss_curve.png`` and ``demo/`` (visualisations + per-image instance JSON).
 A second run resumes from the last checkpoint instead of training again; ``--fresh`` retrains.
 """
+
 import argparse
 import json
 import shutil
@@ -92,7 +93,10 @@ def main():
     (out / "quickstart_results.json").write_text(json.dumps(summary, indent=1))
     print(f"\nshapes_val mask AP {summary['segm_AP']:.1f}, box AP {summary['bbox_AP']:.1f}")
     if curve:
-        print("total loss: " + ", ".join(f"it {i}: {v:.2f}" for i, v in curve[:: max(1, len(curve) // 6)]))
+        print(
+            "total loss: "
+            + ", ".join(f"it {i}: {v:.2f}" for i, v in curve[:: max(1, len(curve) // 6)])
+        )
     print(f"train + eval {train_s:.0f} s; results, loss_curve.png and demo/ in {out}")
 
 

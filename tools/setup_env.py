@@ -10,14 +10,15 @@ Steps (each one is skipped when its result is already there, so a second run tak
 1. ``python -m venv .venv``.
 2. torch + torchvision as a matching pair from PyPI (``TORCH_SPEC``/``TORCHVISION_SPEC``). Machines
    that offer a local ``torch+cpu`` wheel through ``PIP_FIND_LINKS`` would otherwise mix that wheel
-   with PyPI's CUDA torchvision, which cannot load; the ``!=...+cpu`` clause excludes it. The pair is
-   verified by running ``torchvision.ops.nms``.
+   with PyPI's CUDA torchvision, which cannot load; the ``!=...+cpu`` clause excludes it. The
+   pair is verified by running ``torchvision.ops.nms``.
 3. The pinned requirements (``requirements.txt``; ``--test`` adds ``requirements-test.txt``).
-4. detectron2: from its official GitHub source when GitHub is reachable (compiled C++/CUDA ops), else
-   the Python sources of the PyPI wheel ``sal-detectron2==0.7.2`` (sha256-verified; its ``tools/``
-   package and its Python-3.10 ``_C`` library are left out, so compiled ops are absent).
+4. detectron2: from its official GitHub source when GitHub is reachable (compiled C++/CUDA ops),
+   else the Python sources of the PyPI wheel ``sal-detectron2==0.7.2`` (sha256-verified; its
+   ``tools/`` package and its Python-3.10 ``_C`` library are left out: compiled ops are absent).
 5. ``pip install -e .`` (solo_d2 itself, without dependencies: they are all installed above).
 """
+
 import argparse
 import hashlib
 import json

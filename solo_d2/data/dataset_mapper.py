@@ -6,6 +6,7 @@ rasterised at the augmented size), it computes every target quantity that does n
 batch padding: centre of mass and the mask rescaled to the mask-prediction stride. The model
 assigns grid cells once the padded batch size is known (see solo_d2/modeling/targets.py).
 """
+
 import re
 
 import torch

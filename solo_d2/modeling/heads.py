@@ -8,6 +8,7 @@ Shape shorthand:
 Module and parameter names follow AdelaiDet's SOLOv2 (``ins_head.cate_tower.{3i}``,
 ``mask_head.convs_all_levels.{l}.conv{j}.0`` ...), so its published checkpoints load unchanged.
 """
+
 import math
 from typing import List, Tuple
 
@@ -140,7 +141,7 @@ class SOLOv2InstanceHead(nn.Module):
 
 
 class SOLOv2MaskHead(nn.Module):
-    """Unified mask-feature branch: every level is brought to the first level's stride and summed."""
+    """Unified mask-feature branch: all levels brought to the first level's stride and summed."""
 
     @configurable
     def __init__(
@@ -163,7 +164,9 @@ class SOLOv2MaskHead(nn.Module):
                     in_ch = in_channels + (2 if level == num_levels - 1 else 0)
                 else:
                     in_ch = channels
-                tower.add_module(f"conv{j}", nn.Sequential(*_conv_norm_relu(in_ch, channels, 3, norm)))
+                tower.add_module(
+                    f"conv{j}", nn.Sequential(*_conv_norm_relu(in_ch, channels, 3, norm))
+                )
                 if level > 0:
                     tower.add_module(
                         f"upsample{j}",

@@ -3,6 +3,7 @@
 Shape shorthand:
     B: images    C: classes    S_l: grid size of level l    P: positive samples    K: mask pixels
 """
+
 from typing import List
 
 import torch

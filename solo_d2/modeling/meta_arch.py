@@ -4,6 +4,7 @@ Shape shorthand:
     B: images    L: instance levels    S_l: grid size    C: classes    E: kernel length
     Hf, Wf: mask-feature size (stride 4 of the padded batch)    P: positive samples
 """
+
 import logging
 from collections import defaultdict
 from typing import Dict, List, Tuple
@@ -158,7 +159,9 @@ class SOLOv2(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def predict(self, images: Tensor) -> Tuple[List[Tensor], List[Tensor], Tensor]:
@@ -181,7 +184,9 @@ class SOLOv2(nn.Module):
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         if "instances" not in batched_inputs[0]:
-            raise ValueError("SOLOv2 training needs 'instances' in every input (use SOLODatasetMapper)")
+            raise ValueError(
+                "SOLOv2 training needs 'instances' in every input (use SOLODatasetMapper)"
+            )
         gt = [x["instances"].to(self.device) for x in batched_inputs]
         cate_logits, kernels, mask_feat = self.predict(images.tensor)
         return self.losses(cate_logits, kernels, mask_feat, gt)
@@ -236,7 +241,8 @@ class SOLOv2(nn.Module):
         storage = get_event_storage()
         storage.put_scalar("solo/num_pos_samples", num_pos / num_images)
         storage.put_scalar(
-            "solo/num_pos_cells", sum(int((c != self.ins_head.num_classes).sum()) for c in cate_labels) / num_images
+            "solo/num_pos_cells",
+            sum(int((c != self.ins_head.num_classes).sum()) for c in cate_labels) / num_images,
         )
         if num_pos == 0:
             # keep every output in the graph so DDP sees gradients for all parameters
@@ -282,7 +288,10 @@ class SOLOv2(nn.Module):
         num_classes, e = self.ins_head.num_classes, kernels[0].shape[1]
         # (B, G, C) scores after points NMS and (B, G, E) kernels, levels concatenated row-major
         cate = torch.cat(
-            [point_nms(c.sigmoid()).permute(0, 2, 3, 1).reshape(len(c), -1, num_classes) for c in cate_logits],
+            [
+                point_nms(c.sigmoid()).permute(0, 2, 3, 1).reshape(len(c), -1, num_classes)
+                for c in cate_logits
+            ],
             dim=1,
         )
         kern = torch.cat([k.permute(0, 2, 3, 1).reshape(len(k), -1, e) for k in kernels], dim=1)

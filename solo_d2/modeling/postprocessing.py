@@ -4,6 +4,7 @@ Shape shorthand:
     B: images     C: classes     G: grid cells of all levels (sum of S_l^2)     E: kernel length
     N: candidates (cell, class) pairs    Hf, Wf: mask-feature size    H, W: output image size
 """
+
 from typing import Tuple
 
 import torch
@@ -261,7 +262,9 @@ def solov2_postprocess(
 
     # 3) masks at the output size, boxes from the masks
     hf, wf = mask_feat.shape[-2:]
-    masks = resize_masks(soft, (hf * mask_stride, wf * mask_stride), image_hw, output_hw, mask_threshold)
+    masks = resize_masks(
+        soft, (hf * mask_stride, wf * mask_stride), image_hw, output_hw, mask_threshold
+    )
     result = Instances(output_hw)
     result.pred_masks = masks
     result.pred_boxes = Boxes(masks_to_boxes(masks))

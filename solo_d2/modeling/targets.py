@@ -11,6 +11,7 @@ The work is split where padding makes it necessary:
 * ``assign_grid_targets`` runs in the model, once the padded batch canvas is known: SOLO measures
   grid cells as fractions of that canvas (reference behaviour, kept for checkpoint compatibility).
 """
+
 from typing import List, Sequence, Tuple
 
 import cv2
@@ -57,7 +58,9 @@ def rescale_masks(masks: np.ndarray, stride: int) -> np.ndarray:
     hwn = np.ascontiguousarray(masks.astype(np.uint8).transpose(1, 2, 0))
     for start in range(0, n, _CV2_MAX_CHANNELS):  # loop over channel chunks, not instances
         chunk = cv2.resize(hwn[:, :, start : start + _CV2_MAX_CHANNELS], size, cv2.INTER_LINEAR)
-        out[start : start + _CV2_MAX_CHANNELS] = chunk.reshape(size[1], size[0], -1).transpose(2, 0, 1)
+        out[start : start + _CV2_MAX_CHANNELS] = chunk.reshape(size[1], size[0], -1).transpose(
+            2, 0, 1
+        )
     return out
 
 

@@ -1,0 +1,318 @@
+"""Tests of ``demo/demo.py``, run as a subprocess on a tiny random-weight SOLOv2 (CPU, offline)."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from pycocotools import mask as mask_util
+
+from solo_d2 import add_solo_config
+from solo_d2.data.shapes import SHAPES_CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = "demo/demo.py"
+MAX_DETECTIONS = 5
+# The quickstart model, narrower and on smaller inputs so that a demo run takes seconds.
+TINY_CONFIG = f"""\
+_BASE_: "{REPO / 'configs' / 'SOLOv2_R18_quickstart_shapes.yaml'}"
+MODEL:
+  DEVICE: "cpu"
+  FPN:
+    OUT_CHANNELS: 32
+  SOLO:
+    INSTANCE_IN_CHANNELS: 32
+    INSTANCE_CHANNELS: 32
+    NUM_KERNELS: 32
+    MASK_IN_CHANNELS: 32
+    MASK_CHANNELS: 32
+    NUM_GRIDS: [12, 10, 8, 6, 4]
+INPUT:
+  MIN_SIZE_TEST: 64
+  MAX_SIZE_TEST: 128
+TEST:
+  DETECTIONS_PER_IMAGE: {MAX_DETECTIONS}
+"""
+# (height, width) of the test images; the two 120 x 160 ones share a batch at --batch-size 2.
+IMAGE_SIZES = {"a.png": (120, 160), "b.png": (120, 160), "c.jpg": (64, 96), "d.png": (200, 150)}
+VIDEO_FRAMES = 3
+INSTANCE_KEYS = {"class_id", "class_name", "score", "bbox", "segmentation"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """Tiny config, its random-init checkpoint, a folder of images with one corrupt file, a video.
+
+    The checkpoint's classifier bias is +5 (every class scores ~0.99) and its kernel bias +1
+    (the mask features are non-negative after their ReLU, so masks cover the image): the model
+    predicts instances whatever the image.
+    """
+    root = tmp_path_factory.mktemp("demo")
+    config = root / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    cfg.merge_from_file(str(config))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.ins_head.cate_pred.bias.fill_(5.0)
+        model.ins_head.kernel_pred.bias.fill_(1.0)
+    DetectionCheckpointer(model, save_dir=str(root)).save("model")
+
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in IMAGE_SIZES.items():
+        cv2.imwrite(str(images / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (images / "notes.txt").write_text("not an image")
+    video = root / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 64))
+    for _ in range(VIDEO_FRAMES):
+        writer.write(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    writer.release()
+    return {
+        "root": root,
+        "config": config,
+        "weights": root / "model.pth",
+        "images": images,
+        "video": video,
+    }
+
+
+def run_demo(args: List[str], env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run the demo from the repository root; return the finished process (text output).
+
+    Runs go concurrently, so each gets one intra-op thread (no oversubscribed spinning threads).
+    """
+    return subprocess.run(
+        [sys.executable, DEMO, *args],
+        cwd=REPO,
+        env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def tiny_args(files: Dict[str, Path], *args: str) -> List[str]:
+    """``args`` plus the tiny config and its checkpoint on the CPU."""
+    return [
+        "--config-file",
+        str(files["config"]),
+        *args,
+        "--opts",
+        "MODEL.WEIGHTS",
+        str(files["weights"]),
+        "MODEL.DEVICE",
+        "cpu",
+    ]
+
+
+def offline_env(cache: Path) -> Dict[str, str]:
+    """This environment with every HTTP(S) request sent to a refusing proxy and an empty cache."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
+    unreachable = "http://127.0.0.1:9"  # the discard port: the connection is refused at once
+    for key in ("https_proxy", "http_proxy"):
+        env[key] = env[key.upper()] = unreachable
+    env["HF_HUB_OFFLINE"] = "1"
+    env["FVCORE_CACHE"] = str(cache)  # no previously downloaded copy
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(files: Dict[str, Path]) -> Dict[str, subprocess.CompletedProcess]:
+    """Every demo run of these tests, by name, run concurrently (each is mostly start-up)."""
+    root, images = files["root"], files["images"]
+    json_args = ["--json", "--confidence-threshold", "0.0"]
+    commands = {
+        # the folder (with a corrupt file and a text file) into a folder, one image at a time
+        "folder": (
+            tiny_args(files, "--input", str(images), "--output", str(root / "folder"), *json_args),
+            None,
+        ),
+        # the same images from a glob and a file, two at a time
+        "batched": (
+            tiny_args(
+                files,
+                "--input",
+                str(images / "*.png"),
+                str(images / "c.jpg"),
+                "--output",
+                str(root / "batched"),
+                "--batch-size",
+                "2",
+                *json_args,
+            ),
+            None,
+        ),
+        # one image into one file, nothing kept
+        "single": (
+            tiny_args(
+                files,
+                "--input",
+                str(images / "d.png"),
+                "--output",
+                str(root / "single" / "drawn.jpg"),
+                "--json",
+                "--confidence-threshold",
+                "1.01",
+            ),
+            None,
+        ),
+        "print_only": (tiny_args(files, "--input", str(images / "a.png")), None),
+        "video": (
+            tiny_args(files, "--video-input", str(files["video"]), "--output", str(root / "video")),
+            None,
+        ),
+        "missing_weights": (
+            ["--config-file", str(files["config"]), "--input", str(images / "a.png")]
+            + ["--opts", "MODEL.WEIGHTS", str(root / "no_such_model.pth")],
+            None,
+        ),
+        # the default config, whose COCO weights must be downloaded
+        "offline": (["--input", str(images / "a.png")], offline_env(root / "cache")),
+    }
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(run_demo, *command) for name, command in commands.items()}
+    return {name: future.result() for name, future in futures.items()}
+
+
+def load_jsons(folder: Path) -> Dict[str, dict]:
+    """The ``<stem>.json`` files of ``folder`` by stem."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def test_folder_input_writes_visualisations_and_json(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+) -> None:
+    out = files["root"] / "folder"
+    assert sorted(p.name for p in out.glob("*.*") if p.suffix != ".json") == sorted(IMAGE_SIZES)
+    for name, (h, w) in IMAGE_SIZES.items():
+        drawn = cv2.imread(str(out / name))
+        assert drawn is not None and drawn.shape == (h, w, 3)
+    records = load_jsons(out)
+    assert sorted(records) == sorted(Path(n).stem for n in IMAGE_SIZES)
+    for stem, record in records.items():
+        name = next(n for n in IMAGE_SIZES if Path(n).stem == stem)
+        h, w = IMAGE_SIZES[name]
+        assert record["file_name"] == str(files["images"] / name)
+        assert (record["height"], record["width"]) == (h, w)
+        assert len(record["instances"]) == MAX_DETECTIONS, "threshold 0 keeps every prediction"
+        for inst in record["instances"]:
+            assert set(inst) == INSTANCE_KEYS
+            assert inst["class_name"] == SHAPES_CLASSES[inst["class_id"]]
+            assert 0.0 <= inst["score"] <= 1.0
+            assert isinstance(inst["segmentation"]["counts"], str)
+            mask = mask_util.decode(
+                {"size": inst["segmentation"]["size"], "counts": inst["segmentation"]["counts"]}
+            )
+            assert mask.shape == (h, w) and mask.any()
+            x, y, bw, bh = inst["bbox"]
+            ys, xs = np.nonzero(mask)
+            assert (x, y) == pytest.approx((xs.min(), ys.min()), abs=1)
+            assert (x + bw, y + bh) == pytest.approx((xs.max() + 1, ys.max() + 1), abs=1)
+        scores = [inst["score"] for inst in record["instances"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_corrupt_image_is_reported_and_others_processed(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+) -> None:
+    result = runs["folder"]
+    assert result.returncode == 1, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "corrupt.jpg" in line]
+    assert warnings and "warning" in warnings[0]
+    assert "notes.txt" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(IMAGE_SIZES)
+    for name, line in zip(sorted(IMAGE_SIZES), lines):
+        assert line.startswith(f"{files['images'] / name}: {MAX_DETECTIONS} instances in ")
+        assert line.endswith(" s")
+
+
+def test_glob_input_and_batching_give_the_same_json(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+) -> None:
+    assert runs["batched"].returncode == 0, runs["batched"].stderr
+    single, batched = load_jsons(files["root"] / "folder"), load_jsons(files["root"] / "batched")
+    assert sorted(batched) == sorted(single) == ["a", "b", "c", "d"]
+    for stem in single:
+        a, b = single[stem]["instances"], batched[stem]["instances"]
+        assert [(i["class_id"], i["segmentation"], i["bbox"]) for i in a] == [
+            (i["class_id"], i["segmentation"], i["bbox"]) for i in b
+        ]
+        assert [i["score"] for i in a] == pytest.approx([i["score"] for i in b], abs=1e-5)
+
+
+def test_single_output_file_and_threshold_above_one(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+) -> None:
+    assert runs["single"].returncode == 0, runs["single"].stderr
+    out = files["root"] / "single" / "drawn.jpg"
+    assert cv2.imread(str(out)).shape == (*IMAGE_SIZES["d.png"], 3)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["instances"] == [] and (record["height"], record["width"]) == (200, 150)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["drawn.jpg", "drawn.json"]
+
+
+def test_without_output_only_prints(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+) -> None:
+    result = runs["print_only"]
+    assert result.returncode == 0, result.stderr
+    # default threshold 0.5: each class's best mask is kept, the duplicates Matrix NMS decayed
+    # (to ~0.13) are dropped
+    [line] = result.stdout.splitlines()
+    assert line.startswith(f"{files['images'] / 'a.png'}: {len(SHAPES_CLASSES)} instances in ")
+    assert sorted(p.name for p in files["images"].iterdir()) == sorted(
+        [*IMAGE_SIZES, "corrupt.jpg", "notes.txt"]
+    )
+
+
+def test_video_is_written_as_mp4(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+) -> None:
+    result = runs["video"]
+    assert result.returncode == 0, result.stderr
+    # default threshold 0.5: each class's best mask on every frame
+    assert f"{VIDEO_FRAMES} frames, {VIDEO_FRAMES * len(SHAPES_CLASSES)} instances" in result.stdout
+    capture = cv2.VideoCapture(str(files["root"] / "video" / "clip.mp4"))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    assert len(frames) == VIDEO_FRAMES and frames[0].shape == (64, 96, 3)
+
+
+def test_missing_weights_file_is_named(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+) -> None:
+    result = runs["missing_weights"]
+    assert result.returncode != 0
+    assert str(files["root"] / "no_such_model.pth") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_default_weights_download_failure_exits_2(
+    runs: Dict[str, subprocess.CompletedProcess],
+) -> None:
+    result = runs["offline"]
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "could not be downloaded from https://huggingface.co/ZjuCv/AdelaiDet/" in message
+    assert "--opts MODEL.WEIGHTS" in message
