@@ -57,7 +57,9 @@ def rescale_masks(masks: np.ndarray, stride: int) -> np.ndarray:
     out = np.empty((n, size[1], size[0]), dtype=np.uint8)
     hwn = np.ascontiguousarray(masks.astype(np.uint8).transpose(1, 2, 0))
     for start in range(0, n, _CV2_MAX_CHANNELS):  # loop over channel chunks, not instances
-        chunk = cv2.resize(hwn[:, :, start : start + _CV2_MAX_CHANNELS], size, cv2.INTER_LINEAR)
+        chunk = cv2.resize(
+            hwn[:, :, start : start + _CV2_MAX_CHANNELS], size, interpolation=cv2.INTER_LINEAR
+        )
         out[start : start + _CV2_MAX_CHANNELS] = chunk.reshape(size[1], size[0], -1).transpose(
             2, 0, 1
         )
