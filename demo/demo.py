@@ -266,6 +266,17 @@ def to_input_format(frame: np.ndarray, input_format: str) -> np.ndarray:
     return frame[:, :, ::-1] if input_format == "RGB" else frame
 
 
+def predict_frames(capture, predictor, cfg: CfgNode, args: argparse.Namespace, progress):
+    """Yield (image, thresholded Instances) for each frame of an opened cv2.VideoCapture."""
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        image = to_input_format(frame, cfg.INPUT.FORMAT)
+        yield image, filter_by_score(predictor([image])[0], args.confidence_threshold)
+        progress.update()
+
+
 def run_on_video(args: argparse.Namespace, cfg: CfgNode) -> int:
     """Predict every frame of ``args.video_input``; write an mp4 to ``args.output`` if given."""
     capture = cv2.VideoCapture(args.video_input)
@@ -290,17 +301,11 @@ def run_on_video(args: argparse.Namespace, cfg: CfgNode) -> int:
     frames = num_instances = 0
     tic = time.perf_counter()
     with tqdm(total=total, unit="frame", file=sys.stderr) as progress:
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            image = to_input_format(frame, cfg.INPUT.FORMAT)
-            instances = filter_by_score(predictor([image])[0], args.confidence_threshold)
+        for image, instances in predict_frames(capture, predictor, cfg, args, progress):
             if writer is not None:
                 writer.write(drawer.draw(image, instances))
             frames += 1
             num_instances += len(instances)
-            progress.update()
     capture.release()
     if writer is not None:
         writer.release()
@@ -318,14 +323,8 @@ def run_on_webcam(args: argparse.Namespace, cfg: CfgNode) -> int:
     predictor = SOLOPredictor(cfg)
     drawer = InstanceDrawer.from_config(cfg)
     with tqdm(unit="frame", file=sys.stderr) as progress:
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            image = to_input_format(frame, cfg.INPUT.FORMAT)
-            instances = filter_by_score(predictor([image])[0], args.confidence_threshold)
+        for image, instances in predict_frames(capture, predictor, cfg, args, progress):
             cv2.imshow(WINDOW_NAME, drawer.draw(image, instances))
-            progress.update()
             if cv2.waitKey(1) == 27:  # Esc
                 break
     capture.release()
