@@ -65,7 +65,8 @@ def test_two_process_cpu_training_resume_and_eval_only(small_shapes, tmp_path):
     res = run_train_net(
         common + ["--eval-only"] + opts + ["MODEL.WEIGHTS", str(out / "model_final.pth")], tmp_path
     )
-    assert "Evaluation results for segm" in res.stdout + res.stderr
+    # printed whether or not the barely trained model predicts anything
+    assert "copypaste: Task: segm" in res.stdout + res.stderr
 
 
 def test_evaluation_of_a_model_that_predicts_nothing(small_shapes, tmp_path):
