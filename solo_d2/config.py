@@ -54,3 +54,9 @@ def add_solo_config(cfg: CN) -> None:
     # ---- solver --------------------------------------------------------------------------------
     # "SGD" (detectron2's, the published recipes) or "ADAMW" (BASE_LR, WEIGHT_DECAY as usual).
     _C.SOLVER.OPTIMIZER = "SGD"
+
+    # ---- data checks (solo_d2/data/validation.py, README "Reliability") ------------------------
+    # False: a training image or annotation that fails the checks (unreadable file, empty or
+    # invalid mask, box outside the image, unknown category, ...) is skipped with a warning that
+    # counts and names it. True: any such fault in the training data is an error.
+    _C.DATASETS.STRICT = False
