@@ -1,4 +1,8 @@
-"""``add_solo_config``: every SOLO-family config key, under ``MODEL.SOLO``."""
+"""``add_solo_config``: every SOLO-family config key, under ``MODEL.SOLO``.
+
+Backbone deformable convs use detectron2's own keys (``MODEL.RESNETS.DEFORM_ON_PER_STAGE``,
+``DEFORM_MODULATED``, ``DEFORM_NUM_GROUPS``) with the backbone ``build_solo_resnet_fpn_backbone``.
+"""
 
 from detectron2.config import CfgNode as CN
 
@@ -11,7 +15,14 @@ def add_solo_config(cfg: CN) -> None:
         return
     _C = cfg
     _C.MODEL.SOLO = CN()
-    # ---- instance branch (category + kernel towers), one entry per level -----------------------
+    # ---- variant ---------------------------------------------------------------------------------
+    # Instance head (solo_d2.modeling.SOLO_HEAD_REGISTRY), i.e. the family member:
+    #   "SOLOv2InstanceHead"             SOLOv2 (dynamic kernels + mask-feature branch), light too
+    #   "SOLOInstanceHead"               SOLO: S^2 mask maps per level
+    #   "DecoupledSOLOInstanceHead"      Decoupled SOLO: S row + S column maps, two mask towers
+    #   "DecoupledSOLOLightInstanceHead" Decoupled SOLO light: one shared mask tower
+    _C.MODEL.SOLO.HEAD = "SOLOv2InstanceHead"
+    # ---- instance branch (category tower + the head's mask/kernel towers), one entry per level --
     _C.MODEL.SOLO.NUM_CLASSES = 80  # foreground classes (contiguous ids 0..C-1; C is background)
     # Backbone features fed to the instance branch. The first is resized x0.5 and the last is
     # resized to the size of the one before it (SOLO's "split_feats"), giving strides 8,8,16,32,32.
@@ -28,10 +39,20 @@ def add_solo_config(cfg: CN) -> None:
     _C.MODEL.SOLO.NUM_KERNELS = 256  # E: length of each dynamic 1x1 kernel = mask-feature channels
     _C.MODEL.SOLO.NORM = "GN"  # norm in tower convs and mask-feature convs ("GN" or "" for none)
     _C.MODEL.SOLO.PRIOR_PROB = 0.01  # initial foreground probability of the category classifier
+    # Deformable convs in the towers of the instance head: "" (none), "DCN" (v1) or "DCNv2"
+    # (modulated). They run on detectron2's compiled ops on GPU when present, otherwise on
+    # torchvision.ops.deform_conv2d (solo_d2/modeling/dcn.py).
+    _C.MODEL.SOLO.TOWER_DCN = ""
+    # Which tower convs are deformable when TOWER_DCN is set: "all" (SOLOv2-DCN) or "last" (the
+    # official light heads: SOLOv2 light-512 DCN, Decoupled SOLO light DCN).
+    _C.MODEL.SOLO.TOWER_DCN_CONVS = "all"
     # ---- mask-feature branch (SOLOv2) ------------------------------------------------------------
     _C.MODEL.SOLO.MASK_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # fused to the stride of the first
     _C.MODEL.SOLO.MASK_IN_CHANNELS = 256  # channels of the mask-branch input features
     _C.MODEL.SOLO.MASK_CHANNELS = 128  # hidden width of the mask-feature branch
+    # Deformable type of every mask-feature conv, the 1x1 output conv included: "" or "DCNv2"
+    # (official SOLOv2 R101/X101-DCN); "DCN" (v1) is accepted too.
+    _C.MODEL.SOLO.MASK_DCN = ""
     # ---- losses --------------------------------------------------------------------------------
     _C.MODEL.SOLO.LOSS = CN()
     _C.MODEL.SOLO.LOSS.FOCAL_ALPHA = 0.25  # sigmoid focal loss alpha (category branch)

@@ -1,3 +1,8 @@
-"""Models: the SOLOv2 META_ARCH, its heads, target assignment, losses and post-processing."""
+"""Models of the SOLO family: one META_ARCH, the variants' heads, target assignment, losses,
+post-processing, deformable convs and a ResNet-FPN backbone that runs them without compiled ops."""
 
-from .meta_arch import SOLOv2  # noqa: F401  (registers META_ARCH "SOLOv2")
+from . import backbone as _backbone  # noqa: F401  (registers build_solo_resnet_fpn_backbone)
+from .heads import SOLO_HEAD_REGISTRY, build_solo_head, mask_target_strides
+from .meta_arch import SOLO, SOLOv2  # registers META_ARCH "SOLO" and its alias "SOLOv2"
+
+__all__ = ["SOLO", "SOLOv2", "SOLO_HEAD_REGISTRY", "build_solo_head", "mask_target_strides"]

@@ -1,24 +1,89 @@
-"""SOLOv2 heads: the instance branch (category + kernel towers) and the mask-feature branch.
+"""Heads of the SOLO family: one category branch, a mask branch per variant (solo_spec.md §1).
 
 Shape shorthand:
     B: images in the batch        L: instance levels (5)          S_l: grid size of level l
     C: foreground classes         E: dynamic-kernel length (= mask-feature channels)
     Hf, Wf: mask-feature size (stride 4 of the padded batch)
+    h_l, w_l: size of level l's mask prediction (SOLO / Decoupled SOLO: 2x the level's features)
+    P: positive samples
 
-Module and parameter names follow AdelaiDet's SOLOv2 (``ins_head.cate_tower.{3i}``,
-``mask_head.convs_all_levels.{l}.conv{j}.0`` ...), so its published checkpoints load unchanged.
+Every variant predicts, per level, C class logits on an S x S grid (the category branch, shared
+by :class:`SOLOHead`) and a mask for every grid cell; the variants differ only in how a cell's
+mask is represented, and each head says how to read it (``positive_masks`` in training,
+``soft_mask_fn`` at inference):
+
+    ============================  =================================================  ==============
+    head (MODEL.SOLO.HEAD)        mask of cell (i, j) of level l                      mask stride
+    ============================  =================================================  ==============
+    SOLOv2InstanceHead            sigmoid(kernel_l[i, j] . mask_features)             4
+    SOLOInstanceHead              sigmoid(M_l[i * S + j])            (S^2 maps)       stride_l / 2
+    DecoupledSOLOInstanceHead     sigmoid(Y_l[i]) * sigmoid(X_l[j])  (2 x S maps)     stride_l / 2
+    DecoupledSOLOLightInstanceHead  as Decoupled, one shared mask tower               stride_l / 2
+    ============================  =================================================  ==============
+
+Module names: SOLOv2's follow AdelaiDet (``ins_head.cate_tower.{3i}``,
+``mask_head.convs_all_levels.{l}.conv{j}.0`` ...), so its published checkpoints load unchanged;
+the other variants use the same scheme (``ins_head.mask_tower.{3i}``, ``ins_head.mask_preds.{l}``,
+``mask_tower_x``/``_y``, ``mask_preds_x``/``_y``); tools/convert_official_solo.py maps the official
+SOLO repository's names onto them.
 """
 
 import math
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
+from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
-__all__ = ["SOLOv2InstanceHead", "SOLOv2MaskHead", "coord_features", "split_instance_features"]
+from .dcn import DCN_TYPES, DeformConv, DeformConvPack
+from .postprocessing import decoupled_soft_masks, dynamic_conv_masks, level_soft_masks
+
+__all__ = [
+    "SOLO_HEAD_REGISTRY",
+    "build_solo_head",
+    "mask_target_strides",
+    "SOLOHead",
+    "SOLOv2InstanceHead",
+    "SOLOInstanceHead",
+    "DecoupledSOLOInstanceHead",
+    "DecoupledSOLOLightInstanceHead",
+    "SOLOv2MaskHead",
+    "coord_features",
+    "split_instance_features",
+]
+
+SOLO_HEAD_REGISTRY = Registry("SOLO_HEAD")
+SOLO_HEAD_REGISTRY.__doc__ = """
+Instance heads of the SOLO family (category branch + the variant's mask branch), chosen by
+``MODEL.SOLO.HEAD``. The registered object is called with ``obj(cfg, input_shape)``, where
+``input_shape`` is one ShapeSpec per instance level, and must return a :class:`SOLOHead`.
+"""
+
+
+def build_solo_head(cfg, input_shape: List[ShapeSpec]) -> "SOLOHead":
+    """Build the instance head named by ``cfg.MODEL.SOLO.HEAD``."""
+    return _head_class(cfg.MODEL.SOLO.HEAD)(cfg, input_shape)
+
+
+def _head_class(name: str):
+    if name not in SOLO_HEAD_REGISTRY:
+        raise ValueError(
+            f"MODEL.SOLO.HEAD={name!r} is not a registered SOLO head; registered: "
+            f"{sorted(n for n, _ in SOLO_HEAD_REGISTRY)}"
+        )
+    return SOLO_HEAD_REGISTRY.get(name)
+
+
+def mask_target_strides(cfg) -> List[int]:
+    """Strides at which ``cfg``'s model predicts masks, one per instance level.
+
+    The dataset mapper rescales every ground-truth mask to each distinct stride (``min`` of them is
+    the model's mask stride, stored as ``gt_masks_small``; see targets.mask_target_field).
+    """
+    return _head_class(cfg.MODEL.SOLO.HEAD).mask_target_strides(cfg)
 
 
 def coord_features(x: Tensor) -> Tensor:
@@ -47,19 +112,85 @@ def split_instance_features(features: List[Tensor]) -> List[Tensor]:
     return out
 
 
-def _conv_norm_relu(in_ch: int, out_ch: int, kernel: int, norm: str) -> List[nn.Module]:
-    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=not norm)
-    layers = [conv]
+def _fpn_stride(name: str) -> int:
+    if len(name) < 2 or name[0] != "p" or not name[1:].isdigit():
+        raise ValueError(f"MODEL.SOLO.MASK_IN_FEATURES[0] must be an FPN level 'pN', got {name!r}")
+    return 2 ** int(name[1:])
+
+
+def _check_dcn(dcn: str, dcn_convs: str, key: str) -> None:
+    if dcn not in DCN_TYPES:
+        raise ValueError(f"MODEL.SOLO.{key} must be one of {sorted(DCN_TYPES)}, got {dcn!r}")
+    if dcn_convs not in ("all", "last"):
+        raise ValueError(f"MODEL.SOLO.TOWER_DCN_CONVS must be 'all' or 'last', got {dcn_convs!r}")
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int, bias: bool, dcn: str = "") -> nn.Module:
+    """A conv of the given kernel ('same' padding): plain, DCNv1 ("DCN") or DCNv2 ("DCNv2")."""
+    if not dcn:
+        return nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias)
+    return DeformConvPack(
+        in_ch, out_ch, kernel, padding=kernel // 2, bias=bias, modulated=DCN_TYPES[dcn]
+    )
+
+
+def _conv_norm_relu(in_ch: int, out_ch: int, kernel: int, norm: str, dcn: str = "") -> List:
+    layers = [_conv(in_ch, out_ch, kernel, bias=not norm, dcn=dcn)]
     if norm:
         layers.append(get_norm(norm, out_ch))
     layers.append(nn.ReLU(inplace=True))
     return layers
 
 
-class SOLOv2InstanceHead(nn.Module):
-    """Category and dynamic-kernel predictions on an S x S grid per level (paper Fig. 3)."""
+def _tower(
+    in_channels: int, channels: int, num_convs: int, norm: str, dcn: str, dcn_convs: str
+) -> nn.Sequential:
+    """``num_convs`` x (3x3 conv, norm, ReLU); conv i is at index 3i when there is a norm.
 
-    @configurable
+    ``dcn_convs`` says which convs are deformable when ``dcn`` is set: "all", or "last" (the
+    official light heads).
+    """
+    layers = []
+    for i in range(num_convs):
+        deform = dcn if dcn_convs == "all" or i == num_convs - 1 else ""
+        layers += _conv_norm_relu(in_channels if i == 0 else channels, channels, 3, norm, deform)
+    return nn.Sequential(*layers)
+
+
+def _init_normal(module: nn.Module, std: float = 0.01) -> None:
+    """normal(std) weights and zero biases for every conv, leaving DCN offset convs at zero."""
+    for name, m in module.named_modules():
+        if name.endswith("conv_offset"):
+            continue
+        if isinstance(m, (nn.Conv2d, DeformConv)):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+
+
+def _prior_bias(prior_prob: float) -> float:
+    return -math.log((1 - prior_prob) / prior_prob)
+
+
+class SOLOHead(nn.Module):
+    """Base of the instance heads: the category branch and the mask-branch interface.
+
+    Category branch, per level (solo_spec.md §1.1-§1.5): the level's feature is resized to
+    S_l x S_l (bilinear, not aspect-preserving), goes through ``cate_tower`` (3x3 conv, GN, ReLU)
+    and ``cate_pred`` (3x3 conv to C logits, bias at the prior probability).
+
+    Subclasses implement the mask branch:
+
+    * :meth:`forward_mask` - the level's mask prediction from its feature;
+    * :meth:`positive_masks` - (training) mask probabilities of positive cells;
+    * :meth:`soft_mask_fn` - (inference) a function from cells to soft masks;
+    * :meth:`mask_target_strides` - the stride of each level's mask prediction.
+
+    ``uses_mask_features``: the masks need the separate mask-feature branch (SOLOv2).
+    """
+
+    uses_mask_features = False
+
     def __init__(
         self,
         *,
@@ -68,9 +199,10 @@ class SOLOv2InstanceHead(nn.Module):
         num_grids: List[int],
         channels: int,
         num_convs: int,
-        num_kernels: int,
         norm: str,
         prior_prob: float,
+        tower_dcn: str = "",
+        tower_dcn_convs: str = "all",
     ):
         """
         Args:
@@ -79,30 +211,30 @@ class SOLOv2InstanceHead(nn.Module):
             num_grids: S per level.
             channels: tower width.
             num_convs: 3x3 convs per tower.
-            num_kernels: E, dynamic 1x1 kernel length.
             norm: "GN" or "" (no norm; convs then get a bias).
             prior_prob: initial classifier probability.
+            tower_dcn: "" (plain convs), "DCN" (v1) or "DCNv2" (modulated) tower convs.
+            tower_dcn_convs: "all" tower convs deformable, or only the "last" one.
         """
         super().__init__()
+        _check_dcn(tower_dcn, tower_dcn_convs, "TOWER_DCN")
         self.num_classes = num_classes
         self.num_grids = list(num_grids)
-        self.num_kernels = num_kernels
-        cate, kernel = [], []
-        for i in range(num_convs):
-            # the kernel tower sees the two CoordConv channels; the category tower does not
-            cate += _conv_norm_relu(in_channels if i == 0 else channels, channels, 3, norm)
-            kernel += _conv_norm_relu(in_channels + 2 if i == 0 else channels, channels, 3, norm)
-        self.cate_tower = nn.Sequential(*cate)
-        self.kernel_tower = nn.Sequential(*kernel)
+        self._tower_args = dict(
+            channels=channels, num_convs=num_convs, norm=norm, dcn=tower_dcn,
+            dcn_convs=tower_dcn_convs,
+        )  # fmt: skip
+        self.cate_tower = self._make_tower(in_channels)
         self.cate_pred = nn.Conv2d(channels, num_classes, 3, padding=1)
-        self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
+        self.prior_prob = prior_prob
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.01)
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-        nn.init.constant_(self.cate_pred.bias, -math.log((1 - prior_prob) / prior_prob))
+    def _make_tower(self, in_channels: int) -> nn.Sequential:
+        return _tower(in_channels, **self._tower_args)
+
+    def _init_weights(self) -> None:
+        """Reference init: normal(0.01) convs, classifier bias at the prior probability."""
+        _init_normal(self)
+        nn.init.constant_(self.cate_pred.bias, _prior_bias(self.prior_prob))
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -117,10 +249,16 @@ class SOLOv2InstanceHead(nn.Module):
             "num_grids": cfg.MODEL.SOLO.NUM_GRIDS,
             "channels": cfg.MODEL.SOLO.INSTANCE_CHANNELS,
             "num_convs": cfg.MODEL.SOLO.NUM_INSTANCE_CONVS,
-            "num_kernels": cfg.MODEL.SOLO.NUM_KERNELS,
             "norm": cfg.MODEL.SOLO.NORM,
             "prior_prob": cfg.MODEL.SOLO.PRIOR_PROB,
+            "tower_dcn": cfg.MODEL.SOLO.TOWER_DCN,
+            "tower_dcn_convs": cfg.MODEL.SOLO.TOWER_DCN_CONVS,
         }
+
+    @classmethod
+    def mask_target_strides(cls, cfg) -> List[int]:
+        """Stride (in input pixels) of each level's mask prediction, from the config alone."""
+        raise NotImplementedError
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         """
@@ -128,16 +266,238 @@ class SOLOv2InstanceHead(nn.Module):
             features: L maps (B, in_channels, H_l, W_l), already split (strides 8,8,16,32,32).
         Returns:
             cate_logits: L tensors (B, C, S_l, S_l).
-            kernels: L tensors (B, E, S_l, S_l).
+            mask_preds: L tensors, the variant's mask predictions (see :meth:`forward_mask`).
         """
-        cate_logits, kernels = [], []
-        for feat, s in zip(features, self.num_grids):
-            # CoordConv channels are appended *before* the S x S resize (reference order)
-            x = torch.cat([feat, coord_features(feat)], dim=1)
-            x = F.interpolate(x, size=(s, s), mode="bilinear")
-            kernels.append(self.kernel_pred(self.kernel_tower(x)))
-            cate_logits.append(self.cate_pred(self.cate_tower(x[:, :-2])))
-        return cate_logits, kernels
+        cate_logits, mask_preds = [], []
+        for level, (feat, s) in enumerate(zip(features, self.num_grids)):
+            cate_in = F.interpolate(feat, size=(s, s), mode="bilinear")
+            cate_logits.append(self.cate_pred(self.cate_tower(cate_in)))
+            mask_preds.append(self.forward_mask(feat, level))
+        return cate_logits, mask_preds
+
+    def forward_mask(self, feature: Tensor, level: int) -> Tensor:
+        raise NotImplementedError
+
+    def positive_masks(
+        self, mask_pred: Tensor, mask_feat: Optional[Tensor], images: Tensor, cells: Tensor
+    ) -> Tensor:
+        """Mask probabilities of positive cells of one level.
+
+        Args:
+            mask_pred: the level's entry of ``forward``'s mask_preds.
+            mask_feat: (B, E, Hf, Wf) mask features, or None if the head uses none.
+            images, cells: (P,) int64 image index and cell index ``i * S + j`` of each positive.
+        Returns:
+            (P, h, w) probabilities at the level's mask stride (of the padded canvas).
+        """
+        raise NotImplementedError
+
+    def soft_mask_fn(
+        self,
+        mask_preds: List[Tensor],
+        mask_feat: Optional[Tensor],
+        image: int,
+        out_hw: Tuple[int, int],
+    ) -> Callable[[Tensor], Tensor]:
+        """Inference: a function from cells of one image to their soft masks.
+
+        Args:
+            mask_preds, mask_feat: outputs for the whole batch.
+            image: index of the image in the batch.
+            out_hw: (Hf, Wf) size of the soft masks (the padded canvas at the mask stride).
+        Returns:
+            f(cells) with cells (n,) int64 indices into the levels' cells concatenated
+            (level-major, row-major inside a level), returning (n, Hf, Wf) probabilities.
+        """
+        raise NotImplementedError
+
+
+@SOLO_HEAD_REGISTRY.register()
+class SOLOv2InstanceHead(SOLOHead):
+    """SOLOv2: a dynamic 1x1 kernel per cell applied to the unified mask features (Fig. 3)."""
+
+    uses_mask_features = True
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        num_grids: List[int],
+        channels: int,
+        num_convs: int,
+        num_kernels: int,
+        norm: str,
+        prior_prob: float,
+        tower_dcn: str = "",
+        tower_dcn_convs: str = "all",
+    ):
+        """
+        Args:
+            num_kernels: E, dynamic 1x1 kernel length.
+            others: as :class:`SOLOHead`.
+        """
+        super().__init__(
+            in_channels=in_channels, num_classes=num_classes, num_grids=num_grids,
+            channels=channels, num_convs=num_convs, norm=norm, prior_prob=prior_prob,
+            tower_dcn=tower_dcn, tower_dcn_convs=tower_dcn_convs,
+        )  # fmt: skip
+        self.num_kernels = num_kernels
+        # the kernel tower sees the two CoordConv channels; the category tower does not
+        self.kernel_tower = self._make_tower(in_channels + 2)
+        self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        return {**super().from_config(cfg, input_shape), "num_kernels": cfg.MODEL.SOLO.NUM_KERNELS}
+
+    @classmethod
+    def mask_target_strides(cls, cfg) -> List[int]:
+        stride = _fpn_stride(cfg.MODEL.SOLO.MASK_IN_FEATURES[0])
+        return [stride] * len(cfg.MODEL.SOLO.NUM_GRIDS)
+
+    def forward_mask(self, feature: Tensor, level: int) -> Tensor:
+        """(B, E, S_l, S_l) kernels. CoordConv channels are appended *before* the S x S resize
+        (reference order: the kernel tower sees resampled coordinates)."""
+        s = self.num_grids[level]
+        x = torch.cat([feature, coord_features(feature)], dim=1)
+        x = F.interpolate(x, size=(s, s), mode="bilinear")
+        return self.kernel_pred(self.kernel_tower(x))
+
+    def positive_masks(self, mask_pred, mask_feat, images, cells):
+        kernels = mask_pred.flatten(2)[images, :, cells]  # (P, E)
+        b, e, hf, wf = mask_feat.shape
+        out = mask_feat.new_empty(len(cells), hf, wf)
+        feat = mask_feat.flatten(2)  # (B, E, Hf*Wf)
+        for i in images.unique().tolist():  # one matmul per image: its kernels on its features
+            sel = images == i
+            out[sel] = torch.sigmoid(kernels[sel] @ feat[i]).view(-1, hf, wf)
+        return out
+
+    def soft_mask_fn(self, mask_preds, mask_feat, image, out_hw):
+        e = self.num_kernels
+        kernels = torch.cat([k[image].permute(1, 2, 0).reshape(-1, e) for k in mask_preds])
+        feat = mask_feat[image]
+        if tuple(feat.shape[-2:]) != tuple(out_hw):
+            raise ValueError(f"mask features {tuple(feat.shape[-2:])} != canvas/stride {out_hw}")
+        return lambda cells: dynamic_conv_masks(kernels[cells], feat)
+
+
+def _upsample2x(x: Tensor) -> Tensor:
+    # the reference's F.interpolate(scale_factor=2, bilinear), written with the exact output size
+    return F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear")
+
+
+class _LevelMaskHead(SOLOHead):
+    """Shared parts of SOLO v1 and Decoupled SOLO: masks predicted from each level's features at
+    twice their resolution, so at stride ``instance_stride / 2`` (4, 4, 8, 16, 16)."""
+
+    @classmethod
+    def mask_target_strides(cls, cfg) -> List[int]:
+        strides = cfg.MODEL.SOLO.FPN_INSTANCE_STRIDES
+        if any(s % 2 for s in strides):
+            raise ValueError(f"MODEL.SOLO.FPN_INSTANCE_STRIDES must be even, got {strides}")
+        return [s // 2 for s in strides]
+
+    def _init_mask_preds(self, *module_lists: nn.ModuleList) -> None:
+        # the mask outputs start at the prior probability too (reference bias_init_with_prob)
+        for preds in module_lists:
+            for conv in preds:
+                nn.init.constant_(conv.bias, _prior_bias(self.prior_prob))
+
+
+@SOLO_HEAD_REGISTRY.register()
+class SOLOInstanceHead(_LevelMaskHead):
+    """SOLO (v1): S^2 mask maps per level, one per grid cell (solo_spec.md §1.2)."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        """Arguments as :class:`SOLOHead`."""
+        super().__init__(**kwargs)
+        channels = self._tower_args["channels"]
+        self.mask_tower = self._make_tower(kwargs["in_channels"] + 2)  # + x, y coordinates
+        self.mask_preds = nn.ModuleList(nn.Conv2d(channels, s * s, 1) for s in self.num_grids)
+        self._init_weights()
+        self._init_mask_preds(self.mask_preds)
+
+    def forward_mask(self, feature: Tensor, level: int) -> Tensor:
+        """(B, S_l^2, 2H_l, 2W_l) mask logits, channel i * S + j for cell (i, j)."""
+        x = torch.cat([feature, coord_features(feature)], dim=1)
+        return self.mask_preds[level](_upsample2x(self.mask_tower(x)))
+
+    def positive_masks(self, mask_pred, mask_feat, images, cells):
+        return torch.sigmoid(mask_pred[images, cells])
+
+    def soft_mask_fn(self, mask_preds, mask_feat, image, out_hw):
+        maps = [m[image] for m in mask_preds]
+        return lambda cells: level_soft_masks(maps, cells, self.num_grids, out_hw)
+
+
+@SOLO_HEAD_REGISTRY.register()
+class DecoupledSOLOInstanceHead(_LevelMaskHead):
+    """Decoupled SOLO: S column maps X and S row maps Y per level; cell (i, j)'s mask is
+    sigmoid(Y[i]) * sigmoid(X[j]). Two mask towers, the X one sees the x coordinate and the Y one
+    the y coordinate (solo_spec.md §1.3)."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        """Arguments as :class:`SOLOHead`."""
+        super().__init__(**kwargs)
+        self._build_mask_branch(kwargs["in_channels"])
+        channels = self._tower_args["channels"]
+        self.mask_preds_x = nn.ModuleList(
+            nn.Conv2d(channels, s, 3, padding=1) for s in self.num_grids
+        )
+        self.mask_preds_y = nn.ModuleList(
+            nn.Conv2d(channels, s, 3, padding=1) for s in self.num_grids
+        )
+        self._init_weights()
+        self._init_mask_preds(self.mask_preds_x, self.mask_preds_y)
+
+    def _build_mask_branch(self, in_channels: int) -> None:
+        self.mask_tower_x = self._make_tower(in_channels + 1)
+        self.mask_tower_y = self._make_tower(in_channels + 1)
+
+    def _mask_features(self, feature: Tensor) -> Tuple[Tensor, Tensor]:
+        coords = coord_features(feature)
+        fx = self.mask_tower_x(torch.cat([feature, coords[:, :1]], dim=1))
+        fy = self.mask_tower_y(torch.cat([feature, coords[:, 1:]], dim=1))
+        return fx, fy
+
+    def forward_mask(self, feature: Tensor, level: int) -> Tensor:
+        """(B, 2, S_l, 2H_l, 2W_l) logits: [:, 0] the X (column) maps, [:, 1] the Y (row) maps."""
+        fx, fy = self._mask_features(feature)
+        x = self.mask_preds_x[level](_upsample2x(fx))
+        y = self.mask_preds_y[level](_upsample2x(fy))
+        return torch.stack([x, y], dim=1)
+
+    def positive_masks(self, mask_pred, mask_feat, images, cells):
+        s = mask_pred.shape[2]
+        return torch.sigmoid(mask_pred[images, 1, cells // s]) * torch.sigmoid(
+            mask_pred[images, 0, cells % s]
+        )
+
+    def soft_mask_fn(self, mask_preds, mask_feat, image, out_hw):
+        # reference: sigmoid, upsample every level's maps to the canvas, concatenate levels
+        up = [F.interpolate(m[image].sigmoid(), size=out_hw, mode="bilinear") for m in mask_preds]
+        x_probs = torch.cat([u[0] for u in up])  # (sum S_l, Hf, Wf)
+        y_probs = torch.cat([u[1] for u in up])
+        return lambda cells: decoupled_soft_masks(x_probs, y_probs, cells, self.num_grids)
+
+
+@SOLO_HEAD_REGISTRY.register()
+class DecoupledSOLOLightInstanceHead(DecoupledSOLOInstanceHead):
+    """Decoupled SOLO light: one mask tower (with both coordinates) feeds both the X and the Y
+    predictions (solo_spec.md §1.4)."""
+
+    def _build_mask_branch(self, in_channels: int) -> None:
+        self.mask_tower = self._make_tower(in_channels + 2)
+
+    def _mask_features(self, feature: Tensor) -> Tuple[Tensor, Tensor]:
+        f = self.mask_tower(torch.cat([feature, coord_features(feature)], dim=1))
+        return f, f
 
 
 class SOLOv2MaskHead(nn.Module):
@@ -145,7 +505,14 @@ class SOLOv2MaskHead(nn.Module):
 
     @configurable
     def __init__(
-        self, *, in_channels: int, num_levels: int, channels: int, num_kernels: int, norm: str
+        self,
+        *,
+        in_channels: int,
+        num_levels: int,
+        channels: int,
+        num_kernels: int,
+        norm: str,
+        dcn: str = "",
     ):
         """
         Args:
@@ -154,8 +521,11 @@ class SOLOv2MaskHead(nn.Module):
             channels: hidden width.
             num_kernels: E, output channels.
             norm: "GN" or "". The 1x1 output conv always has GroupNorm, as in the reference.
+            dcn: "" or a deformable type ("DCN", "DCNv2") for every conv of the branch, the 1x1
+                output conv included (official SOLOv2-DCN models).
         """
         super().__init__()
+        _check_dcn(dcn, "all", "MASK_DCN")
         self.convs_all_levels = nn.ModuleList()
         for level in range(num_levels):
             tower = nn.Sequential()
@@ -165,7 +535,7 @@ class SOLOv2MaskHead(nn.Module):
                 else:
                     in_ch = channels
                 tower.add_module(
-                    f"conv{j}", nn.Sequential(*_conv_norm_relu(in_ch, channels, 3, norm))
+                    f"conv{j}", nn.Sequential(*_conv_norm_relu(in_ch, channels, 3, norm, dcn))
                 )
                 if level > 0:
                     tower.add_module(
@@ -173,12 +543,8 @@ class SOLOv2MaskHead(nn.Module):
                         nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                     )
             self.convs_all_levels.append(tower)
-        self.conv_pred = nn.Sequential(*_conv_norm_relu(channels, num_kernels, 1, "GN"))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.01)
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
+        self.conv_pred = nn.Sequential(*_conv_norm_relu(channels, num_kernels, 1, "GN", dcn))
+        _init_normal(self)
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -193,6 +559,7 @@ class SOLOv2MaskHead(nn.Module):
             "channels": cfg.MODEL.SOLO.MASK_CHANNELS,
             "num_kernels": cfg.MODEL.SOLO.NUM_KERNELS,
             "norm": cfg.MODEL.SOLO.NORM,
+            "dcn": cfg.MODEL.SOLO.MASK_DCN,
         }
 
     def forward(self, features: List[Tensor]) -> Tensor:

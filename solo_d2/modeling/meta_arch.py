@@ -1,13 +1,18 @@
-"""The SOLOv2 META_ARCH: backbone + instance branch + mask-feature branch, training and inference.
+"""The SOLO-family META_ARCH: backbone + instance head (+ SOLOv2's mask-feature branch).
+
+One engine for every variant (solo_spec.md §1-§4): the same target assignment, losses and
+post-processing; the instance head chosen by ``MODEL.SOLO.HEAD`` (heads.SOLO_HEAD_REGISTRY) says
+how a grid cell's mask is represented and read.
 
 Shape shorthand:
     B: images    L: instance levels    S_l: grid size    C: classes    E: kernel length
-    Hf, Wf: mask-feature size (stride 4 of the padded batch)    P: positive samples
+    Hc, Wc: padded batch canvas    Hf, Wf: mask size at the mask stride    P: positive samples
+    M: instances of the batch
 """
 
 import logging
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -17,12 +22,12 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..adelaidet import is_adelaidet_solov2_state_dict
-from .heads import SOLOv2InstanceHead, SOLOv2MaskHead, split_instance_features
+from .heads import SOLOHead, SOLOv2MaskHead, build_solo_head, split_instance_features
 from .losses import category_loss, dice_loss
-from .postprocessing import point_nms, solov2_postprocess
-from .targets import assign_grid_targets
+from .postprocessing import point_nms, solo_postprocess
+from .targets import assign_grid_targets, mask_target_field
 
-__all__ = ["SOLOv2"]
+__all__ = ["SOLO", "SOLOv2"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +43,12 @@ def _log_checkpoint_layout(module, state_dict, prefix, *args):
 
 
 @META_ARCH_REGISTRY.register()
-class SOLOv2(nn.Module):
-    """SOLOv2 (Wang et al., NeurIPS 2020): dynamic kernels, unified mask features, Matrix NMS.
+class SOLO(nn.Module):
+    """SOLO (Wang et al., ECCV 2020), Decoupled SOLO and SOLOv2 (NeurIPS 2020), light variants.
 
     Input: detectron2's list of dicts with "image" (C, H, W) and, in training, "instances" made by
-    :class:`solo_d2.data.SOLODatasetMapper` (gt_classes, gt_boxes, gt_centers, gt_masks_small).
+    :class:`solo_d2.data.SOLODatasetMapper` (gt_classes, gt_boxes, gt_centers, gt_masks_small and,
+    for heads predicting masks at several strides, gt_masks_small_s{stride}).
     Output in eval mode: ``[{"instances": Instances}]`` at the requested ("height", "width") size
     with bool pred_masks, pred_boxes (from the masks), scores and int64 pred_classes.
     """
@@ -52,8 +58,8 @@ class SOLOv2(nn.Module):
         self,
         *,
         backbone: Backbone,
-        ins_head: SOLOv2InstanceHead,
-        mask_head: SOLOv2MaskHead,
+        ins_head: SOLOHead,
+        mask_head: Optional[SOLOv2MaskHead],
         instance_in_features: List[str],
         mask_in_features: List[str],
         instance_strides: List[int],
@@ -61,6 +67,7 @@ class SOLOv2(nn.Module):
         sigma: float,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
+        mask_strides: Optional[List[int]] = None,
         # Loss parameters:
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -77,16 +84,45 @@ class SOLOv2(nn.Module):
         max_per_image: int = 100,
         chunk_size: int = 256,
     ):
+        """
+        Args:
+            backbone: a Backbone producing ``instance_in_features`` and ``mask_in_features``.
+            ins_head: the variant's instance head.
+            mask_head: SOLOv2's mask-feature branch, or None for heads that need none.
+            instance_in_features, mask_in_features: backbone feature names of each branch.
+            instance_strides: effective stride of each (split) instance level.
+            scale_ranges: (lo, hi) of sqrt(box area) per level.
+            sigma: centre-region scale.
+            pixel_mean, pixel_std: input normalisation.
+            mask_strides: stride of each level's mask prediction; by default the stride of
+                ``mask_in_features[0]`` for every level (SOLOv2).
+
+            # Loss parameters:
+            focal_alpha, focal_gamma, focal_weight: category focal loss.
+            dice_weight: weight of the dice mask loss.
+
+            # Inference parameters:
+            score_threshold, mask_threshold, nms_pre, update_threshold, nms_type, nms_kernel,
+            nms_sigma, max_per_image, chunk_size: see :func:`solo_postprocess`.
+        """
         super().__init__()
         self.backbone = backbone
         self.ins_head = ins_head
         self.mask_head = mask_head
+        if ins_head.uses_mask_features and mask_head is None:
+            raise ValueError(f"{type(ins_head).__name__} needs a mask-feature branch (mask_head)")
         self.instance_in_features = instance_in_features
         self.mask_in_features = mask_in_features
         self.instance_strides = list(instance_strides)
         self.scale_ranges = [tuple(r) for r in scale_ranges]
         self.sigma = sigma
-        self.mask_stride = backbone.output_shape()[mask_in_features[0]].stride
+        if mask_strides is None:
+            mask_strides = [backbone.output_shape()[mask_in_features[0]].stride] * len(
+                instance_strides
+            )
+        self.mask_strides = list(mask_strides)
+        # stride of the soft masks at inference, and of the gt_masks_small field
+        self.mask_stride = min(self.mask_strides)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -109,7 +145,13 @@ class SOLOv2(nn.Module):
         if nms_kernel not in ("gaussian", "linear"):
             raise ValueError(f"MODEL.SOLO.NMS_KERNEL must be 'gaussian'/'linear': {nms_kernel!r}")
         n = len(ins_head.num_grids)
-        if not (len(instance_in_features) == len(instance_strides) == len(scale_ranges) == n):
+        if not (
+            len(instance_in_features)
+            == len(instance_strides)
+            == len(scale_ranges)
+            == len(self.mask_strides)
+            == n
+        ):
             raise ValueError(
                 "MODEL.SOLO.INSTANCE_IN_FEATURES, FPN_INSTANCE_STRIDES, FPN_SCALE_RANGES and "
                 f"NUM_GRIDS must have the same length, got {len(instance_in_features)}, "
@@ -121,17 +163,22 @@ class SOLOv2(nn.Module):
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         sc = cfg.MODEL.SOLO
-        for key in ("INSTANCE_IN_FEATURES", "MASK_IN_FEATURES"):
-            missing = [f for f in sc[key] if f not in shapes]
-            if missing:
+        ins_head = build_solo_head(
+            cfg, [shapes[f] for f in _check_features(sc, shapes, "INSTANCE")]
+        )
+        mask_head = None
+        if ins_head.uses_mask_features:
+            mask_feats = _check_features(sc, shapes, "MASK")
+            mask_head = SOLOv2MaskHead(cfg, [shapes[f] for f in mask_feats])
+            if shapes[mask_feats[0]].stride != type(ins_head).mask_target_strides(cfg)[0]:
                 raise ValueError(
-                    f"MODEL.SOLO.{key} names {missing}, not produced by the backbone "
-                    f"(it produces {sorted(shapes)})"
+                    f"MODEL.SOLO.MASK_IN_FEATURES[0]={mask_feats[0]!r} has stride "
+                    f"{shapes[mask_feats[0]].stride}, not the one its name implies"
                 )
         return {
             "backbone": backbone,
-            "ins_head": SOLOv2InstanceHead(cfg, [shapes[f] for f in sc.INSTANCE_IN_FEATURES]),
-            "mask_head": SOLOv2MaskHead(cfg, [shapes[f] for f in sc.MASK_IN_FEATURES]),
+            "ins_head": ins_head,
+            "mask_head": mask_head,
             "instance_in_features": sc.INSTANCE_IN_FEATURES,
             "mask_in_features": sc.MASK_IN_FEATURES,
             "instance_strides": sc.FPN_INSTANCE_STRIDES,
@@ -139,6 +186,7 @@ class SOLOv2(nn.Module):
             "sigma": sc.SIGMA,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "mask_strides": type(ins_head).mask_target_strides(cfg),
             "focal_alpha": sc.LOSS.FOCAL_ALPHA,
             "focal_gamma": sc.LOSS.FOCAL_GAMMA,
             "focal_weight": sc.LOSS.FOCAL_WEIGHT,
@@ -164,20 +212,23 @@ class SOLOv2(nn.Module):
         ]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
-    def predict(self, images: Tensor) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+    def predict(self, images: Tensor) -> Tuple[List[Tensor], List[Tensor], Optional[Tensor]]:
         """Head outputs for a padded batch.
 
         Args:
-            images: (B, 3, H, W) normalised, padded to the backbone's size divisibility.
+            images: (B, 3, Hc, Wc) normalised, padded to the backbone's size divisibility.
         Returns:
-            cate_logits: L tensors (B, C, S_l, S_l); kernels: L tensors (B, E, S_l, S_l);
-            mask_feat: (B, E, Hf, Wf).
+            cate_logits: L tensors (B, C, S_l, S_l).
+            mask_preds: L tensors, the head's mask predictions (SOLOv2: kernels (B, E, S_l, S_l)).
+            mask_feat: (B, E, Hf, Wf) SOLOv2 mask features, None for the other heads.
         """
         features = self.backbone(images)
         ins_feats = split_instance_features([features[f] for f in self.instance_in_features])
-        cate_logits, kernels = self.ins_head(ins_feats)
-        mask_feat = self.mask_head([features[f] for f in self.mask_in_features])
-        return cate_logits, kernels, mask_feat
+        cate_logits, mask_preds = self.ins_head(ins_feats)
+        mask_feat = None
+        if self.mask_head is not None:
+            mask_feat = self.mask_head([features[f] for f in self.mask_in_features])
+        return cate_logits, mask_preds, mask_feat
 
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
@@ -185,31 +236,37 @@ class SOLOv2(nn.Module):
         images = self.preprocess_image(batched_inputs)
         if "instances" not in batched_inputs[0]:
             raise ValueError(
-                "SOLOv2 training needs 'instances' in every input (use SOLODatasetMapper)"
+                f"{type(self).__name__} training needs 'instances' in every input "
+                "(use SOLODatasetMapper)"
             )
         gt = [x["instances"].to(self.device) for x in batched_inputs]
-        cate_logits, kernels, mask_feat = self.predict(images.tensor)
-        return self.losses(cate_logits, kernels, mask_feat, gt)
+        cate_logits, mask_preds, mask_feat = self.predict(images.tensor)
+        return self.losses(cate_logits, mask_preds, mask_feat, gt, tuple(images.tensor.shape[-2:]))
 
     def losses(
         self,
         cate_logits: List[Tensor],
-        kernels: List[Tensor],
-        mask_feat: Tensor,
+        mask_preds: List[Tensor],
+        mask_feat: Optional[Tensor],
         gt: List[Instances],
+        canvas_hw: Optional[Tuple[int, int]] = None,
     ) -> Dict[str, Tensor]:
         """Assign grid targets on the padded canvas, then focal + dice losses.
 
         Args:
-            cate_logits, kernels, mask_feat: outputs of :meth:`predict`.
-            gt: per image, Instances with gt_classes (N,), gt_boxes, gt_centers (N, 2) and
-                gt_masks_small (N, h', w') uint8 at the mask stride.
+            cate_logits, mask_preds, mask_feat: outputs of :meth:`predict`.
+            gt: per image, Instances with gt_classes (N,), gt_boxes, gt_centers (N, 2) and the
+                masks rescaled to each mask stride (gt_masks_small, gt_masks_small_s{stride}).
+            canvas_hw: (Hc, Wc) padded batch size; by default the mask features' size times
+                their stride.
         Returns:
             {"loss_cls", "loss_mask"}.
         """
         num_images = len(gt)
-        hf, wf = mask_feat.shape[-2:]
-        device = mask_feat.device
+        device = cate_logits[0].device
+        if canvas_hw is None:
+            hf, wf = mask_feat.shape[-2:]
+            canvas_hw = (hf * self.mask_stride, wf * self.mask_stride)
         image_ids = torch.cat(
             [torch.full((len(g),), i, dtype=torch.int64, device=device) for i, g in enumerate(gt)]
         )
@@ -219,25 +276,20 @@ class SOLOv2(nn.Module):
             labels=torch.cat([g.gt_classes for g in gt]),
             image_ids=image_ids,
             num_images=num_images,
-            canvas_hw=(hf * self.mask_stride, wf * self.mask_stride),
+            canvas_hw=canvas_hw,
             num_grids=self.ins_head.num_grids,
             scale_ranges=self.scale_ranges,
             sigma=self.sigma,
             num_classes=self.ins_head.num_classes,
+            # SOLOv2 trains a shared cell with every covering instance; the other heads' dense
+            # per-cell targets keep the last one (solo_spec.md §2)
+            last_instance_wins=not self.ins_head.uses_mask_features,
         )
         loss_cls = self.focal_weight * category_loss(
             cate_logits, cate_labels, alpha=self.focal_alpha, gamma=self.focal_gamma
         )
 
-        # positive kernels of every level: (P, E), with their image and instance
-        pos_kernels, pos_images, pos_insts = [], [], []
-        for k, pos in zip(kernels, positives):
-            pos_kernels.append(k.flatten(2)[pos[:, 0], :, pos[:, 1]])  # (P_l, E)
-            pos_images.append(pos[:, 0])
-            pos_insts.append(pos[:, 2])
-        pos_kernels = torch.cat(pos_kernels)
-        pos_images, pos_insts = torch.cat(pos_images), torch.cat(pos_insts)
-        num_pos = len(pos_insts)
+        num_pos = sum(len(p) for p in positives)
         storage = get_event_storage()
         storage.put_scalar("solo/num_pos_samples", num_pos / num_images)
         storage.put_scalar(
@@ -246,24 +298,58 @@ class SOLOv2(nn.Module):
         )
         if num_pos == 0:
             # keep every output in the graph so DDP sees gradients for all parameters
-            zero = mask_feat.sum() * 0 + sum(k.sum() for k in kernels) * 0
+            zero = sum(p.sum() for p in mask_preds) * 0
+            if mask_feat is not None:
+                zero = zero + mask_feat.sum() * 0
             return {"loss_cls": loss_cls, "loss_mask": zero}
 
-        targets = torch.zeros(len(image_ids), hf, wf, dtype=torch.uint8, device=device)
-        offset = 0
-        for g in gt:  # paste each image's small masks top-left into the batch canvas
-            small = g.gt_masks_small
-            targets[offset : offset + len(g), : small.shape[1], : small.shape[2]] = small
-            offset += len(g)
-        feat = mask_feat.flatten(2)  # (B, E, Hf*Wf)
+        targets = {}  # stride -> (M, Hc/stride, Wc/stride) uint8 canvas of every instance
         dice = []
-        for b in range(num_images):  # one matmul per image, as many kernels as it has positives
-            sel = pos_images == b
-            if sel.any():
-                probs = torch.sigmoid(pos_kernels[sel] @ feat[b])  # (P_b, Hf*Wf)
-                dice.append(dice_loss(probs, targets[pos_insts[sel]].flatten(1)))
+        for level, (pred, pos) in enumerate(zip(mask_preds, positives)):
+            if len(pos) == 0:
+                continue
+            probs = self.ins_head.positive_masks(pred, mask_feat, pos[:, 0], pos[:, 1])
+            stride = self.mask_strides[level]
+            if stride not in targets:
+                targets[stride] = self._mask_targets(gt, stride, canvas_hw, len(image_ids))
+            target = targets[stride][pos[:, 2]]
+            if target.shape[-2:] != probs.shape[-2:]:
+                raise ValueError(
+                    f"level {level}: masks predicted at {tuple(probs.shape[-2:])} but the canvas "
+                    f"{canvas_hw} at stride {stride} is {tuple(target.shape[-2:])}; check "
+                    "MODEL.SOLO.FPN_INSTANCE_STRIDES against the backbone features"
+                )
+            dice.append(dice_loss(probs.flatten(1), target.flatten(1)))
         loss_mask = self.dice_weight * torch.cat(dice).mean()
         return {"loss_cls": loss_cls, "loss_mask": loss_mask}
+
+    def _mask_targets(
+        self, gt: List[Instances], stride: int, canvas_hw: Tuple[int, int], num_instances: int
+    ) -> Tensor:
+        """Each image's masks at ``stride``, pasted top-left into the batch canvas at that stride.
+
+        Returns:
+            (M, Hc / stride, Wc / stride) uint8.
+        """
+        field = mask_target_field(stride, self.mask_stride)
+        out = torch.zeros(
+            (num_instances, canvas_hw[0] // stride, canvas_hw[1] // stride),
+            dtype=torch.uint8,
+            device=self.device,
+        )
+        offset = 0
+        for g in gt:
+            if len(g) and not g.has(field):
+                raise ValueError(
+                    f"training instances lack the field {field!r}: {type(self.ins_head).__name__} "
+                    f"predicts masks at strides {sorted(set(self.mask_strides))}; build the inputs "
+                    "with SOLODatasetMapper (it adds one field per stride)"
+                )
+            if len(g):
+                small = g.get(field)
+                out[offset : offset + len(g), : small.shape[1], : small.shape[2]] = small
+            offset += len(g)
+        return out
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """Run images with the same padded size together, so batching never changes a result.
@@ -284,9 +370,9 @@ class SOLOv2(nn.Module):
 
     def _inference_same_size(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         images = self.preprocess_image(batched_inputs)
-        cate_logits, kernels, mask_feat = self.predict(images.tensor)
-        num_classes, e = self.ins_head.num_classes, kernels[0].shape[1]
-        # (B, G, C) scores after points NMS and (B, G, E) kernels, levels concatenated row-major
+        cate_logits, mask_preds, mask_feat = self.predict(images.tensor)
+        num_classes = self.ins_head.num_classes
+        # (B, G, C) scores after points NMS, levels concatenated row-major
         cate = torch.cat(
             [
                 point_nms(c.sigmoid()).permute(0, 2, 3, 1).reshape(len(c), -1, num_classes)
@@ -294,20 +380,39 @@ class SOLOv2(nn.Module):
             ],
             dim=1,
         )
-        kern = torch.cat([k.permute(0, 2, 3, 1).reshape(len(k), -1, e) for k in kernels], dim=1)
         cell_strides = torch.cat(
             [
                 torch.full((s * s,), st, dtype=torch.float32, device=cate.device)
                 for s, st in zip(self.ins_head.num_grids, self.instance_strides)
             ]
         )
+        canvas_hw = tuple(images.tensor.shape[-2:])
+        out_hw = (canvas_hw[0] // self.mask_stride, canvas_hw[1] // self.mask_stride)
         results = []
         for b, x in enumerate(batched_inputs):
             image_hw = tuple(images.image_sizes[b])
             output_hw = (x.get("height", image_hw[0]), x.get("width", image_hw[1]))
-            r = solov2_postprocess(
-                cate[b], kern[b], cell_strides, mask_feat[b], self.mask_stride, image_hw, output_hw,
+            soft_masks = self.ins_head.soft_mask_fn(mask_preds, mask_feat, b, out_hw)
+            r = solo_postprocess(
+                cate[b], soft_masks, cell_strides, canvas_hw, image_hw, output_hw,
                 **self.inference_args,
             )  # fmt: skip
             results.append({"instances": r})
         return results
+
+
+@META_ARCH_REGISTRY.register()
+class SOLOv2(SOLO):
+    """The META_ARCH name configs used before the family was generalised: the same engine as
+    :class:`SOLO`, its head also chosen by ``MODEL.SOLO.HEAD`` (SOLOv2's by default)."""
+
+
+def _check_features(sc, shapes, branch: str) -> List[str]:
+    key = f"{branch}_IN_FEATURES"
+    missing = [f for f in sc[key] if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"MODEL.SOLO.{key} names {missing}, not produced by the backbone "
+            f"(it produces {sorted(shapes)})"
+        )
+    return list(sc[key])

@@ -1,11 +1,17 @@
-"""SOLOv2 inference post-processing (solo_spec.md §4): points NMS, Matrix NMS, mask NMS, resizing.
+"""SOLO-family inference post-processing (solo_spec.md §4): one path for every variant.
+
+Points NMS, soft masks of the candidate cells (the only variant-specific step: SOLOv2's dynamic
+convolution, SOLO's per-cell maps, Decoupled SOLO's product of a row and a column map), the area
+filter and maskness rescoring, Matrix NMS (or mask NMS), top-k and resizing to the output size.
 
 Shape shorthand:
     B: images     C: classes     G: grid cells of all levels (sum of S_l^2)     E: kernel length
-    N: candidates (cell, class) pairs    Hf, Wf: mask-feature size    H, W: output image size
+    N: candidates (cell, class) pairs    Hf, Wf: mask size at the mask stride (of the padded
+    canvas)    H, W: output image size
+Cells of all levels are indexed together: level-major, then row-major (i * S_l + j) in a level.
 """
 
-from typing import Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,11 @@ __all__ = [
     "mask_nms",
     "masks_to_boxes",
     "resize_masks",
+    "cell_levels",
+    "dynamic_conv_masks",
+    "level_soft_masks",
+    "decoupled_soft_masks",
+    "solo_postprocess",
     "solov2_postprocess",
 ]
 
@@ -173,19 +184,113 @@ def _empty_result(output_hw: Tuple[int, int], device) -> Instances:
     return result
 
 
-def _soft_masks(kernels: Tensor, mask_feat: Tensor) -> Tensor:
-    """(n, E) dynamic 1x1 kernels applied to (E, Hf, Wf) features -> (n, Hf, Wf) probabilities."""
+def cell_levels(cells: Tensor, num_grids: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """Split indices into the concatenated cells of all levels.
+
+    Args:
+        cells: (n,) int64 in [0, sum S_l^2).
+        num_grids: S_l per level.
+    Returns:
+        levels: (n,) level of each cell; local: (n,) index ``i * S_l + j`` inside its level.
+    """
+    sizes = torch.tensor([s * s for s in num_grids], device=cells.device)
+    ends = sizes.cumsum(0)
+    levels = torch.bucketize(cells, ends, right=True)
+    return levels, cells - (ends - sizes)[levels]
+
+
+def dynamic_conv_masks(kernels: Tensor, mask_feat: Tensor) -> Tensor:
+    """SOLOv2: (n, E) dynamic 1x1 kernels on (E, Hf, Wf) features -> (n, Hf, Wf) probabilities."""
     e, hf, wf = mask_feat.shape
     return torch.sigmoid(kernels @ mask_feat.reshape(e, hf * wf)).view(-1, hf, wf)
 
 
-@torch.no_grad()
+_soft_masks = dynamic_conv_masks  # name used before the family was generalised
+
+
+def level_soft_masks(
+    maps: List[Tensor], cells: Tensor, num_grids: Sequence[int], out_hw: Tuple[int, int]
+) -> Tensor:
+    """SOLO (v1): each cell's own mask map, through a sigmoid, resized to the canvas.
+
+    Args:
+        maps: per level, (S_l^2, h_l, w_l) mask logits of one image.
+        cells: (n,) indices into the concatenated cells of all levels.
+        num_grids: S_l per level.
+        out_hw: (Hf, Wf); every level's maps are bilinearly resized to it (as the reference).
+    Returns:
+        (n, Hf, Wf) probabilities.
+    """
+    levels, local = cell_levels(cells, num_grids)
+    out = maps[0].new_empty((len(cells), *out_hw))
+    for level, m in enumerate(maps):  # loop over the 5 levels, each a batch of cells
+        sel = (levels == level).nonzero(as_tuple=True)[0]
+        if len(sel):
+            probs = m[local[sel]].sigmoid().unsqueeze(0)
+            out[sel] = F.interpolate(probs, size=out_hw, mode="bilinear")[0]
+    return out
+
+
+def decoupled_soft_masks(
+    x_probs: Tensor, y_probs: Tensor, cells: Tensor, num_grids: Sequence[int]
+) -> Tensor:
+    """Decoupled SOLO: the mask of cell (i, j) of level l is ``Y[i] * X[j]`` (solo_spec.md §4).
+
+    The X (column) and Y (row) maps of all levels are concatenated, so with ``seg_off_l`` the
+    number of maps of the levels before l, cell ``k = i * S_l + j`` of level l reads
+    ``X[seg_off_l + j]`` and ``Y[seg_off_l + i]``.
+
+    Args:
+        x_probs, y_probs: (sum S_l, Hf, Wf) probabilities (sigmoid, then resized to the canvas).
+        cells: (n,) indices into the concatenated cells of all levels.
+        num_grids: S_l per level.
+    Returns:
+        (n, Hf, Wf) probabilities.
+    """
+    levels, local = cell_levels(cells, num_grids)
+    grids = torch.tensor(list(num_grids), device=cells.device)
+    seg_off = (grids.cumsum(0) - grids)[levels]
+    s = grids[levels]
+    rows, cols = local // s + seg_off, local % s + seg_off
+    return x_probs[cols] * y_probs[rows]
+
+
 def solov2_postprocess(
     cate_scores: Tensor,
     kernels: Tensor,
     cell_strides: Tensor,
     mask_feat: Tensor,
     mask_stride: int,
+    image_hw: Tuple[int, int],
+    output_hw: Tuple[int, int],
+    **kwargs,
+) -> Instances:
+    """:func:`solo_postprocess` with SOLOv2's masks: dynamic kernels on the mask features.
+
+    Args:
+        kernels: (G, E) dynamic kernels, cells in the order of ``cate_scores``.
+        mask_feat: (E, Hf, Wf) mask features of this image (padded canvas).
+        mask_stride: stride of ``mask_feat`` (4).
+        others: as :func:`solo_postprocess`.
+    """
+    hf, wf = mask_feat.shape[-2:]
+    return solo_postprocess(
+        cate_scores,
+        lambda cells: dynamic_conv_masks(kernels[cells], mask_feat),
+        cell_strides,
+        (hf * mask_stride, wf * mask_stride),
+        image_hw,
+        output_hw,
+        **kwargs,
+    )
+
+
+@torch.no_grad()
+def solo_postprocess(
+    cate_scores: Tensor,
+    soft_masks: Callable[[Tensor], Tensor],
+    cell_strides: Tensor,
+    canvas_hw: Tuple[int, int],
     image_hw: Tuple[int, int],
     output_hw: Tuple[int, int],
     *,
@@ -199,7 +304,7 @@ def solov2_postprocess(
     max_per_image: int,
     chunk_size: int,
 ) -> Instances:
-    """From one image's head outputs to final ``Instances`` (solo_spec.md §4).
+    """From one image's head outputs to final ``Instances`` (solo_spec.md §4), any variant.
 
     Candidates are scored in chunks of ``chunk_size`` so memory stays bounded however many grid
     cells pass the score threshold; masks of the ``nms_pre`` best are then recomputed.
@@ -207,10 +312,10 @@ def solov2_postprocess(
     Args:
         cate_scores: (G, C) category probabilities after points NMS, levels concatenated,
             cells row-major.
-        kernels: (G, E) dynamic kernels, same order.
+        soft_masks: f(cells) -> (n, Hf, Wf) mask probabilities of cells (indices into G) at the
+            mask stride of the padded canvas (the variant's head provides it).
         cell_strides: (G,) instance stride of each cell's level (area filter).
-        mask_feat: (E, Hf, Wf) mask features of this image (padded canvas).
-        mask_stride: stride of ``mask_feat`` (4).
+        canvas_hw: padded canvas size (Hf, Wf times the mask stride).
         image_hw: (h, w) of the model input inside the padded canvas.
         output_hw: (H, W) size of the returned masks.
     Returns:
@@ -227,7 +332,7 @@ def solov2_postprocess(
     maskness = torch.empty_like(scores)
     single_chunk = None
     for start in range(0, len(cells), chunk_size):
-        soft = _soft_masks(kernels[cells[start : start + chunk_size]], mask_feat)
+        soft = soft_masks(cells[start : start + chunk_size])
         hard = soft > mask_threshold
         area = hard.sum(dim=(1, 2)).to(soft.dtype)
         areas[start : start + chunk_size] = area
@@ -243,7 +348,7 @@ def solov2_postprocess(
     if single_chunk is not None:
         soft = single_chunk[selected]
     else:
-        soft = _soft_masks(kernels[cells[selected]], mask_feat)
+        soft = soft_masks(cells[selected])
     hard = soft > mask_threshold
 
     # 2) NMS
@@ -261,10 +366,7 @@ def solov2_postprocess(
     scores, labels, soft = scores[order], labels[order], soft[order]
 
     # 3) masks at the output size, boxes from the masks
-    hf, wf = mask_feat.shape[-2:]
-    masks = resize_masks(
-        soft, (hf * mask_stride, wf * mask_stride), image_hw, output_hw, mask_threshold
-    )
+    masks = resize_masks(soft, canvas_hw, image_hw, output_hw, mask_threshold)
     result = Instances(output_hw)
     result.pred_masks = masks
     result.pred_boxes = Boxes(masks_to_boxes(masks))

@@ -7,19 +7,28 @@ Shape shorthand:
 
 The work is split where padding makes it necessary:
 * ``instance_targets`` runs in the DatasetMapper workers on one image: centre of mass and the mask
-  rescaled to the mask-prediction stride. Neither depends on batch padding.
+  rescaled to the mask-prediction stride. Neither depends on batch padding. SOLO v1 and Decoupled
+  SOLO predict masks at several strides (4, 8, 16: half of each level's stride);
+  ``extra_mask_targets`` gives the masks at the coarser ones.
 * ``assign_grid_targets`` runs in the model, once the padded batch canvas is known: SOLO measures
   grid cells as fractions of that canvas (reference behaviour, kept for checkpoint compatibility).
 """
 
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["center_of_mass", "rescale_masks", "instance_targets", "assign_grid_targets"]
+__all__ = [
+    "center_of_mass",
+    "rescale_masks",
+    "instance_targets",
+    "mask_target_field",
+    "extra_mask_targets",
+    "assign_grid_targets",
+]
 
 # OpenCV 5 resizes at most 128 channels in one call (solo_spec.md §7.9).
 _CV2_MAX_CHANNELS = 128
@@ -83,6 +92,35 @@ def instance_targets(masks: Tensor, stride: int) -> Tuple[Tensor, Tensor, Tensor
     return valid, centers, small
 
 
+def mask_target_field(stride: int, mask_stride: int) -> str:
+    """Name of the Instances field holding the masks rescaled to ``stride``.
+
+    The masks at the model's mask stride (its finest) keep the name ``gt_masks_small``; masks at
+    a coarser stride s (SOLO v1 / Decoupled SOLO levels) are ``gt_masks_small_s{s}``.
+    """
+    return "gt_masks_small" if stride == mask_stride else f"gt_masks_small_s{stride}"
+
+
+def extra_mask_targets(masks: Tensor, mask_stride: int, strides) -> Dict[str, Tensor]:
+    """Masks rescaled to each stride of ``strides`` other than ``mask_stride``.
+
+    Args:
+        masks: (N, H, W) bool masks at the model-input resolution.
+        mask_stride: the stride of ``gt_masks_small`` (not repeated here).
+        strides: the strides the model needs.
+    Returns:
+        {field name (see :func:`mask_target_field`): (N, int(H/s+0.5), int(W/s+0.5)) uint8}.
+    """
+    numpy_masks = None
+    out = {}
+    for s in sorted(set(strides) - {mask_stride}):
+        if numpy_masks is None:
+            numpy_masks = masks.cpu().numpy()
+        small = torch.from_numpy(rescale_masks(numpy_masks, s)).to(masks.device)
+        out[mask_target_field(s, mask_stride)] = small
+    return out
+
+
 def _floor_cell(x: Tensor, num_grid: int) -> Tensor:
     # Reference: int(x // (1. / S)) on float32 tensors; torch's floor division matches Python's.
     return torch.div(x, 1.0 / num_grid, rounding_mode="floor").to(torch.int64)
@@ -100,14 +138,20 @@ def assign_grid_targets(
     scale_ranges: Sequence[Sequence[float]],
     sigma: float,
     num_classes: int,
+    last_instance_wins: bool = False,
 ) -> Tuple[List[Tensor], List[Tensor]]:
-    """Assign instances to grid cells of every level (SOLOv2 rule, solo_spec.md §2).
+    """Assign instances to grid cells of every level (solo_spec.md §2), for every variant.
 
     An instance is positive on level l when sqrt(box area) lies in ``scale_ranges[l]`` (inclusive).
     Its positive cells are the cells hit by the sigma-scaled box around its centre of mass,
     clamped to the 3x3 cells around the centre cell. Where regions of two instances overlap, the
-    cell's class is the later instance's, while both instances keep the cell as a positive sample
-    (so a cell can appear twice among the positives, each time with its own mask target).
+    cell's class is the later instance's. What happens to the masks there differs by variant:
+
+    * SOLOv2 (``last_instance_wins=False``): both instances keep the cell as a positive sample, so
+      a cell can appear twice among the positives, each time with its own mask target.
+    * SOLO v1 / Decoupled SOLO (``last_instance_wins=True``): the reference writes each instance's
+      mask into the cell's dense target in turn, so the cell is one positive sample whose mask is
+      the later instance's.
 
     Args:
         boxes: (M, 4) XYXY boxes in input pixels.
@@ -120,10 +164,12 @@ def assign_grid_targets(
         scale_ranges: (lo, hi) per level.
         sigma: centre-region scale.
         num_classes: C; background cells get label C.
+        last_instance_wins: one positive per covered cell, with the last covering instance.
     Returns:
         cate_labels: per level, (B, S, S) int64 in [0, C].
         positives: per level, (P_l, 3) int64 rows [image, cell = i*S + j, instance], in the
-            reference order (instance, then row-major cell).
+            reference order: instance, then row-major cell (SOLOv2); image, then row-major cell
+            (``last_instance_wins``).
     """
     device = boxes.device
     hc, wc = float(canvas_hw[0]), float(canvas_hw[1])
@@ -154,6 +200,10 @@ def assign_grid_targets(
         lab = torch.cat([labels.new_full((1,), num_classes), labels])[best]  # rank 0 -> BG
         cate_labels.append(lab.view(num_images, s, s))
 
-        inst, cell = covered.nonzero(as_tuple=True)
-        positives.append(torch.stack([image_ids[inst], cell, inst], dim=1))
+        if last_instance_wins:
+            img, cell = best.nonzero(as_tuple=True)
+            positives.append(torch.stack([img, cell, best[img, cell] - 1], dim=1))
+        else:
+            inst, cell = covered.nonzero(as_tuple=True)
+            positives.append(torch.stack([image_ids[inst], cell, inst], dim=1))
     return cate_labels, positives
