@@ -6,16 +6,18 @@ and ``MetadataCatalog`` so that ``DATASETS.TRAIN`` / ``DATASETS.TEST`` can name 
 """
 
 import argparse
-import json
+import logging
+from functools import partial
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 
 from .shapes import register_shapes
+from .validation import check_coco_dict, load_checked_coco, read_coco_json, summarize_faults
+
+logger = logging.getLogger(__name__)
 
 SPEC_FORM = "NAME=ANNOTATIONS.json:IMAGE_DIR"
-COCO_KEYS = ("images", "annotations", "categories")
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str, str]:
@@ -44,25 +46,25 @@ def parse_dataset_spec(spec: str) -> tuple[str, str, str]:
     return name, json_file, image_dir
 
 
-def _check_coco_json(json_file: Path, spec: str) -> None:
-    """Raise ``ValueError`` unless ``json_file`` holds a COCO instances dict."""
-    where = f"Annotation file {str(json_file)!r} (dataset spec {spec!r})"
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"{where} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} is not a COCO instances file: its top level is not an object")
-    for key in COCO_KEYS:
-        if not isinstance(data.get(key), list):
-            raise ValueError(
-                f"{where} is not a COCO instances file: key {key!r} is missing or not a list"
-            )
+def _load_dataset(name: str, json_file: str, image_root: str) -> list[dict]:
+    """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
+    _, checked, dicts = load_checked_coco(json_file, image_root)
+    if len(checked.faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
+        logger.warning(
+            f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
+            f"{len(checked.faults)} faults, left out:\n{summarize_faults(checked.faults)}"
+        )
+    return dicts
 
 
 def register_coco_dataset(spec: str) -> str:
     """Check and register the COCO instances dataset described by ``spec``; return its name.
+
+    The annotation file is checked now (:mod:`solo_d2.data.validation`): a file that cannot be
+    used raises ``ValueError``; faulty annotations and images (missing image files included) are
+    logged, counted and named, and left out of the dataset. The metadata gets ``thing_classes``
+    at once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and ``data_faults``,
+    the list of :class:`DataFault`.
 
     Registering a name again with the same files is a no-op; with other files it is an error.
     """
@@ -90,8 +92,26 @@ def register_coco_dataset(spec: str) -> str:
             f"Dataset {name!r} is already registered with json_file={old[0]!r}, "
             f"image_root={old[1]!r}; cannot register it again from spec {spec!r}"
         )
-    _check_coco_json(json_file, spec)
-    register_coco_instances(name, {}, str(json_file), str(image_root))
+    data = read_coco_json(str(json_file), f"(dataset spec {spec!r})")
+    checked = check_coco_dict(data, str(json_file), str(image_root))
+    if checked.faults:
+        kept = len(data["annotations"]) - len(checked.bad_annotations)
+        logger.warning(
+            f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
+            f"{len(checked.bad_annotations)} of {len(data['annotations'])} annotations and "
+            f"{len(checked.bad_images)} of {len(data['images'])} images ({kept} annotations "
+            f"kept). Set DATASETS.STRICT True to make them errors in training.\n"
+            + summarize_faults(checked.faults)
+        )
+    DatasetCatalog.register(name, partial(_load_dataset, name, str(json_file), str(image_root)))
+    MetadataCatalog.get(name).set(
+        json_file=str(json_file),
+        image_root=str(image_root),
+        evaluator_type="coco",
+        thing_classes=checked.thing_classes,
+        thing_dataset_id_to_contiguous_id=checked.id_map,
+        data_faults=checked.faults,
+    )
     return name
 
 
