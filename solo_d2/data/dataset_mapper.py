@@ -24,7 +24,8 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 
-from ..modeling.targets import instance_targets
+from ..modeling import mask_target_strides
+from ..modeling.targets import extra_mask_targets, instance_targets
 from .images import BadImageError, read_image
 
 __all__ = ["SOLODatasetMapper", "feature_stride", "check_image_size"]
@@ -76,15 +77,27 @@ class SOLODatasetMapper(DatasetMapper):
     Fields of ``dataset_dict["instances"]`` in training (N instances with a non-empty mask):
         gt_classes: (N,) int64; gt_boxes: Boxes (N, 4) XYXY in input pixels;
         gt_centers: (N, 2) float32 centre of mass [cx, cy];
-        gt_masks_small: (N, int(H/s+0.5), int(W/s+0.5)) uint8 masks at the mask stride s.
+        gt_masks_small: (N, int(H/s+0.5), int(W/s+0.5)) uint8 masks at the mask stride s;
+        gt_masks_small_s{t}: the same at each coarser stride t the model predicts masks at
+            (SOLO v1 / Decoupled SOLO: 8 and 16).
     Returns None for a training image it skips (see the module docstring).
     """
 
     @configurable
-    def __init__(self, is_train: bool = True, *, mask_stride: int = 4, strict: bool = False, **kw):
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        mask_stride: int = 4,
+        mask_strides=(),
+        strict: bool = False,
+        **kw,
+    ):
         """
         Args:
             mask_stride: stride of the mask prediction the small masks are made for.
+            mask_strides: every stride the model predicts masks at (SOLO v1 / Decoupled SOLO:
+                one per level); masks are also made for those other than ``mask_stride``.
             strict: in training, raise on an unreadable image or an unusable annotation
                 instead of skipping it with a warning.
             kw: as :class:`detectron2.data.DatasetMapper`; masks are always used, as bitmasks.
@@ -92,6 +105,7 @@ class SOLODatasetMapper(DatasetMapper):
         kw.update(use_instance_mask=True, instance_mask_format="bitmask")
         super().__init__(is_train, **kw)
         self.mask_stride = mask_stride
+        self.mask_strides = tuple(mask_strides)
         self.strict = strict
         self._num_read = self._num_failed = 0
 
@@ -99,6 +113,7 @@ class SOLODatasetMapper(DatasetMapper):
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
         ret["mask_stride"] = feature_stride(cfg.MODEL.SOLO.MASK_IN_FEATURES[0])
+        ret["mask_strides"] = mask_target_strides(cfg)
         ret["strict"] = cfg.DATASETS.STRICT
         return ret
 
@@ -180,4 +195,6 @@ class SOLODatasetMapper(DatasetMapper):
         valid, centers, small = instance_targets(masks, self.mask_stride)
         instances.gt_centers = centers
         instances.gt_masks_small = small
+        for name, coarse in extra_mask_targets(masks, self.mask_stride, self.mask_strides).items():
+            instances.set(name, coarse)
         dataset_dict["instances"] = instances[valid]
