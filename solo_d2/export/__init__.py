@@ -1,0 +1,33 @@
+"""Export of SOLO-family inference to TorchScript and ONNX, and an ONNX Runtime runner.
+
+``onnx`` (graph checks) and ``onnxruntime`` (:mod:`.runtime`) are optional dependencies, imported
+only when used; exporting needs neither.
+"""
+
+from .exporter import (
+    MIN_OPSET,
+    OnnxNotInstalledError,
+    check_standard_onnx,
+    export_onnx,
+    export_torchscript,
+    onnx_op_types,
+)
+from .traceable import (
+    SOLOExportable,
+    matrix_nms_traceable,
+    postprocess_traceable,
+    soft_mask_function,
+)
+
+__all__ = [
+    "MIN_OPSET",
+    "OnnxNotInstalledError",
+    "SOLOExportable",
+    "check_standard_onnx",
+    "export_onnx",
+    "export_torchscript",
+    "matrix_nms_traceable",
+    "onnx_op_types",
+    "postprocess_traceable",
+    "soft_mask_function",
+]
