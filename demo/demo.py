@@ -9,13 +9,14 @@
         --input img.png --opts MODEL.WEIGHTS output/quickstart/model_final.pth
 
 With the default config and no trained weights given, AdelaiDet's published COCO model is
-downloaded. Exit status: 0 on success, 1 when some input image could not be read, 2 on bad
-arguments or unavailable weights.
+downloaded. Exit status: 0 on success, 1 when some input image could not be read (each is named
+with the reason), 2 on bad arguments, a bad config or unavailable or unfitting weights (one
+"error: ..." line). Visualisations and json files are written atomically (temporary file, then
+rename), so an interrupted run never leaves a truncated output.
 """
 
 import argparse
 import glob
-import json
 import logging
 import sys
 import time
@@ -25,15 +26,22 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
-from detectron2.data.detection_utils import read_image
+from detectron2.config import CfgNode
 from detectron2.structures import BoxMode, Instances
-from predictor import InstanceDrawer, SOLOPredictor, WeightsUnavailableError, class_names
+from predictor import (
+    BadWeightsError,
+    InstanceDrawer,
+    SOLOPredictor,
+    WeightsUnavailableError,
+    class_names,
+)
 from pycocotools import mask as mask_util
 from tqdm import tqdm
 
-from solo_d2 import add_solo_config
+from solo_d2.atomic_io import atomic_write_json
+from solo_d2.data.images import read_image
 from solo_d2.data.shapes import register_shapes
+from solo_d2.engine import ConfigError, load_config, merge_config_opts
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "SOLOv2_R50_3x.yaml"
 # AdelaiDet's COCO model of DEFAULT_CONFIG, used when no trained weights are given.
@@ -101,10 +109,11 @@ def setup_cfg(config_file: str, opts: List[str]) -> CfgNode:
 
     When the config is ``SOLOv2_R50_3x.yaml``, its MODEL.WEIGHTS holds no trained model (empty
     or an ImageNet backbone) and ``opts`` sets no MODEL.WEIGHTS, AdelaiDet's COCO model is used.
+
+    Raises:
+        ConfigError: a missing or malformed config file, an unknown key, a value of a wrong type.
     """
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.merge_from_file(config_file)
+    cfg = load_config(config_file)
     untrained = not cfg.MODEL.WEIGHTS or "ImageNetPretrained" in cfg.MODEL.WEIGHTS
     weights_given = "MODEL.WEIGHTS" in opts[::2]
     if untrained and not weights_given and Path(config_file).name == DEFAULT_CONFIG.name:
@@ -117,7 +126,7 @@ def setup_cfg(config_file: str, opts: List[str]) -> CfgNode:
             "are randomly initialised (pass one with --opts MODEL.WEIGHTS /path/to/model.pth)",
             file=sys.stderr,
         )
-    cfg.merge_from_list(opts)
+    merge_config_opts(cfg, opts, source="--opts")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print("warning: CUDA is not available, running on the CPU", file=sys.stderr)
         cfg.MODEL.DEVICE = "cpu"
@@ -232,8 +241,8 @@ def run_on_images(
                 try:
                     arrays.append(read_image(path, format=cfg.INPUT.FORMAT))
                     batch.append(path)
-                except Exception as e:  # any unreadable file: PIL raises many error types
-                    tqdm.write(f"warning: could not read image {path}: {e}", file=sys.stderr)
+                except ValueError as e:  # BadImageError: names the file and the problem
+                    tqdm.write(f"warning: could not read {e}", file=sys.stderr)
                     failed.append(path)
                     progress.update()
             if not batch:
@@ -253,7 +262,7 @@ def run_on_images(
                             "width": array.shape[1],
                             "instances": instances_to_json(instances, names),
                         }
-                        outputs.json_file(path).write_text(json.dumps(record))
+                        atomic_write_json(str(outputs.json_file(path)), record)
                 progress.update()
     if failed:
         print(f"{len(failed)} of {len(images)} images could not be read", file=sys.stderr)
@@ -357,7 +366,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(str(e))
 
     register_shapes()  # metadata (class names, colours) of the shapes configs
-    cfg = setup_cfg(args.config_file, args.opts)
+    try:
+        cfg = setup_cfg(args.config_file, args.opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if images is not None:
             return run_on_images(args, cfg, images, outputs)
@@ -373,6 +386,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
         else:
             print(f"error: weights file not found: {e.path} (MODEL.WEIGHTS)", file=sys.stderr)
+        return 2
+    except BadWeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

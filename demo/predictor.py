@@ -1,8 +1,9 @@
 """Inference helpers of the demo: a batched SOLOv2 predictor and an instance-drawing helper."""
 
+import math
 import os
 import socket
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import detectron2.data.transforms as T
@@ -16,8 +17,11 @@ from detectron2.structures import Instances
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from solo_d2.atomic_io import atomic_write_bytes
+
 __all__ = [
     "WeightsUnavailableError",
+    "BadWeightsError",
     "resolve_weights",
     "class_names",
     "SOLOPredictor",
@@ -26,6 +30,9 @@ __all__ = [
 
 # Seconds a socket operation of a weights download may block before the download fails.
 DOWNLOAD_TIMEOUT_S = 60
+# Images larger than this (4 MP) are drawn downscaled to it: detectron2's Visualizer needs
+# about 100 bytes per pixel (4.4 GB for an 8000 x 6000 photo). The json keeps full-size masks.
+MAX_DRAW_PIXELS = 2560 * 1600
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -43,6 +50,44 @@ class WeightsUnavailableError(RuntimeError):
         self.path = path
         self.remote = remote
         self.reason = reason
+
+
+class BadWeightsError(ValueError):
+    """MODEL.WEIGHTS is a file that cannot be loaded or does not fit the model of the config."""
+
+
+class _ShapeCheckingCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that keeps the (key, file shape, model shape) of skipped tensors."""
+
+    incorrect_shapes = ()
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        self.incorrect_shapes = list(incompatible.incorrect_shapes)
+        super()._log_incompatible_keys(incompatible)
+
+
+def load_weights(model: torch.nn.Module, path: str, num_classes: int) -> None:
+    """Load the local checkpoint ``path`` into ``model``; every tensor must fit.
+
+    Raises:
+        BadWeightsError: the file is not a readable checkpoint, or a tensor has another shape
+            than the model's (the usual cause: MODEL.SOLO.NUM_CLASSES differs from the classes
+            the weights were trained for).
+    """
+    checkpointer = _ShapeCheckingCheckpointer(model)
+    try:
+        checkpointer.load(path)
+    except Exception as e:  # torch.load / pickle raise many types on a corrupt file
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise BadWeightsError(f"weights file {path} cannot be loaded: {reason}") from e
+    if checkpointer.incorrect_shapes:
+        key, in_file, in_model = checkpointer.incorrect_shapes[0]
+        raise BadWeightsError(
+            f"weights file {path} does not fit the model of the config: {key} has shape "
+            f"{tuple(in_file)} in the file but {tuple(in_model)} in the model "
+            f"({len(checkpointer.incorrect_shapes)} such tensors); check --config-file and "
+            f"MODEL.SOLO.NUM_CLASSES ({num_classes})"
+        )
 
 
 def resolve_weights(path: str) -> str:
@@ -90,12 +135,13 @@ class SOLOPredictor:
         Raises:
             WeightsUnavailableError: MODEL.WEIGHTS is a missing file or could not be downloaded
                 (checked before the model is built).
+            BadWeightsError: MODEL.WEIGHTS cannot be loaded or does not fit the model.
         """
         self.cfg = cfg.clone()
         weights = resolve_weights(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
         self.model = build_model(self.cfg).eval()
         if weights:
-            DetectionCheckpointer(self.model).load(weights)
+            load_weights(self.model, weights, cfg.MODEL.SOLO.NUM_CLASSES)
         self.aug = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
@@ -155,13 +201,53 @@ class InstanceDrawer:
         return cls(class_names(cfg), colors, cfg.INPUT.FORMAT)
 
     def draw(self, image: np.ndarray, instances: Instances) -> np.ndarray:
-        """Return a BGR uint8 copy of ``image`` (in ``input_format``) with ``instances`` drawn."""
+        """Return a BGR uint8 copy of ``image`` (in ``input_format``) with ``instances`` drawn.
+
+        An image of more than ``MAX_DRAW_PIXELS`` pixels is drawn (and returned) downscaled to
+        that many pixels, aspect ratio kept, which bounds the memory the Visualizer needs.
+        """
+        image, instances = fit_for_drawing(image, instances, MAX_DRAW_PIXELS)
         rgb = image[:, :, ::-1] if self.input_format == "BGR" else image
         visualizer = Visualizer(rgb, self.metadata, instance_mode=self.instance_mode)
         drawn = visualizer.draw_instance_predictions(instances).get_image()
         return np.ascontiguousarray(drawn[:, :, ::-1])
 
     def save(self, path: str, image: np.ndarray, instances: Instances) -> None:
-        """Draw ``instances`` on ``image`` and write it to ``path`` (format from its suffix)."""
-        if not cv2.imwrite(path, self.draw(image, instances)):
-            raise OSError(f"could not write {path}")
+        """Draw ``instances`` on ``image`` and write it to ``path`` (format from its suffix).
+
+        The file is written atomically: it is either absent (or its previous version) or complete.
+        """
+        ok, encoded = cv2.imencode(os.path.splitext(path)[1], self.draw(image, instances))
+        if not ok:
+            raise OSError(f"could not encode the visualisation of {path}")
+        atomic_write_bytes(path, encoded.tobytes())
+
+
+def fit_for_drawing(
+    image: np.ndarray, instances: Instances, max_pixels: int
+) -> Tuple[np.ndarray, Instances]:
+    """``image`` and ``instances`` downscaled to at most ``max_pixels`` pixels (else unchanged).
+
+    Masks are resized one at a time (nearest neighbour), so no full-size copy of them is made.
+    """
+    h, w = image.shape[:2]
+    if h * w <= max_pixels:
+        return image, instances
+    scale = math.sqrt(max_pixels / (h * w))
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))  # cv2 order: (width, height)
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    out = Instances((size[1], size[0]))
+    for name, value in instances.get_fields().items():
+        if name == "pred_masks":
+            masks = torch.zeros((len(value), size[1], size[0]), dtype=torch.bool)
+            for i, mask in enumerate(value):  # one full-size mask at a time, viewed as uint8
+                small_mask = cv2.resize(
+                    mask.numpy().view(np.uint8), size, interpolation=cv2.INTER_NEAREST
+                )
+                masks[i] = torch.from_numpy(small_mask.view(bool))
+            value = masks
+        elif name == "pred_boxes":
+            value = value.clone()
+            value.scale(size[0] / w, size[1] / h)
+        out.set(name, value)
+    return small, out

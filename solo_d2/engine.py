@@ -47,7 +47,14 @@ from .data.validation import (
     summarize_faults,
 )
 
-__all__ = ["ConfigError", "load_config", "check_config", "SOLOCOCOEvaluator", "Trainer"]
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "merge_config_opts",
+    "check_config",
+    "SOLOCOCOEvaluator",
+    "Trainer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,27 @@ def _unknown_key_error(source: str, key: str, cfg: CfgNode) -> ConfigError:
     return ConfigError(f"{source}: config key {key} does not exist{hint}")
 
 
+def merge_config_opts(cfg: CfgNode, opts: Sequence[str], source: str = "command line") -> None:
+    """Merge KEY VALUE ``opts`` into ``cfg``.
+
+    Raises:
+        ConfigError: a key does not exist (with the closest existing key suggested), a value has
+            the wrong type, or ``opts`` is not a list of KEY VALUE pairs.
+    """
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"{source}: config overrides must be KEY VALUE pairs, got {opts}")
+    for key, value in zip(opts[::2], opts[1::2]):
+        try:
+            cfg.merge_from_list([key, value])
+        except AssertionError as e:  # "Non-existent key: A.B"
+            if "Non-existent key" in str(e):
+                raise _unknown_key_error(source, key, cfg) from None
+            raise ConfigError(f"{source}: {key} {value}: {_one_line(e)}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{source}: {key} {value}: {_one_line(e)}") from None
+
+
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """detectron2's config with the SOLO keys, ``config_file`` and ``opts`` merged (not frozen).
 
@@ -112,18 +140,7 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
         raise ConfigError(f"config file {config_file} is not valid YAML: {_one_line(e)}") from None
     except (OSError, ValueError, AssertionError, TypeError) as e:  # a missing _BASE_, bad types
         raise ConfigError(f"config file {config_file}: {_one_line(e)}") from None
-    opts = list(opts)
-    if len(opts) % 2:
-        raise ConfigError(f"config overrides must be KEY VALUE pairs, got {opts}")
-    for key, value in zip(opts[::2], opts[1::2]):
-        try:
-            cfg.merge_from_list([key, value])
-        except AssertionError as e:  # "Non-existent key: A.B"
-            if "Non-existent key" in str(e):
-                raise _unknown_key_error("command line", key, cfg) from None
-            raise ConfigError(f"command line: {key} {value}: {_one_line(e)}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"command line: {key} {value}: {_one_line(e)}") from None
+    merge_config_opts(cfg, opts)
     return cfg
 
 
