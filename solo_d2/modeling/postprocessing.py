@@ -142,6 +142,10 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     return boxes * cols.any(dim=1, keepdim=True)
 
 
+# Most float values resize_masks holds at once (128 MB): bounds its memory on very large images.
+RESIZE_MAX_FLOATS = 2**25
+
+
 def resize_masks(
     soft_masks: Tensor,
     canvas_hw: Tuple[int, int],
@@ -154,7 +158,8 @@ def resize_masks(
 
     Upsample to the padded canvas, crop the image's own region, resize to the output size, then
     threshold; bilinear with align_corners=False as the reference. Done in chunks of masks so that
-    a very large output image only ever holds ``chunk_size`` float masks.
+    a very large output image only ever holds ``chunk_size`` float masks, and fewer (down to one)
+    when they would exceed ``RESIZE_MAX_FLOATS`` values (an 8000 x 6000 image: one at a time).
 
     Args:
         soft_masks: (N, Hf, Wf) probabilities.
@@ -167,6 +172,7 @@ def resize_masks(
     """
     h, w = image_hw
     out = torch.empty((len(soft_masks), *output_hw), dtype=torch.bool, device=soft_masks.device)
+    chunk_size = max(1, min(chunk_size, RESIZE_MAX_FLOATS // (output_hw[0] * output_hw[1])))
     for start in range(0, len(soft_masks), chunk_size):
         m = soft_masks[start : start + chunk_size].unsqueeze(0)
         m = F.interpolate(m, size=canvas_hw, mode="bilinear")[:, :, :h, :w]
