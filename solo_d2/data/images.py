@@ -58,8 +58,8 @@ def _open(path: str) -> Image.Image:
         ) from None
     except Image.DecompressionBombError as e:
         raise BadImageError(path, f"has too many pixels to be decoded safely ({e})") from None
-    except OSError as e:  # a corrupt header
-        raise BadImageError(path, f"is corrupt: {e}") from None
+    except OSError as e:  # a truncated or corrupt header
+        raise BadImageError(path, f"is truncated or corrupt ({e})") from None
 
 
 def exif_orientation(image: Image.Image) -> int:

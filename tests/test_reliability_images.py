@@ -1,0 +1,253 @@
+"""Odd and broken image files: reading, the training/evaluation mapper and the model (CPU).
+
+The image "zoo" (also used by tests/test_demo.py): grayscale, 1-bit, palette, gray+alpha, RGBA,
+16-bit gray and RGB PNGs, 32-bit float TIFF, a CMYK JPEG, EXIF-rotated JPEGs, 1x1 and 16x16
+images; and broken files: truncated JPEG and PNG, a text file named .jpg, an empty .png, a
+missing file, a folder named .jpg.
+"""
+
+import logging
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from PIL import Image
+
+from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.data.images import BadImageError, image_size, read_image
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+GRAY16 = (np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 85).astype(np.uint16)
+EXIF_ORIENTATION = 0x0112
+
+
+def _exif_jpeg(path: Path, orientation: int) -> None:
+    """A 20 x 40 JPEG whose left quarter is white, stored with an EXIF orientation tag."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[EXIF_ORIENTATION] = orientation
+    image.save(path, exif=exif, quality=95)
+
+
+def write_image_zoo(folder: Path) -> Tuple[Dict[str, Tuple[int, int]], Dict[str, str]]:
+    """Write the zoo into ``folder``.
+
+    Returns:
+        good: file name -> (height, width) as read (EXIF applied);
+        bad: file name -> a phrase the error message must contain.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    gray = RGB[:, :, 0]
+    Image.fromarray(gray).save(folder / "gray.png")
+    Image.fromarray(gray).convert("1").save(folder / "bilevel.png")
+    Image.fromarray(RGB).convert("P").save(folder / "palette.png")
+    Image.fromarray(gray).convert("LA").save(folder / "gray_alpha.png")
+    Image.fromarray(np.dstack([RGB, np.full((24, 32), 100, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray(GRAY16).save(folder / "gray16.png")  # mode "I;16"
+    Image.fromarray(gray.astype(np.float32)).save(folder / "float.tif")  # mode "F"
+    Image.fromarray(RGB).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    _exif_jpeg(folder / "exif_rotated_90.jpg", 6)
+    _exif_jpeg(folder / "exif_rotated_180.jpg", 3)
+    Image.fromarray(RGB[:1, :1]).save(folder / "one_pixel.png")
+    Image.fromarray(RGB[:16, :16]).save(folder / "sixteen.png")
+    good = {
+        "gray.png": (24, 32),
+        "bilevel.png": (24, 32),
+        "palette.png": (24, 32),
+        "gray_alpha.png": (24, 32),
+        "rgba.png": (24, 32),
+        "gray16.png": (24, 32),
+        "float.tif": (24, 32),
+        "cmyk.jpg": (24, 32),
+        "exif_rotated_90.jpg": (40, 20),
+        "exif_rotated_180.jpg": (20, 40),
+        "one_pixel.png": (1, 1),
+        "sixteen.png": (16, 16),
+    }
+    Image.fromarray(RGB).save(folder / "full.jpg")
+    Image.fromarray(RGB).save(folder / "full.png")
+    for name in ("full.jpg", "full.png"):
+        data = (folder / name).read_bytes()
+        (folder / f"truncated_{name.split('.')[1]}.{name.split('.')[1]}").write_bytes(
+            data[: len(data) // 2]
+        )
+        (folder / name).unlink()
+    (folder / "text.jpg").write_text("this is a text file, not a JPEG\n")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "folder.jpg").mkdir()
+    bad = {
+        "truncated_jpg.jpg": "truncated or corrupt",
+        "truncated_png.png": "truncated or corrupt",
+        "text.jpg": "not an image file",
+        "empty.png": "empty file",
+        "missing.jpg": "file not found",
+        "folder.jpg": "is a directory",
+    }
+    return good, bad
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    good, bad = write_image_zoo(folder)
+    return folder, good, bad
+
+
+def test_every_good_image_reads_as_3_channel_uint8(zoo):
+    folder, good, _ = zoo
+    for name, hw in good.items():
+        for fmt in ("BGR", "RGB"):
+            image = read_image(str(folder / name), fmt)
+            assert image.shape == (*hw, 3) and image.dtype == np.uint8, name
+        assert image_size(str(folder / name)) == hw, name
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(zoo):
+    folder = zoo[0]
+    assert Image.open(folder / "gray16.png").mode == "I;16"
+    image = read_image(str(folder / "gray16.png"), "RGB")
+    expected = (GRAY16 >> 8).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(image[:, :, c], expected)
+    # clipping (what Image.convert("RGB") does) would make almost every pixel 255
+    assert (image == 255).mean() < 0.05
+
+
+def test_cmyk_and_alpha_images_keep_their_colours(zoo):
+    folder = zoo[0]
+    cmyk = read_image(str(folder / "cmyk.jpg"), "RGB").astype(int)
+    assert np.abs(cmyk - RGB).mean() < 20  # JPEG is lossy; an inverted CMYK would be ~128 off
+    rgba = read_image(str(folder / "rgba.png"), "RGB")
+    np.testing.assert_array_equal(rgba, RGB)
+    bgr = read_image(str(folder / "rgba.png"), "BGR")
+    np.testing.assert_array_equal(bgr, RGB[:, :, ::-1])
+
+
+def test_exif_orientation_is_applied(zoo):
+    folder = zoo[0]
+    rotated = read_image(str(folder / "exif_rotated_90.jpg"), "RGB")[:, :, 0].astype(int)
+    # orientation 6: displayed rotated 90 degrees clockwise, the white left quarter is on top
+    assert rotated[:8].mean() > 240 and rotated[12:].mean() < 15
+    flipped = read_image(str(folder / "exif_rotated_180.jpg"), "RGB")[:, :, 0].astype(int)
+    assert flipped[:, -8:].mean() > 240 and flipped[:, :28].mean() < 15
+
+
+def test_bad_files_raise_an_error_naming_the_file_and_the_problem(zoo):
+    folder, _, bad = zoo
+    for name, reason in bad.items():
+        path = str(folder / name)
+        with pytest.raises(BadImageError) as e:
+            read_image(path)
+        assert path in str(e.value) and reason in str(e.value), str(e.value)
+        assert isinstance(e.value, ValueError)
+
+
+def _mapper_cfg():
+    cfg = tiny_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 96
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 96
+    return cfg
+
+
+def _record(folder: Path, name: str, hw: Tuple[int, int], image_id: int) -> dict:
+    """A dataset dict with one instance: a rectangle over the middle of the image."""
+    h, w = hw
+    x0, y0, x1, y1 = w * 0.2, h * 0.2, max(w * 0.8, 1.0), max(h * 0.8, 1.0)
+    if (h, w) == (1, 1):
+        x0, y0, x1, y1 = 0.0, 0.0, 1.0, 1.0
+    return {
+        "file_name": str(folder / name),
+        "height": h,
+        "width": w,
+        "image_id": image_id,
+        "annotations": [
+            {
+                "id": 100 + image_id,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "bbox_mode": 1,  # XYWH_ABS
+                "category_id": image_id % 3,
+                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                "iscrowd": 0,
+            }
+        ],
+    }
+
+
+def test_mapper_and_model_take_every_odd_image(zoo):
+    """Train and test mapping of each good image, then a training step and inference on them."""
+    folder, good, _ = zoo
+    cfg = _mapper_cfg()
+    train_mapper, test_mapper = SOLODatasetMapper(cfg, True), SOLODatasetMapper(cfg, False)
+    train_batch, test_batch = [], []
+    for i, (name, hw) in enumerate(good.items()):
+        out = train_mapper(_record(folder, name, hw, i))
+        assert out is not None and out["image"].shape[0] == 3, name
+        assert len(out["instances"]) == 1, name
+        train_batch.append(out)
+        test = test_mapper(_record(folder, name, hw, i))
+        assert "annotations" not in test and (test["height"], test["width"]) == hw
+        test_batch.append(test)
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with EventStorage(0):
+        losses = model(train_batch)
+    assert set(losses) == {"loss_cls", "loss_mask"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        outputs = model(test_batch)
+    for (name, hw), out in zip(good.items(), outputs):
+        assert out["instances"].image_size == hw, name
+        assert out["instances"].pred_masks.shape[1:] == hw, name
+
+
+def test_bad_training_image_is_skipped_with_a_warning_naming_it(zoo, caplog):
+    folder, _, bad = zoo
+    cfg = _mapper_cfg()
+    mapper = SOLODatasetMapper(cfg, True)
+    for i, name in enumerate(bad):
+        record = _record(folder, name, (24, 32), 50 + i)
+        with caplog.at_level(logging.WARNING, logger="solo_d2"):
+            assert mapper(record) is None
+        assert str(folder / name) in caplog.text and f"image id {50 + i}" in caplog.text
+        assert bad[name] in caplog.text
+        caplog.clear()
+
+    cfg.DATASETS.STRICT = True
+    strict = SOLODatasetMapper(cfg, True)
+    with pytest.raises(BadImageError, match="truncated or corrupt"):
+        strict(_record(folder, "truncated_jpg.jpg", (24, 32), 0))
+    # evaluation never skips silently: the image would be missing from the results
+    with pytest.raises(BadImageError, match="not an image file"):
+        SOLODatasetMapper(_mapper_cfg(), False)(_record(folder, "text.jpg", (24, 32), 0))
+
+
+def test_training_stops_when_no_image_can_be_read(zoo):
+    folder, _, _ = zoo
+    mapper = SOLODatasetMapper(_mapper_cfg(), True)
+    record = _record(folder, "missing.jpg", (24, 32), 7)
+    with pytest.raises(BadImageError, match="none of the 50 training images"):
+        for _ in range(50):
+            mapper(record)
+
+
+def test_size_mismatch_from_exif_is_explained(zoo):
+    folder = zoo[0]
+    # the annotation tool measured the stored pixels (40 wide, 20 high), not the displayed ones
+    record = _record(folder, "exif_rotated_90.jpg", (20, 40), 3)
+    with pytest.raises(BadImageError) as e:
+        SOLODatasetMapper(_mapper_cfg(), False)(record)
+    message = str(e.value)
+    assert "exif_rotated_90.jpg" in message and "image id 3" in message
+    assert "20x40" in message and "40x20" in message and "EXIF orientation" in message
