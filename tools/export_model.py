@@ -36,12 +36,14 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from solo_d2 import add_solo_config  # noqa: E402
 from solo_d2.export import (  # noqa: E402
+    DEFORM_CONV_OPSET,
     MIN_OPSET,
     OnnxNotInstalledError,
     SOLOExportable,
     check_standard_onnx,
     export_onnx,
     export_torchscript,
+    min_opset_for,
 )
 from solo_d2.export.compare import compare_detections  # noqa: E402
 
@@ -68,7 +70,11 @@ def get_parser() -> argparse.ArgumentParser:
         "deterministic noise image of the test size)",
     )
     parser.add_argument(
-        "--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}, default)"
+        "--opset",
+        type=int,
+        default=None,
+        help=f"ONNX opset (default: {MIN_OPSET}, or {DEFORM_CONV_OPSET} for models with "
+        "deformable convolutions, whose ONNX DeformConv op needs it)",
     )
     parser.add_argument(
         "--device",
@@ -184,12 +190,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    if args.opset < MIN_OPSET:
+    if args.opset is not None and args.opset < MIN_OPSET:
         parser.error(f"--opset must be at least {MIN_OPSET}")
     try:
         cfg = setup_cfg(args)
         model = build_loaded_model(cfg)
         wrapper = SOLOExportable(model, batch_size=args.batch_size)
+        opset = args.opset or min_opset_for(wrapper)
         images = sample_images(cfg, args.sample_image, args.batch_size or 1)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -205,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.format == "torchscript":
         export_torchscript(wrapper, sample, path)
     else:
-        export_onnx(wrapper, sample, path, args.opset)
+        export_onnx(wrapper, sample, path, opset)
     print(
         f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - tic:.1f} s"
     )
@@ -229,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         },
         "outputs": wrapper.output_names,
         "num_classes": cfg.MODEL.SOLO.NUM_CLASSES,
-        "opset": args.opset if args.format == "onnx" else None,
+        "opset": opset if args.format == "onnx" else None,
         "traced_on": str(device),
         "torch": torch.__version__,
     }
@@ -246,8 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     else:
         try:
-            ops = check_standard_onnx(path, args.opset)
-            print(f"PASS ONNX checker, opset {args.opset}, standard ops only: {', '.join(ops)}")
+            ops = check_standard_onnx(path, opset)
+            print(f"PASS ONNX checker, opset {opset}, standard ops only: {', '.join(ops)}")
             from solo_d2.export.runtime import ONNXRuntimeModel
 
             session = ONNXRuntimeModel(path)

@@ -1,15 +1,17 @@
 """Export of SOLO-family inference to TorchScript and ONNX, and an ONNX Runtime runner.
 
-``onnx`` (graph checks) and ``onnxruntime`` (:mod:`.runtime`) are optional dependencies, imported
-only when used; exporting needs neither.
+``onnx`` (ONNX export and graph checks) and ``onnxruntime`` (:mod:`.runtime`) are optional
+dependencies, imported only when used; TorchScript export needs neither.
 """
 
 from .exporter import (
+    DEFORM_CONV_OPSET,
     MIN_OPSET,
     OnnxNotInstalledError,
     check_standard_onnx,
     export_onnx,
     export_torchscript,
+    min_opset_for,
     onnx_op_types,
 )
 from .traceable import (
@@ -20,6 +22,7 @@ from .traceable import (
 )
 
 __all__ = [
+    "DEFORM_CONV_OPSET",
     "MIN_OPSET",
     "OnnxNotInstalledError",
     "SOLOExportable",
@@ -27,6 +30,7 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "matrix_nms_traceable",
+    "min_opset_for",
     "onnx_op_types",
     "postprocess_traceable",
     "soft_mask_function",

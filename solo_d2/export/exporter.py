@@ -17,7 +17,9 @@ from .traceable import SOLOExportable
 
 __all__ = [
     "MIN_OPSET",
+    "DEFORM_CONV_OPSET",
     "OnnxNotInstalledError",
+    "min_opset_for",
     "export_torchscript",
     "export_onnx",
     "onnx_op_types",
@@ -39,12 +41,54 @@ class OnnxNotInstalledError(ImportError):
         self.package = package
 
 
-def _import_onnx():
+def _import_onnx(purpose: str = "checking an exported ONNX model"):
     try:
         import onnx
     except ImportError as e:
-        raise OnnxNotInstalledError("onnx", "checking an exported ONNX model") from e
+        raise OnnxNotInstalledError("onnx", purpose) from e
     return onnx
+
+
+# ONNX's DeformConv (deformable convolution, DCNv1 and modulated DCNv2) exists from opset 19.
+DEFORM_CONV_OPSET = 19
+
+
+def _deform_conv2d_symbolic(
+    g, input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    n_weight_grps, n_offset_grps, use_mask,
+):  # fmt: skip
+    """``torchvision::deform_conv2d`` as the standard ONNX ``DeformConv`` (same offset layout:
+    (dy, dx) per kernel point, per offset group; a missing mask means DCNv1)."""
+    from torch.onnx import symbolic_helper as sh
+
+    kh, kw = sh._get_tensor_sizes(weight)[-2:]
+    ints = [sh._get_const(v, "i", name) for v, name in (
+        (stride_h, "stride_h"), (stride_w, "stride_w"), (pad_h, "pad_h"), (pad_w, "pad_w"),
+        (dil_h, "dil_h"), (dil_w, "dil_w"), (n_weight_grps, "groups"), (n_offset_grps, "og"),
+    )]  # fmt: skip
+    sh_, sw, ph, pw, dh, dw, groups, offset_groups = ints
+    inputs = [input, weight, offset, bias]
+    if sh._get_const(use_mask, "b", "use_mask"):
+        inputs.append(mask)
+    return g.op(
+        "DeformConv",
+        *inputs,
+        kernel_shape_i=[kh, kw],
+        strides_i=[sh_, sw],
+        pads_i=[ph, pw, ph, pw],
+        dilations_i=[dh, dw],
+        group_i=groups,
+        offset_group_i=offset_groups,
+    )
+
+
+def _uses_deform_conv(module: torch.nn.Module) -> bool:
+    return any("Deform" in type(m).__name__ for m in module.modules())
+
+
+def min_opset_for(module: torch.nn.Module) -> int:
+    """The lowest opset ``module`` exports to: 19 with deformable convolutions, else 17."""
+    return DEFORM_CONV_OPSET if _uses_deform_conv(module) else MIN_OPSET
 
 
 def _trace(wrapper: SOLOExportable, image: Tensor) -> torch.jit.ScriptModule:
@@ -87,6 +131,16 @@ def export_onnx(
     """
     if opset < MIN_OPSET:
         raise ValueError(f"ONNX opset must be >= {MIN_OPSET}, got {opset}")
+    _import_onnx("exporting to ONNX")  # torch.onnx writes the file with it
+    if _uses_deform_conv(wrapper):
+        if opset < DEFORM_CONV_OPSET:
+            raise ValueError(
+                f"the model has deformable convolutions: ONNX DeformConv needs opset >= "
+                f"{DEFORM_CONV_OPSET}, got {opset}"
+            )
+        torch.onnx.register_custom_op_symbolic(
+            "torchvision::deform_conv2d", _deform_conv2d_symbolic, DEFORM_CONV_OPSET
+        )
     h_axis = image.dim() - 2
     dynamic: Dict[str, Dict[int, str]] = {"image": {h_axis: "height", h_axis + 1: "width"}}
     for name in wrapper.output_names:
