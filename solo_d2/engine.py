@@ -15,6 +15,7 @@ import contextlib
 import difflib
 import json
 import logging
+import math
 import os
 import shutil
 from typing import Iterable, List, Sequence
@@ -196,8 +197,8 @@ class SOLOCOCOEvaluator(COCOEvaluator):
       :mod:`solo_d2.data.validation`) are left out, counted and named in the log and listed in
       ``<output_dir>/data_faults.json``; missing "area" / "iscrowd" fields are filled in.
     * ``instances_predictions.pth``, ``coco_instances_results.json`` and the metrics
-      (``evaluation_results.json``) are written to a staging folder, then each is renamed into
-      ``output_dir``: a killed evaluation leaves the previous files intact.
+      (``evaluation_results.json``, NaN written as null) are written to a staging folder, then
+      each is renamed into ``output_dir``: a killed evaluation leaves the previous files intact.
     * When the model predicts nothing on any image, AP is reported as 0, not NaN.
     """
 
@@ -252,12 +253,24 @@ class SOLOCOCOEvaluator(COCOEvaluator):
                 )
             if results:
                 atomic_write_json(
-                    os.path.join(output_dir, "evaluation_results.json"), results, indent=2
+                    os.path.join(output_dir, "evaluation_results.json"),
+                    _finite_or_null(results),
+                    indent=2,
                 )
         finally:
             self._output_dir = output_dir
             shutil.rmtree(staging, ignore_errors=True)
         return results
+
+
+def _finite_or_null(obj):
+    """``obj`` with NaN / infinite floats replaced by None (JSON has no NaN; COCO reports NaN for
+    an area range without objects)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _trim_metrics(path: str, start_iter: int) -> int:
