@@ -7,6 +7,8 @@
     python demo/demo.py --video-input clip.mp4 --output out/   # writes out/clip.mp4
     python demo/demo.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
         --input img.png --opts MODEL.WEIGHTS output/quickstart/model_final.pth
+    python demo/demo.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
+        --input img.png --onnx export/model.onnx   # ONNX Runtime (tools/export_model.py)
 
 With the default config and no trained weights given, AdelaiDet's published COCO model is
 downloaded. Exit status: 0 on success, 1 when some input image could not be read (each is named
@@ -42,6 +44,8 @@ from solo_d2.atomic_io import atomic_write_json
 from solo_d2.data.images import read_image
 from solo_d2.data.shapes import register_shapes
 from solo_d2.engine import ConfigError, load_config, merge_config_opts
+from solo_d2.export.exporter import OnnxNotInstalledError
+from solo_d2.export.runtime import ONNXModelError, ONNXRuntimePredictor
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "SOLOv2_R50_3x.yaml"
 # AdelaiDet's COCO model of DEFAULT_CONFIG, used when no trained weights are given.
@@ -96,6 +100,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="images run through the model at once (image inputs; default 1)",
     )
     parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="run this ONNX export (tools/export_model.py) with ONNX Runtime on the CPU instead "
+        "of the PyTorch model (needs: pip install onnxruntime); --config-file must be the config "
+        "it was exported from (test size, input format, class names), MODEL.WEIGHTS is unused",
+    )
+    parser.add_argument(
         "--opts",
         nargs=argparse.REMAINDER,
         default=[],
@@ -104,7 +115,7 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_cfg(config_file: str, opts: List[str]) -> CfgNode:
+def setup_cfg(config_file: str, opts: List[str], warn_untrained: bool = True) -> CfgNode:
     """Config from ``config_file`` and ``opts``, with COCO weights for the default recipe.
 
     When the config is ``SOLOv2_R50_3x.yaml``, its MODEL.WEIGHTS holds no trained model (empty
@@ -120,7 +131,7 @@ def setup_cfg(config_file: str, opts: List[str]) -> CfgNode:
         cfg.MODEL.WEIGHTS = COCO_WEIGHTS_URL
         cfg.MODEL.SOLO.NUM_CLASSES = 80
         cfg.DATASETS.TEST = ("coco_2017_val",)
-    elif untrained and not weights_given:
+    elif untrained and not weights_given and warn_untrained:
         print(
             f"warning: MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} is no trained SOLOv2 model: the heads "
             "are randomly initialised (pass one with --opts MODEL.WEIGHTS /path/to/model.pth)",
@@ -228,7 +239,7 @@ def run_on_images(
     outputs: Optional[ImageOutputs],
 ) -> int:
     """Predict, print and save every image; return 1 if some could not be read, else 0."""
-    predictor = SOLOPredictor(cfg)
+    predictor = build_predictor(cfg, args)
     drawer = InstanceDrawer.from_config(cfg)
     names = class_names(cfg)
     if outputs is not None:
@@ -270,6 +281,11 @@ def run_on_images(
     return 0
 
 
+def build_predictor(cfg: CfgNode, args: argparse.Namespace):
+    """The PyTorch predictor, or the ONNX Runtime one with --onnx (same call interface)."""
+    return ONNXRuntimePredictor(cfg, args.onnx) if args.onnx else SOLOPredictor(cfg)
+
+
 def to_input_format(frame: np.ndarray, input_format: str) -> np.ndarray:
     """A BGR OpenCV frame in the model's ``input_format``."""
     return frame[:, :, ::-1] if input_format == "RGB" else frame
@@ -292,7 +308,7 @@ def run_on_video(args: argparse.Namespace, cfg: CfgNode) -> int:
     if not capture.isOpened():
         print(f"error: cannot open video {args.video_input}", file=sys.stderr)
         return 2
-    predictor = SOLOPredictor(cfg)
+    predictor = build_predictor(cfg, args)
     drawer = InstanceDrawer.from_config(cfg)
     writer = None
     if args.output:
@@ -329,7 +345,7 @@ def run_on_webcam(args: argparse.Namespace, cfg: CfgNode) -> int:
     if not capture.isOpened():
         print("error: cannot open the webcam", file=sys.stderr)
         return 2
-    predictor = SOLOPredictor(cfg)
+    predictor = build_predictor(cfg, args)
     drawer = InstanceDrawer.from_config(cfg)
     with tqdm(unit="frame", file=sys.stderr) as progress:
         for image, instances in predict_frames(capture, predictor, cfg, args, progress):
@@ -367,7 +383,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     register_shapes()  # metadata (class names, colours) of the shapes configs
     try:
-        cfg = setup_cfg(args.config_file, args.opts)
+        cfg = setup_cfg(args.config_file, args.opts, warn_untrained=not args.onnx)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -387,7 +403,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             print(f"error: weights file not found: {e.path} (MODEL.WEIGHTS)", file=sys.stderr)
         return 2
-    except BadWeightsError as e:
+    except (BadWeightsError, OnnxNotInstalledError, ONNXModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

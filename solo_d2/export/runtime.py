@@ -15,9 +15,13 @@ from detectron2.structures import Boxes, Instances
 from ..modeling.postprocessing import masks_to_boxes, resize_masks
 from .exporter import OnnxNotInstalledError
 
-__all__ = ["ONNXRuntimeModel", "ONNXRuntimePredictor"]
+__all__ = ["ONNXModelError", "ONNXRuntimeModel", "ONNXRuntimePredictor"]
 
 _OUTPUTS = ("scores", "classes", "masks")
+
+
+class ONNXModelError(RuntimeError):
+    """An ONNX model file that is missing, unreadable or not a solo_d2 export."""
 
 
 class ONNXRuntimeModel:
@@ -44,8 +48,8 @@ class ONNXRuntimeModel:
             num_threads: intra-op threads (None: ONNX Runtime's default, one per core).
         Raises:
             OnnxNotInstalledError: onnxruntime is not installed.
-            FileNotFoundError: ``path`` does not exist.
-            ValueError: ``path`` is not a SOLOv2 export (inputs/outputs named differently).
+            ONNXModelError: ``path`` does not exist, ONNX Runtime cannot load it, or it is not a
+                solo_d2 export (inputs/outputs named differently).
         """
         try:
             import onnxruntime as ort
@@ -53,15 +57,18 @@ class ONNXRuntimeModel:
             raise OnnxNotInstalledError("onnxruntime", "running an ONNX model") from e
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {path}")
+            raise ONNXModelError(f"ONNX model not found: {path}")
         options = ort.SessionOptions()
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ONNXModelError(f"ONNX Runtime cannot load {path}: {e}") from e
         inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]
         if [i.name for i in inputs] != ["image"] or tuple(outputs[:3]) != _OUTPUTS:
-            raise ValueError(
+            raise ONNXModelError(
                 f"{path}: expected input 'image' and outputs {list(_OUTPUTS)} of a SOLOv2 export, "
                 f"got inputs {[i.name for i in inputs]} and outputs {outputs}"
             )
