@@ -194,7 +194,7 @@ def resize_masks(
         m = F.interpolate(m, size=canvas_hw, mode="bilinear")[:, :, :h, :w]
         if (h, w) != tuple(output_hw):  # the same size would be an exact identity: skip it
             m = F.interpolate(m, size=output_hw, mode="bilinear")
-        out[start : start + chunk_size] = m[0] > threshold
+        torch.gt(m[0], threshold, out=out[start : start + chunk_size])
     return out
 
 
@@ -225,7 +225,7 @@ def cell_levels(cells: Tensor, num_grids: Sequence[int]) -> Tuple[Tensor, Tensor
 def dynamic_conv_masks(kernels: Tensor, mask_feat: Tensor) -> Tensor:
     """SOLOv2: (n, E) dynamic 1x1 kernels on (E, Hf, Wf) features -> (n, Hf, Wf) probabilities."""
     e, hf, wf = mask_feat.shape
-    return torch.sigmoid(kernels @ mask_feat.reshape(e, hf * wf)).view(-1, hf, wf)
+    return torch.sigmoid_(kernels @ mask_feat.reshape(e, hf * wf)).view(-1, hf, wf)
 
 
 _soft_masks = dynamic_conv_masks  # name used before the family was generalised
@@ -361,7 +361,7 @@ def solo_postprocess(
     for start in range(0, n, chunk_size):
         soft = soft_masks(cells[start : start + chunk_size])
         hard = soft > mask_threshold
-        area = hard.sum(dim=(1, 2)).to(soft.dtype)
+        area = hard.view(torch.uint8).sum(dim=(1, 2), dtype=torch.int32).to(soft.dtype)
         areas[start : start + chunk_size] = area
         maskness[start : start + chunk_size] = (soft * hard).sum(dim=(1, 2)) / area
         if cache and n <= chunk_size:
@@ -380,11 +380,12 @@ def solo_postprocess(
     order = torch.argsort(scores, descending=True)[:nms_pre]
     selected = keep.nonzero(as_tuple=True)[0][order]
     scores, labels, areas = scores[order], labels[selected], areas[selected]
-    if all_soft is not None:
-        soft, hard = all_soft[selected], all_hard[selected]
-        all_soft = all_hard = None
+    if all_soft is not None:  # soft masks of the final detections are gathered in step 3
+        soft, soft_index = all_soft, selected
+        hard = all_hard[selected]
+        all_hard = None
     else:
-        soft = soft_masks(cells[selected])
+        soft, soft_index = soft_masks(cells[selected]), None
         hard = soft > mask_threshold
 
     # 2) NMS
@@ -400,7 +401,8 @@ def solo_postprocess(
     scores, labels = scores[keep], labels[keep]
     order = torch.argsort(scores, descending=True)[:max_per_image]
     scores, labels = scores[order], labels[order]
-    soft = soft[keep.nonzero(as_tuple=True)[0][order]]  # one copy of the kept masks
+    final = keep.nonzero(as_tuple=True)[0][order]
+    soft = soft[final if soft_index is None else soft_index[final]]
 
     # 3) masks at the output size, boxes from the masks
     masks = resize_masks(soft, canvas_hw, image_hw, output_hw, mask_threshold)
