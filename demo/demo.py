@@ -50,7 +50,7 @@ from solo_d2.export.runtime import ONNXModelError, ONNXRuntimePredictor
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "SOLOv2_R50_3x.yaml"
 # AdelaiDet's COCO model of DEFAULT_CONFIG, used when no trained weights are given.
 COCO_WEIGHTS_URL = "https://huggingface.co/ZjuCv/AdelaiDet/resolve/main/SOLOv2_R50_3x.pth"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 WINDOW_NAME = "SOLOv2"
 
 
@@ -68,7 +68,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--input",
         nargs="+",
         metavar="PATH",
-        help="image files, glob patterns (quote them) or folders (their jpg/jpeg/png/bmp/webp)",
+        help="image files, glob patterns (quote them) or folders (their jpg/jpeg/png/bmp/webp/tif)",
     )
     source.add_argument("--video-input", metavar="FILE", help="a video file")
     source.add_argument("--webcam", action="store_true", help="the first webcam, shown live")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -16,6 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from pycocotools import mask as mask_util
+from test_reliability_images import write_image_zoo
 
 from solo_d2 import add_solo_config
 from solo_d2.data.shapes import SHAPES_CLASSES
@@ -47,6 +49,11 @@ TEST:
 IMAGE_SIZES = {"a.png": (120, 160), "b.png": (120, 160), "c.jpg": (64, 96), "d.png": (200, 150)}
 VIDEO_FRAMES = 3
 INSTANCE_KEYS = {"class_id", "class_name", "score", "bbox", "segmentation"}
+LARGE_HW = (6000, 8000)
+# Peak memory an 8000 x 6000 photo may add to a demo run on a small image (its RGB array alone is
+# 144 MB; the masks 48 MB each). Before drawing was downscaled and the mask resizing chunked by
+# size, it added 6 GB.
+LARGE_IMAGE_EXTRA_RSS = 1.5e9
 
 
 @pytest.fixture(scope="module")
@@ -82,28 +89,48 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     for _ in range(VIDEO_FRAMES):
         writer.write(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
     writer.release()
+
+    # reliability inputs: odd image files, an 8000 x 6000 photo, weights that do not fit
+    zoo_cases = write_image_zoo(root / "zoo")
+    large = np.zeros((*LARGE_HW, 3), np.uint8)
+    large[1000:5000, 2000:6000] = (30, 200, 90)
+    cv2.imwrite(str(root / "large.jpg"), large)
+    cfg.MODEL.SOLO.NUM_CLASSES = 3
+    DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("three_classes")
+    data = (root / "model.pth").read_bytes()
+    (root / "truncated.pth").write_bytes(data[: len(data) // 3])
     return {
         "root": root,
         "config": config,
         "weights": root / "model.pth",
         "images": images,
         "video": video,
+        "zoo_cases": zoo_cases,
     }
 
 
 def run_demo(args: List[str], env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Run the demo from the repository root; return the finished process (text output).
+    """Run the demo from the repository root; return the finished process (text output), with
+    ``peak_rss`` (bytes) set to the peak resident memory of the demo process.
 
     Runs go concurrently, so each gets one intra-op thread (no oversubscribed spinning threads).
     """
-    return subprocess.run(
-        [sys.executable, DEMO, *args],
-        cwd=REPO,
-        env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, DEMO, *args],
+            cwd=REPO,
+            env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"},
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    result.peak_rss = usage.ru_maxrss * 1024  # Linux reports KiB
+    return result
 
 
 def tiny_args(files: Dict[str, Path], *args: str) -> List[str]:
@@ -183,7 +210,17 @@ def runs(files: Dict[str, Path]) -> Dict[str, subprocess.CompletedProcess]:
         ),
         # the default config, whose COCO weights must be downloaded
         "offline": (["--input", str(images / "a.png")], offline_env(root / "cache")),
-    }
+        "zoo": (tiny_args(files, "--input", str(root / "zoo"), "--output", str(root / "zoo_out"),
+                          *json_args), None),
+        "large": (tiny_args(files, "--input", str(root / "large.jpg"), "--output",
+                            str(root / "large_out"), "--json"), None),
+        "unknown_key": (tiny_args(files, "--input", str(images / "a.png"))
+                        + ["MODEL.SOLO.NUM_CLASES", "4"], None),
+        "three_class_weights": (tiny_args(files, "--input", str(images / "a.png"))
+                                + ["MODEL.WEIGHTS", str(root / "three_classes.pth")], None),
+        "truncated_weights": (tiny_args(files, "--input", str(images / "a.png"))
+                              + ["MODEL.WEIGHTS", str(root / "truncated.pth")], None),
+    }  # fmt: skip
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
         futures = {name: pool.submit(run_demo, *command) for name, command in commands.items()}
     return {name: future.result() for name, future in futures.items()}
@@ -316,3 +353,68 @@ def test_default_weights_download_failure_exits_2(
     message = result.stderr.strip().splitlines()[-1]
     assert "could not be downloaded from https://huggingface.co/ZjuCv/AdelaiDet/" in message
     assert "--opts MODEL.WEIGHTS" in message
+
+
+def test_odd_image_files(files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]):
+    """Grayscale, 16-bit, CMYK, EXIF-rotated, 1x1 ... are processed; broken files are named."""
+    good, bad = files["zoo_cases"]
+    result = runs["zoo"]
+    assert result.returncode == 1, result.stderr
+    zoo, out = files["root"] / "zoo", files["root"] / "zoo_out"
+    for name, reason in bad.items():
+        if name == "missing.jpg":  # not in the folder
+            continue
+        [line] = [x for x in result.stderr.splitlines() if str(zoo / name) in x]
+        assert "warning: could not read image" in line and reason in line, line
+    assert f"{len(bad) - 1} of {len(good) + len(bad) - 1} images could not be read" in result.stderr
+    records = load_jsons(out)
+    assert sorted(records) == sorted(Path(n).stem for n in good)
+    for name, (h, w) in good.items():
+        drawn = cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)
+        assert drawn is not None and drawn.shape == (h, w, 3), name  # EXIF-rotated: as shown
+        record = records[Path(name).stem]
+        assert (record["height"], record["width"]) == (h, w)
+        for inst in record["instances"]:
+            assert inst["segmentation"]["size"] == [h, w]
+
+
+def test_large_image_with_bounded_memory(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+):
+    result = runs["large"]
+    assert result.returncode == 0, result.stderr
+    h, w = LARGE_HW
+    record = json.loads((files["root"] / "large_out" / "large.json").read_text())
+    assert (record["height"], record["width"]) == (h, w) and record["instances"]
+    for inst in record["instances"]:
+        rle = inst["segmentation"]
+        assert mask_util.decode({"size": rle["size"], "counts": rle["counts"]}).shape == (h, w)
+    drawn = cv2.imread(str(files["root"] / "large_out" / "large.jpg"))
+    # drawn downscaled to at most 4 MP, aspect ratio kept
+    assert drawn.shape[0] * drawn.shape[1] <= 2560 * 1600
+    assert drawn.shape[1] / drawn.shape[0] == pytest.approx(w / h, rel=0.01)
+    extra = result.peak_rss - runs["print_only"].peak_rss
+    assert extra < LARGE_IMAGE_EXTRA_RSS, f"peak RSS {extra / 1e9:.2f} GB above a small image's"
+
+
+def test_config_and_weights_mistakes_are_one_line_errors(
+    files: Dict[str, Path], runs: Dict[str, subprocess.CompletedProcess]
+):
+    expected = {
+        "unknown_key": "error: --opts: config key MODEL.SOLO.NUM_CLASES does not exist; did you "
+        "mean MODEL.SOLO.NUM_CLASSES?",
+        "three_class_weights": f"error: weights file {files['root'] / 'three_classes.pth'} does "
+        "not fit the model of the config: ",
+        "truncated_weights": f"error: weights file {files['root'] / 'truncated.pth'} cannot be "
+        "loaded: ",
+    }
+    for name, start in expected.items():
+        result = runs[name]
+        assert result.returncode == 2, (name, result.stderr)
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(start), (name, last)
+    assert (
+        "check --config-file and MODEL.SOLO.NUM_CLASSES (4)" in runs["three_class_weights"].stderr
+    )
+    assert "(4,)" in runs["three_class_weights"].stderr  # the classifier's shape in the model
