@@ -6,20 +6,29 @@ images; and broken files: truncated JPEG and PNG, a text file named .jpg, an emp
 missing file, a folder named .jpg.
 """
 
+import json
 import logging
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_cfg
+from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.data.datasets import register_coco_dataset
 from solo_d2.data.images import BadImageError, image_size, read_image
+from solo_d2.engine import Trainer
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
@@ -251,3 +260,73 @@ def test_size_mismatch_from_exif_is_explained(zoo):
     message = str(e.value)
     assert "exif_rotated_90.jpg" in message and "image id 3" in message
     assert "20x40" in message and "40x20" in message and "EXIF orientation" in message
+
+
+LARGE_HW = (6000, 8000)
+# Peak memory evaluating an 8000 x 6000 image may add to evaluating an 800 x 600 one (5 detections:
+# 48 MB per full-size mask, 144 MB for the RGB image). Measured: 0.39 GB; 1.19 GB when the mask
+# resizing held 16 full-size float masks at once.
+LARGE_IMAGE_EXTRA_RSS = 0.8e9
+
+
+def measure_evaluation_memory(root: str) -> None:
+    """Child action: evaluate the "small" then the "large" dataset of ``root``; print peak RSS."""
+    cfg = _mapper_cfg()
+    cfg.TEST.DETECTIONS_PER_IMAGE = 5
+    cfg.DATALOADER.NUM_WORKERS = 0
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # every class scores ~0.99 and masks cover the image: 5 detections
+        model.ins_head.cate_pred.bias.fill_(5.0)
+        model.ins_head.kernel_pred.bias.fill_(1.0)
+    report = {}
+    for size in ("small", "large"):
+        name = register_coco_dataset(f"eval_{size}={root}/{size}.json:{root}")
+        out = f"{root}/eval_{size}"
+        evaluator = Trainer.build_evaluator(cfg, name, output_folder=out)
+        results = inference_on_dataset(model, Trainer.build_test_loader(cfg, name), evaluator)
+        with open(f"{out}/coco_instances_results.json") as f:
+            predictions = json.load(f)
+        report[size] = {
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "segm_ap": results["segm"]["AP"],
+            "mask_sizes": [p["segmentation"]["size"] for p in predictions],
+        }
+    print("REPORT " + json.dumps(report))
+
+
+def test_large_image_evaluation_with_bounded_memory(tmp_path):
+    for size, (h, w) in (("small", (600, 800)), ("large", LARGE_HW)):
+        image = np.zeros((h, w, 3), np.uint8)
+        x0, y0, x1, y1 = w // 4, h // 4, 3 * w // 4, 3 * h // 4
+        image[y0:y1, x0:x1] = (30, 200, 90)
+        cv2.imwrite(str(tmp_path / f"{size}.jpg"), image)
+        coco = {
+            "images": [{"id": 1, "file_name": f"{size}.jpg", "height": h, "width": w}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                 "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]}
+            ],
+            "categories": [{"id": i, "name": f"class{i}"} for i in (1, 2, 3)],
+        }  # fmt: skip
+        (tmp_path / f"{size}.json").write_text(json.dumps(coco))
+    tests = str(Path(__file__).resolve().parent)
+    code = (
+        f"import sys; sys.path.insert(0, {tests!r}); import test_reliability_images as t; "
+        f"t.measure_evaluation_memory({str(tmp_path)!r})"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    [line] = [x for x in res.stdout.splitlines() if x.startswith("REPORT ")]
+    report = json.loads(line[len("REPORT ") :])
+    assert report["large"]["mask_sizes"] == [list(LARGE_HW)] * 5
+    assert report["small"]["mask_sizes"] == [[600, 800]] * 5
+    assert 0 <= report["large"]["segm_ap"] <= 100
+    extra = report["large"]["peak_rss"] - report["small"]["peak_rss"]
+    print(f"evaluation peak RSS: {report['small']['peak_rss'] / 1e9:.2f} GB (800 x 600), "
+          f"{report['large']['peak_rss'] / 1e9:.2f} GB (then 8000 x 6000)")  # fmt: skip
+    assert extra < LARGE_IMAGE_EXTRA_RSS, f"peak RSS {extra / 1e9:.2f} GB above a small image's"
