@@ -1,7 +1,7 @@
 """Odd and broken image files: reading, the training/evaluation mapper and the model (CPU).
 
 The image "zoo" (also used by tests/test_demo.py): grayscale, 1-bit, palette, gray+alpha, RGBA,
-16-bit gray and RGB PNGs, 32-bit float TIFF, a CMYK JPEG, EXIF-rotated JPEGs, 1x1 and 16x16
+16-bit gray and 16-bit RGB PNGs, 32-bit float TIFF, a CMYK JPEG, EXIF-rotated JPEGs, 1x1 and 16x16
 images; and broken files: truncated JPEG and PNG, a text file named .jpg, an empty .png, a
 missing file, a folder named .jpg.
 """
@@ -61,6 +61,8 @@ def write_image_zoo(folder: Path) -> Tuple[Dict[str, Tuple[int, int]], Dict[str,
     Image.fromarray(gray).convert("LA").save(folder / "gray_alpha.png")
     Image.fromarray(np.dstack([RGB, np.full((24, 32), 100, np.uint8)])).save(folder / "rgba.png")
     Image.fromarray(GRAY16).save(folder / "gray16.png")  # mode "I;16"
+    rgb16 = np.stack([GRAY16, GRAY16 // 2, GRAY16 // 4], axis=2)  # red, green, blue
+    cv2.imwrite(str(folder / "rgb16.png"), rgb16[:, :, ::-1])  # 16 bits per channel
     Image.fromarray(gray.astype(np.float32)).save(folder / "float.tif")  # mode "F"
     Image.fromarray(RGB).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
     _exif_jpeg(folder / "exif_rotated_90.jpg", 6)
@@ -74,6 +76,7 @@ def write_image_zoo(folder: Path) -> Tuple[Dict[str, Tuple[int, int]], Dict[str,
         "gray_alpha.png": (24, 32),
         "rgba.png": (24, 32),
         "gray16.png": (24, 32),
+        "rgb16.png": (24, 32),
         "float.tif": (24, 32),
         "cmyk.jpg": (24, 32),
         "exif_rotated_90.jpg": (40, 20),
@@ -128,6 +131,9 @@ def test_sixteen_bit_png_is_scaled_not_clipped(zoo):
         np.testing.assert_array_equal(image[:, :, c], expected)
     # clipping (what Image.convert("RGB") does) would make almost every pixel 255
     assert (image == 255).mean() < 0.05
+    rgb = read_image(str(folder / "rgb16.png"), "RGB").astype(int)
+    for c, divisor in enumerate((1, 2, 4)):
+        assert np.abs(rgb[:, :, c] - ((GRAY16 // divisor) >> 8)).max() <= 1
 
 
 def test_cmyk_and_alpha_images_keep_their_colours(zoo):
