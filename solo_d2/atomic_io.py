@@ -114,7 +114,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
 
 
 def _process_exists(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would kill it
         return True
     try:
         os.kill(pid, 0)

@@ -176,7 +176,8 @@ class SOLODatasetMapper(DatasetMapper):
         for obj in dataset_dict.pop("annotations"):
             if obj.get("iscrowd", 0):
                 continue
-            if not obj.get("segmentation"):
+            segm = obj.get("segmentation")
+            if segm is None or (isinstance(segm, (list, dict)) and len(segm) == 0):
                 self._bad_annotation(dataset_dict, obj, "has no segmentation")
                 continue
             try:

@@ -22,6 +22,7 @@ images without annotations or with only crowd annotations (they are valid negati
 :func:`clean_coco_dict` gives the COCO dict of what passed (the evaluation ground truth).
 """
 
+import itertools
 import json
 import logging
 import math
@@ -138,17 +139,18 @@ def read_coco_json(json_file: str, what: str = "") -> Dict[str, Any]:
     return data
 
 
+# Exact type tests (JSON gives only these types; bool, a subclass of int, is not a number here).
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return type(x) is int
 
 
 def _is_id(x) -> bool:
     """COCO ids are integers; strings are accepted too (some converters write them)."""
-    return _is_int(x) or isinstance(x, str)
+    return type(x) is int or type(x) is str
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return (type(x) is float or type(x) is int) and math.isfinite(x)
 
 
 def _check_categories(categories: list, json_file: str) -> Tuple[List[str], Dict[int, int]]:
@@ -217,31 +219,46 @@ def _check_annotation_ids(annotations: list, json_file: str) -> None:
         seen.add(ann["id"])
 
 
-def _polygon_problem(poly) -> Optional[str]:
-    """Why ``poly`` is not a usable polygon, or None."""
+def _polygon_shape_problem(poly) -> Optional[str]:
+    """Why ``poly`` cannot be a polygon, from its length and type alone, or None."""
     if not isinstance(poly, (list, tuple)):
         return f"a polygon is a {type(poly).__name__}, not a list of coordinates"
     if len(poly) % 2:
         return f"a polygon has an odd number of coordinates ({len(poly)})"
     if len(poly) < 6:
         return f"a polygon has {len(poly) // 2} point(s), fewer than 3"
-    if not all(_is_number(v) for v in poly):
-        return "a polygon has non-numeric or non-finite coordinates"
     return None
 
 
-def _polygon_areas(polygons: Sequence[Sequence[float]]) -> np.ndarray:
-    """Shoelace areas of many polygons at once: (P,) float64."""
+def _polygon_checks(polygons: Sequence[Sequence]) -> Tuple[np.ndarray, np.ndarray]:
+    """Vectorised over all polygons of a file: (P,) bool "finite numbers only", (P,) float64
+    shoelace area (0 for the others). Every polygon has an even length of at least 6."""
     if not polygons:
-        return np.zeros(0)
-    lengths = np.array([len(p) // 2 for p in polygons])
-    xy = np.concatenate([np.asarray(p, dtype=np.float64) for p in polygons]).reshape(-1, 2)
+        return np.zeros(0, dtype=bool), np.zeros(0)
+    lengths = np.fromiter(map(len, polygons), dtype=np.int64, count=len(polygons))
+    coords = itertools.chain.from_iterable(polygons)
+    if set(map(type, coords)) <= {int, float}:
+        values = np.fromiter(
+            itertools.chain.from_iterable(polygons), np.float64, int(lengths.sum())
+        )
+    else:  # strings, bools, None ... somewhere: mark those polygons NaN
+        values = np.concatenate(
+            [
+                np.asarray(p, np.float64) if all(type(v) in (int, float) for v in p)
+                else np.full(len(p), np.nan)
+                for p in polygons
+            ]
+        )  # fmt: skip
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    finite = np.isfinite(values)
+    ok = np.logical_and.reduceat(finite, starts)
+    xy = np.where(finite, values, 0.0).reshape(-1, 2)
+    points, first = lengths // 2, starts // 2
     nxt = np.arange(len(xy)) + 1
-    ends = starts + lengths  # index after each polygon's last point wraps to its first
-    nxt[ends - 1] = starts
+    nxt[first + points - 1] = first  # each polygon's last point wraps to its first
     cross = xy[:, 0] * xy[nxt, 1] - xy[nxt, 0] * xy[:, 1]
-    return 0.5 * np.abs(np.add.reduceat(cross, starts))
+    areas = 0.5 * np.abs(np.add.reduceat(cross, first))
+    return ok, np.where(ok, areas, 0.0)
 
 
 def _rle_problem(segm: dict, h: int, w: int) -> Tuple[Optional[str], Optional[float]]:
@@ -294,12 +311,9 @@ def _annotation_problem(ann: dict, img: Optional[dict], id_map: dict) -> Optiona
         if area == 0:
             return "zero_area_mask", "its RLE mask has no foreground pixel"
         return None
-    if isinstance(segm, list):
+    if isinstance(segm, list):  # the polygons are checked together, in check_coco_dict
         if not segm:
             return "empty_segmentation", "'segmentation' is an empty list"
-        problems = [_polygon_problem(p) for p in segm]
-        if all(p is not None for p in problems):
-            return "bad_polygons", f"no usable polygon: {problems[0]}"
         return None
     return "bad_segmentation", f"'segmentation' is a {type(segm).__name__}, not polygons or RLE"
 
@@ -337,50 +351,61 @@ def check_coco_dict(
                 )
                 bad_images.add(img_id)
 
-    polygons, polygon_owner = [], []  # usable polygons, for one vectorised area computation
-    kept_polygons = {}
-    areas = {}
-    for ann in data["annotations"]:
+    annotation_faults = []  # (index in the file, fault)
+    kept_polygons, areas = {}, {}
+    pending, candidates = [], []  # polygon annotations; polygons of the right shape
+    for i, ann in enumerate(data["annotations"]):
         img = images.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
         file_name = img["file_name"] if img is not None else None
         problem = _annotation_problem(ann, img, id_map)
         if problem is not None:
-            faults.append(DataFault(*problem, json_file, ann.get("image_id"), ann["id"], file_name))
+            fault = DataFault(*problem, json_file, ann.get("image_id"), ann["id"], file_name)
+            annotation_faults.append((i, fault))
             bad_annotations.add(ann["id"])
             continue
         segm = ann["segmentation"]
         if isinstance(segm, dict):
             areas[ann["id"]] = _rle_problem(segm, img["height"], img["width"])[1]
             continue
-        good = [p for p in segm if _polygon_problem(p) is None]
-        if len(good) < len(segm):
-            dropped = next(_polygon_problem(p) for p in segm if _polygon_problem(p) is not None)
-            message = f"{len(segm) - len(good)} of {len(segm)} polygons dropped ({dropped})"
-            faults.append(
-                DataFault(
-                    "dropped_polygons", message, json_file, ann["image_id"], ann["id"], file_name
-                )
-            )
-            kept_polygons[ann["id"]] = good
-        polygons.extend(good)
-        polygon_owner.extend([ann["id"]] * len(good))
+        entries = []  # (polygon, problem, index into candidates)
+        for poly in segm:
+            problem = _polygon_shape_problem(poly)
+            entries.append((poly, problem, len(candidates) if problem is None else -1))
+            if problem is None:
+                candidates.append(poly)
+        pending.append((i, ann, file_name, entries))
 
-    for ann_id, area in zip(polygon_owner, _polygon_areas(polygons)):
-        areas[ann_id] = areas.get(ann_id, 0.0) + area
-    for ann in data["annotations"]:
-        if ann["id"] not in bad_annotations and areas.get(ann["id"], 1.0) == 0:
-            img = images[ann["image_id"]]
-            faults.append(
-                DataFault(
-                    "zero_area_mask",
-                    "its polygons enclose no area",
-                    json_file,
-                    ann["image_id"],
-                    ann["id"],
-                    img["file_name"],
-                )
+    finite, polygon_areas = _polygon_checks(candidates)
+    for i, ann, file_name, entries in pending:
+        good, problems, area = [], [], 0.0
+        for poly, problem, k in entries:
+            if problem is None and not finite[k]:
+                problem = "a polygon has non-numeric or non-finite coordinates"
+            if problem is None:
+                good.append(poly)
+                area += float(polygon_areas[k])
+            else:
+                problems.append(problem)
+
+        def fault(kind: str, message: str, ann=ann, file_name=file_name, i=i) -> None:
+            annotation_faults.append(
+                (i, DataFault(kind, message, json_file, ann["image_id"], ann["id"], file_name))
             )
-            bad_annotations.add(ann["id"])
+
+        if not good:
+            fault("bad_polygons", f"no usable polygon: {problems[0]}")
+        elif area == 0:
+            fault("zero_area_mask", "its polygons enclose no area")
+        else:
+            areas[ann["id"]] = area
+            if problems:
+                message = f"{len(problems)} of {len(entries)} polygons dropped ({problems[0]})"
+                fault("dropped_polygons", message)
+                kept_polygons[ann["id"]] = good
+            continue
+        bad_annotations.add(ann["id"])
+    annotation_faults.sort(key=lambda item: item[0])
+    faults += [fault for _, fault in annotation_faults]
     areas = {k: v for k, v in areas.items() if k not in bad_annotations}
     return CheckedCOCO(
         thing_classes, id_map, faults, bad_images, bad_annotations, kept_polygons, areas
