@@ -71,6 +71,9 @@ def add_solo_config(cfg: CN) -> None:
     # grid cells pass SCORE_THRESH_TEST (results do not depend on it).
     _C.MODEL.SOLO.INFERENCE_CHUNK_SIZE = 256
     # Final detections per image come from the standard key TEST.DETECTIONS_PER_IMAGE (100).
+    # Images per batch of the evaluation loader. Images with the same padded size run through
+    # the network together; each image's result is the same as alone (README "Speed").
+    _C.TEST.IMS_PER_BATCH = 1
 
     # ---- solver --------------------------------------------------------------------------------
     # "SGD" (detectron2's, the published recipes) or "ADAMW" (BASE_LR, WEIGHT_DECAY as usual).

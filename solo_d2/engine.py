@@ -353,7 +353,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=SOLODatasetMapper(cfg, False))
+        return build_detection_test_loader(
+            cfg,
+            dataset_name,
+            mapper=SOLODatasetMapper(cfg, False),
+            batch_size=cfg.TEST.IMS_PER_BATCH,
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
