@@ -305,8 +305,10 @@ class SOLO(nn.Module):
 
         targets = {}  # stride -> (M, Hc/stride, Wc/stride) uint8 canvas of every instance
         dice = []
+        unused = 0.0  # levels without positives stay in the graph (DDP needs every gradient)
         for level, (pred, pos) in enumerate(zip(mask_preds, positives)):
             if len(pos) == 0:
+                unused = unused + pred.sum() * 0
                 continue
             probs = self.ins_head.positive_masks(pred, mask_feat, pos[:, 0], pos[:, 1])
             stride = self.mask_strides[level]
@@ -320,7 +322,7 @@ class SOLO(nn.Module):
                     "MODEL.SOLO.FPN_INSTANCE_STRIDES against the backbone features"
                 )
             dice.append(dice_loss(probs.flatten(1), target.flatten(1)))
-        loss_mask = self.dice_weight * torch.cat(dice).mean()
+        loss_mask = self.dice_weight * torch.cat(dice).mean() + unused
         return {"loss_cls": loss_cls, "loss_mask": loss_mask}
 
     def _mask_targets(
