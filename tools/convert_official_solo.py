@@ -1,0 +1,493 @@
+#!/usr/bin/env python3
+"""Convert a checkpoint of the official SOLO repository (WXinlong/SOLO, mmdetection v1) to solo_d2.
+
+    python tools/convert_official_solo.py IN.pth OUT.pth [--config configs/X.yaml]
+
+IN.pth is one of the official SOLO, Decoupled SOLO, Decoupled SOLO light (DCN), SOLOv2 (DCN,
+light) checkpoints (mmcv format ``{"meta", "state_dict"}``), or a torchvision-style ImageNet
+ResNet/ResNeXt (``conv1.weight``, ``layer1.0...``, ``fc.*``) to initialise a backbone.
+
+Every key is renamed to this project's layout (solo_spec.md §8.3): torchvision ResNet ->
+detectron2 ResNet (``layerN`` -> ``res{N+1}``, ``bnK`` -> ``convK.norm``, ``downsample`` ->
+``shortcut``, DCN ``conv2.conv_offset`` -> ``conv2_offset``), ``neck`` -> ``backbone.fpn_*``,
+``bbox_head`` -> ``ins_head`` towers (``{name}.{i}.conv`` -> ``.{3i}``, ``.gn`` -> ``.{3i+1}``) and
+predictions, ``mask_feat_head`` -> ``mask_head``. Class channels and coordinate channels are in
+the same order in both, so no tensor is permuted. BatchNorm's ``num_batches_tracked`` and an
+ImageNet classifier (``fc``) are dropped; any other key that matches no rule is reported and the
+conversion fails, writing nothing.
+
+It writes OUT.pth (``{"model": state_dict}``, loadable with MODEL.WEIGHTS) and OUT.yaml, the config
+those weights need: ``_BASE_`` the given config (by default the config in configs/ whose
+architecture matches the checkpoint), the architecture read off the tensors (head, towers,
+channels, grids, DCN), and the official input convention, which differs from detectron2's MSRA
+backbones: RGB input, ImageNet mean/std normalisation, stride in the 3x3 conv
+(``INPUT.FORMAT: RGB``, ``MODEL.PIXEL_MEAN/STD``, ``MODEL.RESNETS.STRIDE_IN_1X1: False``).
+It then builds that model and checks the weights load with no missing, unexpected or misshapen
+tensor.
+"""
+
+import argparse
+import re
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+# the official models' input convention (torchvision ImageNet backbones, mmdet img_norm_cfg)
+RGB_SETTINGS = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+}
+
+# bbox_head tower name -> this project's tower name
+_TOWERS = {
+    "cate_convs": "cate_tower",
+    "kernel_convs": "kernel_tower",
+    "ins_convs": "mask_tower",
+    "ins_convs_x": "mask_tower_x",
+    "ins_convs_y": "mask_tower_y",
+}
+# bbox_head prediction convs -> this project's
+_PREDS = {
+    "solo_cate": "cate_pred",
+    "dsolo_cate": "cate_pred",
+    "solo_kernel": "kernel_pred",
+    "solo_ins_list": "mask_preds",
+    "dsolo_ins_list_x": "mask_preds_x",
+    "dsolo_ins_list_y": "mask_preds_y",
+}
+_BASIC_BLOCKS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}
+_BOTTLENECK_BLOCKS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
+
+
+class ConversionError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# key mapping
+# --------------------------------------------------------------------------------------------
+
+
+def _backbone_key(rest: str) -> Optional[str]:
+    """torchvision ResNet name (after ``backbone.``) -> detectron2 name (after ``bottom_up.``)."""
+    m = re.fullmatch(r"(conv1\.weight)|bn1\.(weight|bias|running_mean|running_var)", rest)
+    if m:
+        return "stem.conv1.weight" if m.group(1) else f"stem.conv1.norm.{m.group(2)}"
+    m = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", rest)
+    if not m:
+        return None
+    stage, block, tail = int(m.group(1)) + 1, m.group(2), m.group(3)
+    prefix = f"res{stage}.{block}."
+    rules = [
+        (r"conv([1-3])\.weight", lambda g: f"conv{g[0]}.weight"),
+        (r"bn([1-3])\.(weight|bias|running_mean|running_var)", lambda g: f"conv{g[0]}.norm.{g[1]}"),
+        (r"downsample\.0\.weight", lambda g: "shortcut.weight"),
+        (
+            r"downsample\.1\.(weight|bias|running_mean|running_var)",
+            lambda g: f"shortcut.norm.{g[0]}",
+        ),
+        (r"conv2\.conv_offset\.(weight|bias)", lambda g: f"conv2_offset.{g[0]}"),  # DCN
+    ]
+    for pattern, new in rules:
+        m = re.fullmatch(pattern, tail)
+        if m:
+            return prefix + new(m.groups())
+    return None
+
+
+def _tower_key(tower: str, i: int, tail: str, norm_offset: int = 1) -> Optional[str]:
+    """``{i}.conv.weight`` / ``{i}.conv.conv_offset.*`` / ``{i}.gn.*`` of a ConvModule list."""
+    if tail == "conv.weight":
+        return f"{tower}.{3 * i}.weight"
+    m = re.fullmatch(r"conv\.conv_offset\.(weight|bias)", tail)
+    if m:
+        return f"{tower}.{3 * i}.conv_offset.{m.group(1)}"
+    m = re.fullmatch(r"gn\.(weight|bias)", tail)
+    if m:
+        return f"{tower}.{3 * i + norm_offset}.{m.group(1)}"
+    return None
+
+
+def _mask_feat_key(rest: str) -> Optional[str]:
+    """``mask_feat_head.`` names -> ``mask_head.`` names."""
+    m = re.fullmatch(r"convs_all_levels\.(\d+)\.conv(\d+)\.(.+)", rest)
+    if m:
+        base, tail = f"convs_all_levels.{m.group(1)}.conv{m.group(2)}", m.group(3)
+    else:
+        m = re.fullmatch(r"conv_pred\.0\.(.+)", rest)
+        if not m:
+            return None
+        base, tail = "conv_pred", m.group(1)
+    if tail == "conv.weight":
+        return f"{base}.0.weight"
+    m = re.fullmatch(r"conv\.conv_offset\.(weight|bias)", tail)
+    if m:
+        return f"{base}.0.conv_offset.{m.group(1)}"
+    m = re.fullmatch(r"gn\.(weight|bias)", tail)
+    if m:
+        return f"{base}.1.{m.group(1)}"
+    return None
+
+
+def convert_key(key: str) -> Optional[str]:
+    """This project's name for an official key, or None when no rule matches."""
+    if key.startswith("backbone."):
+        new = _backbone_key(key[len("backbone.") :])
+        return None if new is None else "backbone.bottom_up." + new
+    m = re.fullmatch(r"neck\.(lateral_convs|fpn_convs)\.([0-3])\.conv\.(weight|bias)", key)
+    if m:
+        kind = "fpn_lateral" if m.group(1) == "lateral_convs" else "fpn_output"
+        return f"backbone.{kind}{int(m.group(2)) + 2}.{m.group(3)}"
+    m = re.fullmatch(r"bbox_head\.(\w+?)\.(\d+)\.(.+)", key)
+    if m and m.group(1) in _TOWERS:
+        new = _tower_key(_TOWERS[m.group(1)], int(m.group(2)), m.group(3))
+        return None if new is None else "ins_head." + new
+    m = re.fullmatch(r"bbox_head\.(\w+?)\.(?:(\d+)\.)?(weight|bias)", key)
+    if m and m.group(1) in _PREDS:
+        level = f".{m.group(2)}" if m.group(2) is not None else ""
+        is_list = m.group(1) in ("solo_ins_list", "dsolo_ins_list_x", "dsolo_ins_list_y")
+        if is_list == (m.group(2) is not None):
+            return f"ins_head.{_PREDS[m.group(1)]}{level}.{m.group(3)}"
+        return None
+    if key.startswith("mask_feat_head."):
+        new = _mask_feat_key(key[len("mask_feat_head.") :])
+        return None if new is None else "mask_head." + new
+    return None
+
+
+def _dropped(key: str, backbone_only: bool) -> bool:
+    if key.endswith("num_batches_tracked"):
+        return True
+    return backbone_only and re.fullmatch(r"(backbone\.)?fc\.(weight|bias)", key) is not None
+
+
+def convert_state_dict(
+    state: Dict[str, torch.Tensor],
+) -> Tuple[Dict[str, torch.Tensor], List[str], List[str]]:
+    """Rename every tensor of an official state dict.
+
+    Returns:
+        converted state dict, dropped keys, unmapped keys (the conversion failed if any).
+    """
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    backbone_only = not any(k.startswith(("bbox_head.", "neck.")) for k in state)
+    if backbone_only and not any(k.startswith("backbone.") for k in state):
+        state = {"backbone." + k: v for k, v in state.items()}  # a bare ImageNet ResNet
+    out, dropped, unmapped = OrderedDict(), [], []
+    for key, value in state.items():
+        if _dropped(key, backbone_only):
+            dropped.append(key)
+            continue
+        new = convert_key(key)
+        if new is None:
+            unmapped.append(key)
+        elif new in out:
+            raise ConversionError(f"two keys map to {new}: check {key}")
+        else:
+            out[new] = value
+    return out, dropped, unmapped
+
+
+# --------------------------------------------------------------------------------------------
+# architecture read off the converted tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _dcn_type(offset: torch.Tensor) -> str:
+    per_point = offset.shape[0] // (offset.shape[2] * offset.shape[3])
+    return {2: "DCN", 3: "DCNv2"}[per_point]
+
+
+def _tower_convs(sd, tower: str) -> List[int]:
+    return sorted(
+        int(m.group(1))
+        for k in sd
+        for m in [re.fullmatch(rf"ins_head\.{tower}\.(\d+)\.weight", k)]
+        if m and sd[k].dim() == 4
+    )
+
+
+def infer_settings(sd: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """Config settings (flat keys) that describe the converted model's architecture."""
+    s: Dict[str, object] = {}
+    blocks = []
+    for stage in range(2, 6):
+        ids = {int(k.split(".")[3]) for k in sd if k.startswith(f"backbone.bottom_up.res{stage}.")}
+        blocks.append(max(ids) + 1 if ids else 0)
+    if not any(blocks):
+        raise ConversionError("no backbone tensors found (expected backbone.layer1..4)")
+    bottleneck = "backbone.bottom_up.res2.0.conv3.weight" in sd
+    # basic blocks (no conv3): R18 / R34; bottlenecks: R50 / R101 / R152
+    depths = _BOTTLENECK_BLOCKS if bottleneck else _BASIC_BLOCKS
+    if tuple(blocks) not in depths:
+        raise ConversionError(f"unsupported ResNet: {blocks} blocks per stage")
+    s["MODEL.RESNETS.DEPTH"] = depths[tuple(blocks)]
+    if bottleneck:
+        conv2 = sd["backbone.bottom_up.res2.0.conv2.weight"]  # (width, width / groups, 3, 3)
+        groups = conv2.shape[0] // conv2.shape[1]
+        s["MODEL.RESNETS.NUM_GROUPS"] = groups
+        s["MODEL.RESNETS.WIDTH_PER_GROUP"] = conv2.shape[0] // groups
+        s["MODEL.RESNETS.RES2_OUT_CHANNELS"] = sd["backbone.bottom_up.res2.0.conv3.weight"].shape[0]
+    else:
+        s["MODEL.RESNETS.RES2_OUT_CHANNELS"] = sd["backbone.bottom_up.res2.0.conv2.weight"].shape[0]
+    deform = [f"backbone.bottom_up.res{i}.0.conv2_offset.weight" in sd for i in range(2, 6)]
+    s["MODEL.RESNETS.DEFORM_ON_PER_STAGE"] = deform
+    if any(deform):
+        offset = sd[f"backbone.bottom_up.res{2 + deform.index(True)}.0.conv2_offset.weight"]
+        s["MODEL.RESNETS.DEFORM_MODULATED"] = _dcn_type(offset) == "DCNv2"
+        s["MODEL.BACKBONE.NAME"] = "build_solo_resnet_fpn_backbone"
+    if "ins_head.cate_pred.weight" not in sd:
+        return s  # an ImageNet backbone
+
+    s["MODEL.FPN.OUT_CHANNELS"] = sd["backbone.fpn_output2.weight"].shape[0]
+    s["MODEL.SOLO.INSTANCE_IN_CHANNELS"] = sd["backbone.fpn_output2.weight"].shape[0]
+    cate = sd["ins_head.cate_pred.weight"]
+    s["MODEL.SOLO.NUM_CLASSES"] = cate.shape[0]
+    s["MODEL.SOLO.INSTANCE_CHANNELS"] = cate.shape[1]
+    convs = _tower_convs(sd, "cate_tower")
+    s["MODEL.SOLO.NUM_INSTANCE_CONVS"] = len(convs)
+    if "ins_head.kernel_pred.weight" in sd:
+        head, mask_tower = "SOLOv2InstanceHead", "kernel_tower"
+        s["MODEL.SOLO.NUM_KERNELS"] = sd["ins_head.kernel_pred.weight"].shape[0]
+        s["MODEL.SOLO.MASK_CHANNELS"] = sd["mask_head.conv_pred.0.weight"].shape[1]
+        s["MODEL.SOLO.MASK_IN_CHANNELS"] = sd["mask_head.convs_all_levels.0.conv0.0.weight"].shape[
+            1
+        ]
+        mask_offsets = [k for k in sd if k.startswith("mask_head.") and "conv_offset.weight" in k]
+        s["MODEL.SOLO.MASK_DCN"] = _dcn_type(sd[mask_offsets[0]]) if mask_offsets else ""
+    elif "ins_head.mask_preds.0.weight" in sd:
+        head, mask_tower = "SOLOInstanceHead", "mask_tower"
+        levels = sorted(k for k in sd if re.fullmatch(r"ins_head\.mask_preds\.\d+\.weight", k))
+        s["MODEL.SOLO.NUM_GRIDS"] = [
+            int(round(sd[f"ins_head.mask_preds.{i}.weight"].shape[0] ** 0.5))
+            for i in range(len(levels))
+        ]
+    elif "ins_head.mask_preds_x.0.weight" in sd:
+        light = "ins_head.mask_tower.0.weight" in sd
+        head = "DecoupledSOLOLightInstanceHead" if light else "DecoupledSOLOInstanceHead"
+        mask_tower = "mask_tower" if light else "mask_tower_x"
+        levels = [k for k in sd if re.fullmatch(r"ins_head\.mask_preds_x\.\d+\.weight", k)]
+        s["MODEL.SOLO.NUM_GRIDS"] = [
+            sd[f"ins_head.mask_preds_x.{i}.weight"].shape[0] for i in range(len(levels))
+        ]
+    else:
+        raise ConversionError("unknown head: no kernel, mask or decoupled mask predictions")
+    s["MODEL.SOLO.HEAD"] = head
+    offsets = {
+        i: sd[f"ins_head.{t}.{i}.conv_offset.weight"]
+        for t in ("cate_tower", mask_tower)
+        for i in convs
+        if f"ins_head.{t}.{i}.conv_offset.weight" in sd
+    }
+    s["MODEL.SOLO.TOWER_DCN"] = _dcn_type(next(iter(offsets.values()))) if offsets else ""
+    if offsets:
+        s["MODEL.SOLO.TOWER_DCN_CONVS"] = "last" if set(offsets) == {convs[-1]} else "all"
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+
+
+def _load_cfg(config: Path, settings: Dict[str, object]):
+    from detectron2.config import get_cfg
+
+    from solo_d2 import add_solo_config
+
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    cfg.merge_from_file(str(config))
+    opts = []
+    for k, v in settings.items():
+        opts += [k, v]
+    cfg.merge_from_list(opts)
+    return cfg
+
+
+def matching_configs(settings: Dict[str, object], name: str = "") -> List[Path]:
+    """Configs in configs/ whose values of every inferred architecture key match; the one named as
+    the checkpoint file (official names: SOLOv2_R50_3x.pth ...) first, then published configs
+    before the bases."""
+    from detectron2.config import get_cfg
+
+    from solo_d2 import add_solo_config
+
+    arch = {k: v for k, v in settings.items() if k.startswith("MODEL.")}
+    matches = []
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = get_cfg()
+        add_solo_config(cfg)
+        cfg.merge_from_file(str(path))
+        if all(_get(cfg, k) == _normalise(v) for k, v in arch.items()):
+            matches.append(path)
+    return sorted(
+        matches,
+        key=lambda p: (p.stem.lower() != name.lower(), p.stem.startswith("Base-"), p.name),
+    )
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return _normalise(cfg)
+
+
+def _normalise(v):
+    if isinstance(v, (list, tuple)):
+        return [_normalise(x) for x in v]
+    return v
+
+
+def write_yaml(path: Path, base: Optional[Path], weights: Path, settings: Dict[str, object], src):
+    """OUT.yaml: ``_BASE_`` + the weights + the settings, as a nested YAML mapping."""
+    import yaml
+
+    tree: Dict = {}
+    for key, value in {**settings, "MODEL.WEIGHTS": str(weights.resolve())}.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    header = (
+        f"# Settings the weights {weights.name} need, written by tools/convert_official_solo.py\n"
+        f"# from {src}: the official models' input convention (RGB, ImageNet mean/std, stride in\n"
+        "# the 3x3 conv) and the architecture read off the checkpoint.\n"
+    )
+    body = ({"_BASE_": str(base.resolve())} if base else {}) | tree
+    path.write_text(header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None))
+
+
+def verify(cfg, state: Dict[str, torch.Tensor]) -> List[str]:
+    """Build ``cfg``'s model on CPU and list what keeps ``state`` from loading exactly."""
+    from detectron2.modeling import build_model
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    own = build_model(cfg).state_dict()
+    for buffer in ("pixel_mean", "pixel_std"):  # from the config, not from checkpoints
+        own.pop(buffer, None)
+    problems = [f"missing in the checkpoint: {k}" for k in own if k not in state]
+    problems += [f"not in the model: {k}" for k in state if k not in own]
+    problems += [
+        f"shape of {k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def load_official(path: Path, trust_pickle: bool) -> Dict[str, torch.Tensor]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: no such file") from None
+    except Exception as e:  # pickle refused by weights_only, or not a torch file
+        raise ConversionError(
+            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e}). If it is a "
+            "checkpoint you trust that stores non-tensor Python objects, pass --trust-pickle"
+        ) from e
+    if isinstance(ckpt, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ConversionError(f"{path}: no state dict of tensors found (mmcv 'state_dict' key)")
+    return ckpt
+
+
+def convert(src: Path, dst: Path, config: Optional[Path] = None, trust_pickle: bool = False):
+    """Convert ``src`` into ``dst`` (+ ``dst`` with .yaml); returns (state, settings, yaml path)."""
+    official = load_official(src, trust_pickle)
+    state, dropped, unmapped = convert_state_dict(official)
+    print(f"{src}: {len(official)} tensors, {len(state)} converted, {len(dropped)} dropped")
+    if dropped:
+        kinds = sorted({re.sub(r"\d+", "N", k) for k in dropped})
+        print(f"  dropped ({len(dropped)}): {', '.join(kinds)}")
+    if unmapped:
+        raise ConversionError(
+            f"{len(unmapped)} key(s) match no conversion rule, nothing written:\n  "
+            + "\n  ".join(unmapped)
+        )
+    settings = {**RGB_SETTINGS, **infer_settings(state)}
+    backbone_only = "ins_head.cate_pred.weight" not in state
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    yaml_path = None
+    if backbone_only:
+        print("  an ImageNet backbone: configs using it need " + _opts(RGB_SETTINGS))
+    else:
+        if config is None:
+            candidates = matching_configs(infer_settings(state), src.stem)
+            if not candidates:
+                raise ConversionError(
+                    "no config in configs/ has this architecture; pass --config BASE.yaml "
+                    f"(inferred: {_opts(infer_settings(state))})"
+                )
+            config = candidates[0]
+            print(
+                f"  matching configs: {', '.join(p.name for p in candidates)}; using {config.name}"
+            )
+        cfg = _load_cfg(config, settings)
+        problems = verify(cfg, state)
+        if problems:
+            raise ConversionError(
+                f"the model of {config.name} with the inferred settings does not take these "
+                "weights, nothing written:\n  " + "\n  ".join(problems[:50])
+            )
+        yaml_path = dst.with_suffix(".yaml")
+    torch.save(
+        {"model": state, "__author__": f"official SOLO ({src.name}), solo_d2 conversion"}, dst
+    )
+    print(f"wrote {dst}")
+    if yaml_path is not None:
+        write_yaml(yaml_path, config, dst, settings, src.name)
+        print(f"wrote {yaml_path}: evaluate with\n  python train_net.py --config-file {yaml_path} "
+              "--eval-only")  # fmt: skip
+    return state, settings, yaml_path
+
+
+def _opts(settings: Dict[str, object]) -> str:
+    return " ".join(f"{k} {v!r}".replace("'", '"') for k, v in settings.items())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("input", type=Path, help="official checkpoint (.pth)")
+    parser.add_argument("output", type=Path, help="converted checkpoint to write (.pth)")
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="config the weights are for (_BASE_ of OUT.yaml); default: the matching one in "
+        "configs/",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trust-pickle", action="store_true",
+        help="load with full pickle (only for files you trust) if the tensor-only loader refuses",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        convert(args.input, args.output, args.config, args.trust_pickle)
+    except ConversionError as e:
+        print(f"convert_official_solo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
