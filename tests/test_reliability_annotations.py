@@ -236,7 +236,8 @@ def test_evaluation_reports_faults_and_uses_the_checked_ground_truth(registered,
     gt = evaluator._coco_api
     assert sorted(gt.getImgIds()) == [1, 2, 4]
     assert sorted(gt.getAnnIds()) == sorted(KEPT_ON_IMAGE_1 | {28, 30})
-    assert all("area" in a for a in gt.dataset["annotations"])  # filled in: COCOeval needs it
+    areas = {a["id"]: a["area"] for a in gt.dataset["annotations"]}  # filled in: COCOeval needs
+    assert areas[10] == 400 and areas[17] == 200  # pixels; 17 is clipped by the image border
     assert clean_coco_dict(coco_dict(), check_coco_dict(coco_dict(), "x"))["annotations"]
 
     torch.manual_seed(0)

@@ -102,7 +102,7 @@ class CheckedCOCO:
         bad_annotations: ids of the annotations left out.
         kept_polygons: annotation id -> its usable polygons, for annotations that also had
             unusable ones.
-        areas: annotation id -> mask area in pixels (polygon or RLE), for the kept ones.
+        areas: annotation id -> mask area (polygons: shoelace; RLE: pixels), for the kept ones.
     """
 
     thing_classes: List[str]
@@ -456,22 +456,36 @@ def to_dataset_dicts(
     ]
 
 
+def _pixel_area(segm, h: int, w: int) -> float:
+    """Foreground pixels of a (checked) polygon list or RLE, as pycocotools rasterises it."""
+    if isinstance(segm, list):
+        rle = mask_util.merge(mask_util.frPyObjects(segm, h, w))
+    elif isinstance(segm["counts"], list):
+        rle = mask_util.frPyObjects(segm, h, w)
+    else:
+        counts = segm["counts"]
+        rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return float(mask_util.area(rle))
+
+
 def clean_coco_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any]:
     """The COCO dict without the faulty images and annotations (partly bad polygons dropped).
 
-    Annotations without "area" get their mask area and those without "iscrowd" get 0: COCO's
-    evaluation needs both (custom converters often omit them).
+    Annotations without "area" get their mask's pixel count (as pycocotools rasterises it) and
+    those without "iscrowd" get 0: COCO's evaluation needs both (converters often omit them).
     """
     images = [img for img in data["images"] if img["id"] not in checked.bad_images]
-    kept_ids = {img["id"] for img in images}
+    sizes = {img["id"]: (img["height"], img["width"]) for img in images}
     annotations = []
     for ann in data["annotations"]:
-        if ann["id"] in checked.bad_annotations or ann["image_id"] not in kept_ids:
+        if ann["id"] in checked.bad_annotations or ann["image_id"] not in sizes:
             continue
         if ann["id"] in checked.kept_polygons:
             ann = {**ann, "segmentation": checked.kept_polygons[ann["id"]]}
-        if "area" not in ann or "iscrowd" not in ann:
-            ann = {"area": checked.areas[ann["id"]], "iscrowd": 0, **ann}
+        if "area" not in ann:
+            ann = {**ann, "area": _pixel_area(ann["segmentation"], *sizes[ann["image_id"]])}
+        if "iscrowd" not in ann:
+            ann = {**ann, "iscrowd": 0}
         annotations.append(ann)
     return {**data, "images": images, "annotations": annotations}
 
