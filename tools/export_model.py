@@ -19,6 +19,7 @@ mask IoU >= 0.99); the exit status is 1 when they differ. ONNX verification need
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,21 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-verify", action="store_true", help="skip running the export against PyTorch"
+    )
+    parser.add_argument(
+        "--benchmark",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="after verifying, time RUNS calls (after 2 warm-up calls) of the PyTorch model and "
+        "of the export on the sample input and print the median and min latency",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="T",
+        help="intra-op threads of PyTorch and ONNX Runtime (default: their own defaults)",
     )
     parser.add_argument(
         "--opts",
@@ -184,6 +200,21 @@ def verify(model, exported_run, images: List[torch.Tensor], batched: bool) -> bo
     return ok
 
 
+def benchmark(name: str, fn, runs: int) -> None:
+    """Print the median and min wall time of ``runs`` calls of ``fn`` after 2 warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(runs):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    print(
+        f"latency {name}: median {1000 * statistics.median(times):.1f} ms, "
+        f"min {1000 * min(times):.1f} ms over {runs} runs"
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = get_parser()
@@ -192,6 +223,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--batch-size must be at least 1")
     if args.opset is not None and args.opset < MIN_OPSET:
         parser.error(f"--opset must be at least {MIN_OPSET}")
+    if args.benchmark and args.no_verify:
+        parser.error("--benchmark runs after the verification: drop --no-verify")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         cfg = setup_cfg(args)
         model = build_loaded_model(cfg)
@@ -257,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"PASS ONNX checker, opset {opset}, standard ops only: {', '.join(ops)}")
             from solo_d2.export.runtime import ONNXRuntimeModel
 
-            session = ONNXRuntimeModel(path)
+            session = ONNXRuntimeModel(path, num_threads=args.threads)
         except OnnxNotInstalledError as e:
             print(f"verification skipped: {e}", file=sys.stderr)
             return 0
@@ -272,6 +307,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ok = verify(model, run, images, bool(args.batch_size))
     ok &= verify(model, run, second_size(images), bool(args.batch_size))
     print("OK: the export matches PyTorch" if ok else "FAILED: the export differs from PyTorch")
+    if args.benchmark:
+        h, w = images[0].shape[-2:]
+        threads = f"{torch.get_num_threads()} PyTorch threads" + (
+            f", {args.threads or 'default'} ONNX Runtime threads" if args.format == "onnx" else ""
+        )
+        print(f"benchmark: {len(images)} x 3 x {h} x {w} input, {threads}, {device}")
+        inputs = [{"image": x.to(device)} for x in images]
+        with torch.no_grad():
+            benchmark("PyTorch", lambda: model(inputs), args.benchmark)
+        benchmark(args.format, lambda: run(sample), args.benchmark)
     return 0 if ok else 1
 
 

@@ -12,7 +12,8 @@ every step is well defined when nothing is left (empty outputs instead of an ear
 Shape shorthand:
     B: images (fixed when exported)    H, W: input size    C: classes    G: grid cells of all levels
     E: kernel length    Hf, Wf: mask size at the mask stride (4) of the input padded to 32
-    N0: candidates (cell, class) above the score threshold    N: detections
+    N0: candidates (cell, class) above the score threshold    M: their distinct cells
+    N: detections
 """
 
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -51,7 +52,7 @@ def matrix_nms_traceable(
 
     Args:
         labels: (N,) classes.
-        masks: (N, K) binary masks (flattened), sorted by descending score.
+        masks: (N, K) binary masks (flattened; bool or 0/1 floats), by descending score.
         areas: (N,) mask areas (pixel counts), float.
         scores: (N,) scores, descending.
         kernel: "gaussian" or "linear".
@@ -90,12 +91,15 @@ def postprocess_traceable(
     nms_kernel: str,
     nms_sigma: float,
     max_per_image: int,
+    chunk_size: int = 256,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One image's head outputs to final detections at the input size, without data-dependent
     Python control flow (the traceable form of ``solo_postprocess`` with Matrix NMS).
 
-    Unlike the eager function, the soft masks of all N0 candidates are computed at once (no
-    chunking): memory grows with N0 * Hf * Wf.
+    As the eager function, areas and maskness are computed ``chunk_size`` masks at a time, so
+    memory stays bounded however many cells pass the score threshold: the chunks are a fixed
+    number of slices (ceil(G / chunk_size), G is fixed by the grids), empty ones cost nothing.
+    Each cell's mask is computed once, however many of its classes pass.
 
     Args:
         cate_scores: (G, C) category probabilities after points NMS (levels concatenated, cells
@@ -110,24 +114,37 @@ def postprocess_traceable(
     """
     num_classes = cate_scores.shape[1]
     flat = cate_scores.reshape(-1)
-    candidates = (flat > score_threshold).nonzero()[:, 0]  # (N0,) indices into G * C
+    passed = cate_scores > score_threshold  # (G, C)
+    candidates = passed.reshape(-1).nonzero()[:, 0]  # (N0,) indices into G * C, row-major
     cells = torch.div(candidates, num_classes, rounding_mode="floor")
     labels = candidates - cells * num_classes
     scores = flat[candidates]
 
-    # area filter and maskness rescoring of every candidate
-    soft = soft_masks(cells)  # (N0, Hf, Wf)
-    hf, wf = soft.shape[-2:]
-    soft = soft.reshape(-1, hf * wf)
-    hard = soft > mask_threshold
-    areas = hard.sum(dim=1).to(soft.dtype)
-    maskness = (soft * hard).sum(dim=1) / areas.clamp(min=1)
+    # a mask belongs to a cell, not to a (cell, class) pair: compute it once per cell that has a
+    # candidate (M <= N0 of them), then read areas and maskness per candidate
+    cell_passed = passed.any(dim=1)  # (G,)
+    mask_cells = cell_passed.nonzero()[:, 0]  # (M,) ascending
+    slots = (torch.cumsum(cell_passed.to(torch.int64), 0) - 1)[cells]  # (N0,) rows of mask_cells
+    cell_areas, cell_maskness = [], []
+    for start in range(0, cate_scores.shape[0], chunk_size):  # fixed count: G is static
+        soft = soft_masks(mask_cells[start : start + chunk_size])  # (<= chunk_size, Hf, Wf)
+        soft = soft.flatten(1)
+        hard = (soft > mask_threshold).to(soft.dtype)  # 0/1 floats: cheaper to sum than bools
+        area = hard.sum(dim=1)
+        cell_areas.append(area)
+        cell_maskness.append((soft * hard).sum(dim=1) / area.clamp(min=1))
+    areas, maskness = torch.cat(cell_areas)[slots], torch.cat(cell_maskness)[slots]
+
+    # area filter, maskness rescoring, top nms_pre
     kept = (areas > cell_strides[cells]).nonzero()[:, 0]
     scores = scores[kept] * maskness[kept]
     order = torch.argsort(scores, descending=True)[:nms_pre]
     selected = kept[order]
     scores, labels, areas = scores[order], labels[selected], areas[selected]
-    soft, hard = soft[selected], hard[selected]
+    soft = soft_masks(mask_cells[slots[selected]])  # (<= nms_pre, Hf, Wf)
+    hf, wf = soft.shape[-2:]
+    soft = soft.reshape(-1, hf * wf)
+    hard = (soft > mask_threshold).to(soft.dtype)
 
     scores = matrix_nms_traceable(labels, hard, areas, scores, kernel=nms_kernel, sigma=nms_sigma)
     kept = (scores >= update_threshold).nonzero()[:, 0]
@@ -268,7 +285,7 @@ class SOLOExportable(nn.Module):
         self.batch_size = batch_size
         self.size_divisibility = max(model.backbone.size_divisibility, 1)
         self.mask_stride = model.mask_stride
-        keys = ("score_threshold", "mask_threshold", "nms_pre", "update_threshold")
+        keys = ("score_threshold", "mask_threshold", "nms_pre", "update_threshold", "chunk_size")
         self.postprocess_args = {k: args[k] for k in keys}
         self.postprocess_args.update(
             nms_kernel=args["nms_kernel"],
