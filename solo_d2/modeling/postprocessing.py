@@ -198,6 +198,20 @@ def resize_masks(
     return out
 
 
+def _take_rows(chunks: List[Tensor], index: Tensor, chunk_size: int) -> Tensor:
+    """Rows ``index`` of ``torch.cat(chunks)`` (every chunk but the last has ``chunk_size`` rows),
+    gathered without concatenating the chunks."""
+    if len(chunks) == 1:
+        return chunks[0][index]
+    out = chunks[0].new_empty((len(index), *chunks[0].shape[1:]))
+    which = torch.div(index, chunk_size, rounding_mode="floor")
+    for k, chunk in enumerate(chunks):
+        sel = (which == k).nonzero(as_tuple=True)[0]
+        if len(sel):
+            out[sel] = chunk[index[sel] - k * chunk_size]
+    return out
+
+
 def _empty_result(output_hw: Tuple[int, int], device) -> Instances:
     result = Instances(output_hw)
     result.pred_masks = torch.zeros((0, *output_hw), dtype=torch.bool, device=device)
@@ -357,21 +371,16 @@ def solo_postprocess(
     areas = torch.empty_like(scores)
     maskness = torch.empty_like(scores)
     cache = n <= max(nms_pre, chunk_size)
-    all_soft = all_hard = None
+    soft_chunks, hard_chunks = [], []
     for start in range(0, n, chunk_size):
         soft = soft_masks(cells[start : start + chunk_size])
         hard = soft > mask_threshold
         area = hard.view(torch.uint8).sum(dim=(1, 2), dtype=torch.int32).to(soft.dtype)
         areas[start : start + chunk_size] = area
         maskness[start : start + chunk_size] = (soft * hard).sum(dim=(1, 2)) / area
-        if cache and n <= chunk_size:
-            all_soft, all_hard = soft, hard
-        elif cache:
-            if all_soft is None:
-                all_soft = soft.new_empty((n, *soft.shape[1:]))
-                all_hard = hard.new_empty((n, *hard.shape[1:]))
-            all_soft[start : start + chunk_size] = soft
-            all_hard[start : start + chunk_size] = hard
+        if cache:
+            soft_chunks.append(soft)
+            hard_chunks.append(hard)
         del soft, hard
     keep = areas > strides
     if not keep.any():
@@ -380,10 +389,10 @@ def solo_postprocess(
     order = torch.argsort(scores, descending=True)[:nms_pre]
     selected = keep.nonzero(as_tuple=True)[0][order]
     scores, labels, areas = scores[order], labels[selected], areas[selected]
-    if all_soft is not None:  # soft masks of the final detections are gathered in step 3
-        soft, soft_index = all_soft, selected
-        hard = all_hard[selected]
-        all_hard = None
+    if cache:  # soft masks of the final detections are gathered in step 3
+        soft, soft_index = soft_chunks, selected
+        hard = _take_rows(hard_chunks, selected, chunk_size)
+        del hard_chunks
     else:
         soft, soft_index = soft_masks(cells[selected]), None
         hard = soft > mask_threshold
@@ -402,7 +411,10 @@ def solo_postprocess(
     order = torch.argsort(scores, descending=True)[:max_per_image]
     scores, labels = scores[order], labels[order]
     final = keep.nonzero(as_tuple=True)[0][order]
-    soft = soft[final if soft_index is None else soft_index[final]]
+    if soft_index is None:
+        soft = soft[final]
+    else:
+        soft = _take_rows(soft, soft_index[final], chunk_size)
 
     # 3) masks at the output size, boxes from the masks
     masks = resize_masks(soft, canvas_hw, image_hw, output_hw, mask_threshold)
