@@ -15,7 +15,7 @@ def add_solo_config(cfg: CN) -> None:
         return
     _C = cfg
     _C.MODEL.SOLO = CN()
-    # ---- variant ---------------------------------------------------------------------------------
+    # ---- variant ------------------------------------------------------------------------------
     # Instance head (solo_d2.modeling.SOLO_HEAD_REGISTRY), i.e. the family member:
     #   "SOLOv2InstanceHead"             SOLOv2 (dynamic kernels + mask-feature branch), light too
     #   "SOLOInstanceHead"               SOLO: S^2 mask maps per level
@@ -34,9 +34,9 @@ def add_solo_config(cfg: CN) -> None:
     _C.MODEL.SOLO.NUM_GRIDS = [40, 36, 24, 16, 12]  # S: the S x S category/kernel grid per level
     _C.MODEL.SOLO.SIGMA = 0.2  # epsilon of the paper: centre region = sigma * box size
     _C.MODEL.SOLO.INSTANCE_IN_CHANNELS = 256  # channels of the instance-branch input features
-    _C.MODEL.SOLO.INSTANCE_CHANNELS = 512  # width of the category and kernel towers
+    _C.MODEL.SOLO.INSTANCE_CHANNELS = 512  # width of the category and kernel (or mask) towers
     _C.MODEL.SOLO.NUM_INSTANCE_CONVS = 4  # 3x3 convs in each tower
-    _C.MODEL.SOLO.NUM_KERNELS = 256  # E: length of each dynamic 1x1 kernel = mask-feature channels
+    _C.MODEL.SOLO.NUM_KERNELS = 256  # E (SOLOv2): dynamic 1x1 kernel length = mask-feature channels
     _C.MODEL.SOLO.NORM = "GN"  # norm in tower convs and mask-feature convs ("GN" or "" for none)
     _C.MODEL.SOLO.PRIOR_PROB = 0.01  # initial foreground probability of the category classifier
     # Deformable convs in the towers of the instance head: "" (none), "DCN" (v1) or "DCNv2"
