@@ -359,9 +359,9 @@ def write_yaml(path: Path, base: Optional[Path], weights: Path, settings: Dict[s
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     header = (
-        f"# Settings the weights {weights.name} need, written by tools/convert_official_solo.py\n"
-        f"# from {src}: the official models' input convention (RGB, ImageNet mean/std, stride in\n"
-        "# the 3x3 conv) and the architecture read off the checkpoint.\n"
+        f"# Settings the weights {weights.name} need (tools/convert_official_solo.py, from\n"
+        f"# {src}): the official models' input convention (RGB, ImageNet mean/std, stride in the\n"
+        "# 3x3 conv) and the architecture read off the checkpoint.\n"
     )
     body = ({"_BASE_": str(base.resolve())} if base else {}) | tree
     path.write_text(header + yaml.safe_dump(body, sort_keys=False, default_flow_style=None))
