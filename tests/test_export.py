@@ -129,6 +129,20 @@ def test_unsupported_settings_are_clear_errors(tmp_path):
         ONNXRuntimeModel(tmp_path / "relu.onnx")
 
 
+def test_export_tool_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    tool = load_tool("export_model")
+    common = ["--format", "onnx", "--output", str(tmp_path)]
+    assert tool.main(["--config-file", str(tmp_path / "nope.yaml")] + common) == 2
+    assert "nope.yaml does not exist" in capsys.readouterr().err
+    config = ["--config-file", str(QUICKSTART_CONFIG)]
+    assert tool.main(config + common + ["--opts", "MODEL.WEIGHTS", str(tmp_path / "w.pth")]) == 2
+    assert "w.pth: no such file" in capsys.readouterr().err
+    dcn = ["--opts", "MODEL.SOLO.TOWER_DCN", "DCN"]
+    assert tool.main(config + common + ["--opset", "18"] + dcn) == 2
+    assert "DeformConv needs opset >= 19" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------- parity fixture checkpoint
 
 

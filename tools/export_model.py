@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # solo_d2 from this checkout when it is not installed
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from solo_d2 import add_solo_config  # noqa: E402
+from solo_d2.engine import load_config  # noqa: E402
 from solo_d2.export import (  # noqa: E402
     DEFORM_CONV_OPSET,
     MIN_OPSET,
@@ -111,14 +111,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not Path(args.config_file).is_file():
-        raise ValueError(f"--config-file {args.config_file}: no such file")
-    if len(args.opts) % 2:
-        raise ValueError(f"--opts needs KEY VALUE pairs, got {args.opts}")
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    """The config of --config-file and --opts on --device (ConfigError: one line on a mistake)."""
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.freeze()
     return cfg
@@ -233,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         wrapper = SOLOExportable(model, batch_size=args.batch_size)
         opset = args.opset or min_opset_for(wrapper)
         images = sample_images(cfg, args.sample_image, args.batch_size or 1)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = model.pixel_mean.device
@@ -244,10 +238,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAMES[args.format]
     tic = time.perf_counter()
-    if args.format == "torchscript":
-        export_torchscript(wrapper, sample, path)
-    else:
-        export_onnx(wrapper, sample, path, opset)
+    try:
+        if args.format == "torchscript":
+            export_torchscript(wrapper, sample, path)
+        else:
+            export_onnx(wrapper, sample, path, opset)
+    except (OnnxNotInstalledError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - tic:.1f} s"
     )
