@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modeling.postprocessing import point_nms
+from ..modeling.postprocessing import matrix_nms_decay, point_nms
 
 __all__ = [
     "SOLOExportable",
@@ -45,10 +45,8 @@ def matrix_nms_traceable(
 ) -> Tensor:
     """:func:`solo_d2.modeling.postprocessing.matrix_nms` without its early return for N = 0.
 
-    Same formula (``decay_j = min_i f(iou_ij) / f(max_k iou_ki)``), with one neutral row added to
-    each of the two column reductions so that they are defined for zero candidates: a row of
-    zeros for the max over IoUs (IoUs are >= 0) and a row of ones for the min over decay factors
-    (row 0 of the decay matrix already holds values <= 1: the top mask has no compensation).
+    The decay is :func:`~solo_d2.modeling.postprocessing.matrix_nms_decay`; the intersections are a
+    float32 product here (the eager function's int8 product does not export).
 
     Args:
         labels: (N,) classes.
@@ -65,16 +63,7 @@ def matrix_nms_traceable(
     union = areas[None, :] + areas[:, None] - inter
     same = (labels[None, :] == labels[:, None]).to(torch.float32)
     iou = (inter / union * same).triu(diagonal=1)  # [i, j]: i scores above j
-    n = iou.shape[1:]
-    compensate = torch.cat([iou.new_zeros((1,) + n), iou]).max(dim=0).values[:, None]  # (N, 1)
-    if kernel == "gaussian":
-        decay = torch.exp(-sigma * (iou**2 - compensate**2))
-    elif kernel == "linear":
-        decay = (1 - iou) / (1 - compensate).clamp(min=1e-6)
-    else:
-        raise ValueError(f"Matrix NMS kernel must be 'gaussian' or 'linear', got {kernel!r}")
-    decay = torch.cat([decay.new_ones((1,) + n), decay]).min(dim=0).values
-    return scores * decay.to(scores.dtype)
+    return scores * matrix_nms_decay(iou, kernel=kernel, sigma=sigma).to(scores.dtype)
 
 
 def postprocess_traceable(

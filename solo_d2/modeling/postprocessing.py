@@ -21,6 +21,7 @@ from torch import Tensor
 __all__ = [
     "point_nms",
     "matrix_nms",
+    "matrix_nms_decay",
     "mask_nms",
     "masks_to_boxes",
     "resize_masks",
@@ -99,14 +100,33 @@ def matrix_nms(
     if len(labels) == 0:
         return scores
     decay_iou = _mask_iou(masks, areas.to(torch.float32), labels)  # (N, N), [i, j], i above j
-    compensate = decay_iou.max(dim=0).values[:, None]  # (N, 1): row i gets max_k iou[k, i]
+    return scores * matrix_nms_decay(decay_iou, kernel=kernel, sigma=sigma).to(scores.dtype)
+
+
+def matrix_nms_decay(iou: Tensor, *, kernel: str = "gaussian", sigma: float = 2.0) -> Tensor:
+    """Matrix NMS decay factors from the pairwise IoUs; no data-dependent branch (traceable).
+
+    ``decay_j = min_i f(iou_ij) / f(max_k iou_ki)``. One neutral row is added to each of the two
+    column reductions so that they are defined for N = 0 without changing any value: zeros for
+    the max over IoUs (IoUs are >= 0) and ones for the min over decay factors (row 0 already
+    holds values <= 1, the top mask having no compensation).
+
+    Args:
+        iou: (N, N) upper-triangular same-class IoU, [i, j] for i scoring above j.
+        kernel: "gaussian" (``f(x) = exp(-sigma * x^2)``) or "linear" (``f(x) = 1 - x``).
+        sigma: Gaussian parameter.
+    Returns:
+        (N,) factors in [0, 1] to multiply the scores by.
+    """
+    n = iou.shape[1:]
+    compensate = torch.cat([iou.new_zeros((1,) + n), iou]).max(dim=0).values[:, None]  # (N, 1)
     if kernel == "gaussian":
-        decay = torch.exp(-sigma * (decay_iou**2 - compensate**2))
+        decay = torch.exp(-sigma * (iou**2 - compensate**2))
     elif kernel == "linear":
-        decay = (1 - decay_iou) / (1 - compensate).clamp(min=1e-6)
+        decay = (1 - iou) / (1 - compensate).clamp(min=1e-6)
     else:
         raise ValueError(f"Matrix NMS kernel must be 'gaussian' or 'linear', got {kernel!r}")
-    return scores * decay.min(dim=0).values.to(scores.dtype)
+    return torch.cat([decay.new_ones((1,) + n), decay]).min(dim=0).values
 
 
 def mask_nms(
