@@ -103,17 +103,23 @@ def _backbone_key(rest: str) -> Optional[str]:
     return None
 
 
-def _tower_key(tower: str, i: int, tail: str, norm_offset: int = 1) -> Optional[str]:
-    """``{i}.conv.weight`` / ``{i}.conv.conv_offset.*`` / ``{i}.gn.*`` of a ConvModule list."""
+def _conv_module_key(conv: str, norm: str, tail: str) -> Optional[str]:
+    """An mmcv ConvModule's ``conv.weight`` / ``conv.conv_offset.*`` / ``gn.*`` renamed under the
+    prefixes ``conv`` (the convolution) and ``norm`` (its GroupNorm)."""
     if tail == "conv.weight":
-        return f"{tower}.{3 * i}.weight"
+        return f"{conv}.weight"
     m = re.fullmatch(r"conv\.conv_offset\.(weight|bias)", tail)
     if m:
-        return f"{tower}.{3 * i}.conv_offset.{m.group(1)}"
+        return f"{conv}.conv_offset.{m.group(1)}"
     m = re.fullmatch(r"gn\.(weight|bias)", tail)
     if m:
-        return f"{tower}.{3 * i + norm_offset}.{m.group(1)}"
+        return f"{norm}.{m.group(1)}"
     return None
+
+
+def _tower_key(tower: str, i: int, tail: str, norm_offset: int = 1) -> Optional[str]:
+    """``{i}.conv.weight`` / ``{i}.conv.conv_offset.*`` / ``{i}.gn.*`` of a ConvModule list."""
+    return _conv_module_key(f"{tower}.{3 * i}", f"{tower}.{3 * i + norm_offset}", tail)
 
 
 def _mask_feat_key(rest: str) -> Optional[str]:
@@ -126,15 +132,7 @@ def _mask_feat_key(rest: str) -> Optional[str]:
         if not m:
             return None
         base, tail = "conv_pred", m.group(1)
-    if tail == "conv.weight":
-        return f"{base}.0.weight"
-    m = re.fullmatch(r"conv\.conv_offset\.(weight|bias)", tail)
-    if m:
-        return f"{base}.0.conv_offset.{m.group(1)}"
-    m = re.fullmatch(r"gn\.(weight|bias)", tail)
-    if m:
-        return f"{base}.1.{m.group(1)}"
-    return None
+    return _conv_module_key(f"{base}.0", f"{base}.1", tail)
 
 
 def convert_key(key: str) -> Optional[str]:
