@@ -21,5 +21,9 @@ setup(
         "numpy",
         "setuptools<81",  # detectron2.model_zoo needs pkg_resources
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        # tools/export_model.py (onnx) and running exports, demo --onnx (onnxruntime)
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+    },
 )
