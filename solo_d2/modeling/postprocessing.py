@@ -188,7 +188,7 @@ def resize_masks(
     image_hw: Tuple[int, int],
     output_hw: Tuple[int, int],
     threshold: float,
-    chunk_size: int = 16,
+    chunk_size: int = 4,
 ) -> Tensor:
     """Soft masks at the feature stride -> binary masks at the original image size.
 
@@ -196,6 +196,8 @@ def resize_masks(
     threshold; bilinear with align_corners=False as the reference. Done in chunks of masks so that
     a very large output image only ever holds ``chunk_size`` float masks, and fewer (down to one)
     when they would exceed ``RESIZE_MAX_FLOATS`` values (an 8000 x 6000 image: one at a time).
+    Small chunks are also faster on CPU: 4 masks of 800 x 1344 (17 MB of floats) are thresholded
+    while still in cache (README "Speed": 1.7x faster than chunks of 16, same result).
 
     Args:
         soft_masks: (N, Hf, Wf) probabilities.
