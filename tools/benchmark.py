@@ -212,6 +212,15 @@ def machine_info(device: torch.device) -> Dict:
         "device": str(device),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
