@@ -140,6 +140,16 @@ def test_cli_isolated_stage_writes_json(tmp_path):
     assert list(data["load_average"]) == ["matrix_nms"]
 
 
+def test_channels_last_inference_stage():
+    report = benchmark.main(
+        [*TINY_ARGS, "--stages", "inference", "--channels-last", "--no-isolate"]
+    )
+    assert report["settings"]["channels_last"]
+    r = report["results"]["inference"]
+    assert r["postprocess_reference_candidates"]["candidates"] == 30
+    _timing_ok(r["total"], repeats=2)
+
+
 def test_cli_rejects_bad_size():
     with pytest.raises(SystemExit):
         benchmark.get_parser().parse_args(["--size", "800by1344"])
