@@ -120,6 +120,12 @@ def test_text_report_lists_measurements(report):
     assert "AMD" in text or "machine:" in text
     for name in ("inference/backbone_fpn", "matrix_nms", "train/grid_assignment", "loader/batch"):
         assert name in text
+    assert "AdelaiDet" not in text  # tiny sizes: no comparison with the reference figures
+    settings = dict(report["settings"], config_file="configs/SOLOv2_R50_3x.yaml", size=[800, 1344])
+    assert benchmark.at_reference_conditions("inference/total", settings)
+    assert not benchmark.at_reference_conditions(
+        "inference/postprocess_reference_candidates", settings
+    )
 
 
 def test_cli_isolated_stage_writes_json(tmp_path):

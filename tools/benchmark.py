@@ -758,7 +758,7 @@ def format_report(report: Dict) -> str:
                 v = r[k]
                 notes.append(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}")
         ref = REFERENCE_CPU.get(name)
-        if ref and cpu:
+        if ref and cpu and at_reference_conditions(name, report["settings"]):
             notes.append("AdelaiDet " + "/".join(f"{v:g}" for v in ref["adelaidet_s"]) + " s")
             if "target_s" in ref:
                 notes.append(f"target <= {ref['target_s']:g} s")
@@ -779,6 +779,22 @@ def format_report(report: Dict) -> str:
             + ", ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}" for k, v in loads.items())
         )
     return "\n".join(lines)
+
+
+def at_reference_conditions(name: str, settings: Dict) -> bool:
+    """Whether measurement ``name`` ran in the conditions of :data:`REFERENCE_CPU`."""
+    if name == "matrix_nms":
+        return settings["nms_masks"] == 500 and tuple(settings["nms_size"]) == (200, 336)
+    if not Path(settings["config_file"]).name.startswith("SOLOv2_R50_"):
+        return False
+    if name.startswith("inference/"):
+        candidates_ok = "reference_candidates" not in name or settings["candidates"] == 405
+        return tuple(settings["size"]) == (800, 1344) and candidates_ok
+    if name.startswith("train/"):
+        return (tuple(settings["train_size"]), settings["train_batch"]) == ((640, 832), 2) and (
+            settings["train_instances"] == 8
+        )
+    return False
 
 
 def _fmt_s(s: float) -> str:
