@@ -598,26 +598,13 @@ def bench_train(model, args, device) -> Dict:
     # the assignment alone, on the same ground truth (what the model calls per batch)
     gt = [x["instances"] for x in inputs]
     canvas = tuple(model.preprocess_image(inputs).tensor.shape[-2:])
-    image_ids = torch.cat(
-        [torch.full((len(g),), i, dtype=torch.int64, device=device) for i, g in enumerate(gt)]
-    )
-    kwargs = dict(
-        boxes=torch.cat([g.gt_boxes.tensor for g in gt]),
-        centers=torch.cat([g.gt_centers for g in gt]),
-        labels=torch.cat([g.gt_classes for g in gt]),
-        image_ids=image_ids,
-        num_images=len(gt),
-        canvas_hw=canvas,
-        num_grids=model.ins_head.num_grids,
-        scale_ranges=model.scale_ranges,
-        sigma=model.sigma,
-        num_classes=model.ins_head.num_classes,
-        last_instance_wins=not model.ins_head.uses_mask_features,
-    )
     res["grid_assignment"] = time_fn(
-        lambda: original(**kwargs), repeats=max(args.repeats, 20), warmup=2, device=device
+        lambda: model.assign_targets(gt, canvas),
+        repeats=max(args.repeats, 20),
+        warmup=2,
+        device=device,
     )
-    _, positives = original(**kwargs)
+    _, positives = model.assign_targets(gt, canvas)
     res["grid_assignment"]["positive_samples"] = sum(len(p) for p in positives)
     res["mapper_targets_per_image"] = time_fn(
         lambda: mapper_targets(model, masks[0]),

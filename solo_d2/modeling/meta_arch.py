@@ -243,6 +243,37 @@ class SOLO(nn.Module):
         cate_logits, mask_preds, mask_feat = self.predict(images.tensor)
         return self.losses(cate_logits, mask_preds, mask_feat, gt, tuple(images.tensor.shape[-2:]))
 
+    def assign_targets(
+        self, gt: List[Instances], canvas_hw: Tuple[int, int]
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Grid targets of a batch on its padded canvas (see :func:`assign_grid_targets`).
+
+        Args:
+            gt: per image, Instances with gt_classes (N,), gt_boxes and gt_centers (N, 2).
+            canvas_hw: (Hc, Wc) padded batch size.
+        Returns:
+            (cate_labels per level (B, S, S), positives per level (P, 3) [image, cell, instance]).
+        """
+        device = self.device
+        image_ids = torch.cat(
+            [torch.full((len(g),), i, dtype=torch.int64, device=device) for i, g in enumerate(gt)]
+        )
+        return assign_grid_targets(
+            boxes=torch.cat([g.gt_boxes.tensor for g in gt]),
+            centers=torch.cat([g.gt_centers for g in gt]),
+            labels=torch.cat([g.gt_classes for g in gt]),
+            image_ids=image_ids,
+            num_images=len(gt),
+            canvas_hw=canvas_hw,
+            num_grids=self.ins_head.num_grids,
+            scale_ranges=self.scale_ranges,
+            sigma=self.sigma,
+            num_classes=self.ins_head.num_classes,
+            # SOLOv2 trains a shared cell with every covering instance; the other heads' dense
+            # per-cell targets keep the last one (solo_spec.md §2)
+            last_instance_wins=not self.ins_head.uses_mask_features,
+        )
+
     def losses(
         self,
         cate_logits: List[Tensor],
@@ -263,28 +294,10 @@ class SOLO(nn.Module):
             {"loss_cls", "loss_mask"}.
         """
         num_images = len(gt)
-        device = cate_logits[0].device
         if canvas_hw is None:
             hf, wf = mask_feat.shape[-2:]
             canvas_hw = (hf * self.mask_stride, wf * self.mask_stride)
-        image_ids = torch.cat(
-            [torch.full((len(g),), i, dtype=torch.int64, device=device) for i, g in enumerate(gt)]
-        )
-        cate_labels, positives = assign_grid_targets(
-            boxes=torch.cat([g.gt_boxes.tensor for g in gt]),
-            centers=torch.cat([g.gt_centers for g in gt]),
-            labels=torch.cat([g.gt_classes for g in gt]),
-            image_ids=image_ids,
-            num_images=num_images,
-            canvas_hw=canvas_hw,
-            num_grids=self.ins_head.num_grids,
-            scale_ranges=self.scale_ranges,
-            sigma=self.sigma,
-            num_classes=self.ins_head.num_classes,
-            # SOLOv2 trains a shared cell with every covering instance; the other heads' dense
-            # per-cell targets keep the last one (solo_spec.md §2)
-            last_instance_wins=not self.ins_head.uses_mask_features,
-        )
+        cate_labels, positives = self.assign_targets(gt, canvas_hw)
         loss_cls = self.focal_weight * category_loss(
             cate_logits, cate_labels, alpha=self.focal_alpha, gamma=self.focal_gamma
         )
@@ -313,7 +326,7 @@ class SOLO(nn.Module):
             probs = self.ins_head.positive_masks(pred, mask_feat, pos[:, 0], pos[:, 1])
             stride = self.mask_strides[level]
             if stride not in targets:
-                targets[stride] = self._mask_targets(gt, stride, canvas_hw, len(image_ids))
+                targets[stride] = self._mask_targets(gt, stride, canvas_hw, sum(len(g) for g in gt))
             target = targets[stride][pos[:, 2]]
             if target.shape[-2:] != probs.shape[-2:]:
                 raise ValueError(
