@@ -110,13 +110,13 @@ def build_solo_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
         raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(_BLOCKS_PER_STAGE)}: {depth}")
     if r.RES5_DILATION not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {r.RES5_DILATION}")
+    # Unlike detectron2's builder, R18/R34 may be narrower than 64 channels in res2 (the
+    # quickstart's from-scratch backbone); BasicBlock adds a projection shortcut where needed.
     if depth in (18, 34) and (
-        r.RES2_OUT_CHANNELS != 64 or any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1
-        or r.NUM_GROUPS != 1
+        any(r.DEFORM_ON_PER_STAGE) or r.RES5_DILATION != 1 or r.NUM_GROUPS != 1
     ):  # fmt: skip
         raise ValueError(
-            "R18/R34 need MODEL.RESNETS.RES2_OUT_CHANNELS=64, RES5_DILATION=1, NUM_GROUPS=1 and "
-            "no DEFORM_ON_PER_STAGE"
+            "R18/R34 need MODEL.RESNETS.RES5_DILATION=1, NUM_GROUPS=1 and no DEFORM_ON_PER_STAGE"
         )
     stem = BasicStem(
         in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM
