@@ -204,6 +204,10 @@ def quick_export(tmp_path_factory):
     cfg = get_cfg()
     add_solo_config(cfg)
     cfg.merge_from_file(str(QUICKSTART_CONFIG))
+    # these 4 steps need confident detections on synthetic rectangles, which the quickstart's
+    # category loss weight of 3 (tuned for 1200 iterations) does not give after 4 steps;
+    # inference, the part exported, does not read the loss weights
+    cfg.MODEL.SOLO.LOSS.FOCAL_WEIGHT = 1.0
     torch.manual_seed(0)
     model = build_model(cfg)
     inputs = [

@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "SOLOv2_R18_quickstart_shapes.yaml"
+DEMO_CONFIDENCE = 0.3  # demo/demo.py --confidence-threshold for the validation visualisations
 
 
 def loss_curve(metrics_file: Path, out_png: Path):
@@ -74,10 +75,16 @@ def main():
     train_s = time.perf_counter() - start
 
     demo_dir = out / "demo"
-    val_images = ROOT / "datasets" / "shapes" / "val"
+    from detectron2.data import MetadataCatalog
+
+    # registered by train_net: <repo>/datasets/shapes/val, or under $SOLO_D2_DATASETS
+    val_images = MetadataCatalog.get("shapes_val").image_root
     demo_cmd = [
         sys.executable, str(ROOT / "demo" / "demo.py"), "--config-file", str(CONFIG),
         "--input", str(val_images), "--output", str(demo_dir), "--json",
+        # SOLO scores are category x maskness: the quickstart model's true detections score
+        # ~0.3-0.9, so the demo's default 0.5 would hide a third of them
+        "--confidence-threshold", str(DEMO_CONFIDENCE),
         "--opts", "MODEL.WEIGHTS", str(out / "model_final.pth"), *args.opts,
     ]  # fmt: skip
     subprocess.run(demo_cmd, check=True)

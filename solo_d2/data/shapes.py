@@ -1,15 +1,18 @@
 """Synthetic "shapes" instance segmentation dataset in COCO format.
 
-Images of textured circles, rectangles, triangles and stars on noisy gradient backgrounds are
-generated deterministically from a seed, cached under a datasets folder and registered with
+Images of textured circles, rectangles, triangles and stars on noisy grey-ish gradient backgrounds
+are generated deterministically from a seed, cached under a datasets folder and registered with
 Detectron2 as ``shapes_train`` and ``shapes_val``. The data exercises what real datasets contain:
 
 * varied image sizes and aspect ratios (short side ``min_size..max_size``, odd sizes included);
-* class is not colour: every instance gets random colours and a texture (solid, stripes, checker,
-  noise);
+* each class has its own hue band (``CLASS_HUES``, +-``HUE_JITTER``): within it every instance
+  gets random saturation and brightness and a texture (solid, stripes, checker, noise) of two
+  shades, so a class is recognised by its shape and its hue together. (Version 1 of the generator
+  drew colours independently of the class; a small model trained from scratch for the 10-minute
+  CPU quickstart could not learn classes from shape alone, see README "Quickstart".)
 * occlusion: later shapes are drawn on top and each mask is the *visible* part of its shape;
   instances with fewer than ``MIN_VISIBLE_AREA`` visible pixels are dropped;
-* object sizes from ~8 px to ~80% of the short image side;
+* object sizes from ``MIN_OBJECT_SIZE`` (16 px) to 80% of the short image side, log-uniform;
 * ~10% images without objects, and ``iscrowd=1`` groups of small shapes (uncompressed RLE);
 * about half the images store masks as polygons, the others as compressed RLE.
 
@@ -36,13 +39,17 @@ from iopath.common.file_io import file_lock
 from pycocotools import mask as mask_util
 
 SHAPES_CLASSES = ("circle", "rectangle", "triangle", "star")
-# RGB colours for visualisation, one per class.
-SHAPES_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48))
+# Centre of each class's hue band, OpenCV hue units (0-180, i.e. degrees / 2): red, yellow-green,
+# cyan, violet. Instance colours stay within +-HUE_JITTER of it.
+CLASS_HUES = (0, 45, 90, 135)
+HUE_JITTER = 10
+# RGB colours for visualisation, one per class (the middle of its hue band).
+SHAPES_COLORS = ((230, 40, 40), (150, 230, 40), (40, 220, 230), (150, 40, 230))
 SPLITS = {"shapes_train": ("train", 200, 0), "shapes_val": ("val", 50, 1)}
 # Bump when the generated content changes, so cached datasets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MIN_VISIBLE_AREA = 20
-MIN_OBJECT_SIZE = 8
+MIN_OBJECT_SIZE = 16
 MAX_OBJECT_FRACTION = 0.8
 EMPTY_EVERY = 10  # image i (0-based) is empty when i % EMPTY_EVERY == EMPTY_EVERY - 1
 CROWD_EVERY = 8  # image i has a crowd group when i % CROWD_EVERY == 1
@@ -61,21 +68,35 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _hsv_to_bgr(hsv: np.ndarray) -> np.ndarray:
+    """(N, 3) float OpenCV HSV (hue 0-180, saturation and value 0-255) -> (N, 3) float BGR."""
+    pixels = np.round(hsv).astype(np.uint8)[None]
+    return cv2.cvtColor(pixels, cv2.COLOR_HSV2BGR)[0].astype(np.float64)
+
+
+def _class_colours(rng: np.random.Generator, cls: int, n: int) -> np.ndarray:
+    """``n`` BGR colours in the hue band of class ``cls``, saturation >= 120, value >= 110."""
+    hue = (CLASS_HUES[cls] + rng.uniform(-HUE_JITTER, HUE_JITTER, n)) % 180
+    hsv = np.stack([hue, rng.uniform(120, 255, n), rng.uniform(110, 255, n)], axis=1)
+    return _hsv_to_bgr(hsv)
+
+
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A linear colour gradient in a random direction plus Gaussian noise (uint8 BGR)."""
-    c0, c1 = rng.uniform(0, 255, (2, 3))
+    """A gradient between two low-saturation colours in a random direction, plus Gaussian noise
+    (uint8 BGR)."""
+    hsv = np.stack([rng.uniform(0, 180, 2), rng.uniform(0, 60, 2), rng.uniform(40, 220, 2)], 1)
+    c0, c1 = _hsv_to_bgr(hsv)
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     t = xx * np.cos(angle) + yy * np.sin(angle)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
-    img = c0 + t[..., None] * (c1 - c0) + rng.normal(0, 10, (h, w, 3))
+    img = c0 + t[..., None] * (c1 - c0) + rng.normal(0, 6, (h, w, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A ``h x w`` BGR patch: solid, stripes, checker or noise in random colours."""
-    c0 = rng.uniform(0, 255, 3)
-    c1 = rng.uniform(0, 255, 3)
+def _texture(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
+    """A ``h x w`` BGR patch: solid, stripes, checker or noise in two colours of class ``cls``."""
+    c0, c1 = _class_colours(rng, cls, 2)
     kind = TEXTURES[rng.integers(len(TEXTURES))]
     yy, xx = np.mgrid[0:h, 0:w]
     if kind == "solid":
@@ -188,7 +209,7 @@ def _image_layers(
             continue
         ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        patch = _texture(rng, y1 - y0, x1 - x0)
+        patch = _texture(rng, cls, y1 - y0, x1 - x0)
         crop = mask[y0:y1, x0:x1]
         img[y0:y1, x0:x1][crop] = patch[crop]
         layers = [(c, k, m & ~mask) for c, k, m in layers] + [(cls, i == crowd_at, mask)]
