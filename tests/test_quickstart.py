@@ -1,5 +1,6 @@
 """tools/quickstart.py (the README's main command) end to end, shortened to a few iterations."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,6 +8,10 @@ import sys
 
 import pytest
 from conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("quickstart", REPO / "tools" / "quickstart.py")
+quickstart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quickstart)
 
 SHORT = [
     "SOLVER.MAX_ITER", "4",
@@ -16,6 +21,10 @@ SHORT = [
     "DATALOADER.NUM_WORKERS", "0",
     "INPUT.MIN_SIZE_TRAIN", "(128,)",
     "INPUT.MIN_SIZE_TEST", "128",
+    # after 4 iterations no score reaches the default thresholds: keep every candidate, so the
+    # evaluation has detections for the demo's threshold to filter
+    "MODEL.SOLO.SCORE_THRESH_TEST", "0.0",
+    "MODEL.SOLO.UPDATE_THRESH_TEST", "0.0",
 ]  # fmt: skip
 
 
@@ -38,8 +47,22 @@ def test_quickstart_writes_model_metrics_curve_and_demo(tmp_path):
     assert (out / "model_final.pth").is_file() and (out / "loss_curve.png").stat().st_size > 0
     drawn = sorted((out / "demo").glob("*.png"))
     assert [p.name for p in drawn] == [p.name for p in val_images]
-    record = json.loads((out / "demo" / "000000.json").read_text())
-    assert all(inst["score"] >= 0.3 for inst in record["instances"])  # the quickstart threshold
+    assert f"--confidence-threshold {quickstart.DEMO_CONFIDENCE} " in res.stdout
+    # the demo keeps exactly the evaluated detections that reach the quickstart's threshold
+    evaluated = json.loads(
+        (out / "inference" / "shapes_val" / "coco_instances_results.json").read_text()
+    )
+    assert evaluated
+    val_json = json.loads((tmp_path / "data" / "shapes" / "val.json").read_text())
+    image_ids = {im["file_name"]: im["id"] for im in val_json["images"]}
+    num_kept = 0
+    for png in drawn:
+        record = json.loads(png.with_suffix(".json").read_text())
+        scores = [r["score"] for r in evaluated if r["image_id"] == image_ids[png.name]]
+        kept = [s for s in scores if s >= quickstart.DEMO_CONFIDENCE]
+        assert len(record["instances"]) == len(kept), png.name
+        num_kept += len(kept)
+    assert num_kept < len(evaluated)  # the threshold did filter
 
     # a second run resumes (nothing to train) and evaluates the saved model again
     res = subprocess.run(cmd + SHORT, env=env, capture_output=True, text=True, timeout=600)

@@ -12,6 +12,7 @@ A second run resumes from the last checkpoint instead of training again; ``--fre
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,8 @@ def main():
     subprocess.run([sys.executable, "-m", "solo_d2.env"], check=True)
     start = time.perf_counter()
     sys.path.insert(0, str(ROOT))  # train_net.py is a script beside this folder
+    from detectron2.data import MetadataCatalog
+
     import train_net
 
     train_args = train_net.get_parser().parse_args(
@@ -75,8 +78,6 @@ def main():
     train_s = time.perf_counter() - start
 
     demo_dir = out / "demo"
-    from detectron2.data import MetadataCatalog
-
     # registered by train_net: <repo>/datasets/shapes/val, or under $SOLO_D2_DATASETS
     val_images = MetadataCatalog.get("shapes_val").image_root
     demo_cmd = [
@@ -87,6 +88,7 @@ def main():
         "--confidence-threshold", str(DEMO_CONFIDENCE),
         "--opts", "MODEL.WEIGHTS", str(out / "model_final.pth"), *args.opts,
     ]  # fmt: skip
+    print("demo:", shlex.join(demo_cmd), flush=True)
     subprocess.run(demo_cmd, check=True)
 
     curve = loss_curve(out / "metrics.json", out / "loss_curve.png")
