@@ -143,3 +143,33 @@ def test_bad_config_values_raise_clear_errors():
     cfg.MODEL.SOLO.INSTANCE_IN_CHANNELS = 64
     with pytest.raises(AssertionError, match="INSTANCE_IN_CHANNELS"):
         build_model(cfg)
+
+
+def test_channels_last_gives_the_same_losses_gradients_and_results():
+    """MODEL.SOLO.CHANNELS_LAST only changes the weights' memory layout, also after loading."""
+    torch.manual_seed(0)
+    ref = build_model(tiny_cfg())
+    cfg = tiny_cfg()
+    cfg.MODEL.SOLO.CHANNELS_LAST = True
+    fast = build_model(cfg)
+    conv_weights = [p for p in fast.parameters() if p.dim() == 4]
+    assert conv_weights and all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights
+    )
+    fast.load_state_dict(ref.state_dict())  # a checkpoint saved contiguous loads in place
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    torch.nn.init.constant_(ref.ins_head.cate_pred.bias, 2.0)  # confident, so masks are kept
+    torch.nn.init.constant_(fast.ins_head.cate_pred.bias, 2.0)
+
+    inputs = [make_input(96, 128, [(10, 10, 50, 40), (30, 20, 90, 90)], [0, 2])]
+    losses_ref, losses_fast = train_step(ref, inputs), train_step(fast, inputs)
+    for k in losses_ref:
+        torch.testing.assert_close(losses_fast[k], losses_ref[k], rtol=1e-4, atol=1e-5)
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+    (a,), (b,) = _inference(ref, inputs), _inference(fast, inputs)
+    assert len(a) > 0
+    torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
+    assert torch.equal(b.pred_classes, a.pred_classes)
+    assert (b.pred_masks != a.pred_masks).float().mean() < 1e-3
