@@ -278,8 +278,6 @@ def test_sigkill_during_training_then_resume(small_train, tmp_path):
         "0.001",
         "SOLVER.WARMUP_ITERS",
         "4",
-        "SOLVER.STEPS",
-        "(6, 9)",
         "SOLVER.IMS_PER_BATCH",
         "2",
     ]

@@ -15,7 +15,6 @@ _spec.loader.exec_module(quickstart)
 
 SHORT = [
     "SOLVER.MAX_ITER", "4",
-    "SOLVER.STEPS", "(2, 3)",
     "SOLVER.WARMUP_ITERS", "1",
     "SOLVER.CHECKPOINT_PERIOD", "100",
     "DATALOADER.NUM_WORKERS", "0",

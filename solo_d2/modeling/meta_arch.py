@@ -106,8 +106,9 @@ class SOLO(nn.Module):
             score_threshold, mask_threshold, nms_pre, update_threshold, nms_type, nms_kernel,
             nms_sigma, max_per_image, chunk_size: see :func:`solo_postprocess`.
 
-            channels_last: store the 4-D weights channels-last (NHWC); same results, faster
-                convolutions on CPU. ``.to(device)`` and checkpoint loading keep the layout.
+            channels_last: store the 4-D weights channels-last (NHWC): same results up to float
+                rounding, faster convolutions on CPU. ``.to(device)`` and checkpoint loading keep
+                the layout.
         """
         super().__init__()
         self.backbone = backbone
