@@ -173,7 +173,7 @@ def test_object_sizes_span_small_to_large(shapes: COCO) -> None:
 
 
 def test_register_shapes(tmp_path: Path) -> None:
-    for name in ("shapes_train", "shapes_val"):  # drop registrations made elsewhere
+    for name in ("shapes_train", "shapes_val", "shapes_val_large"):  # drop earlier registrations
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
@@ -186,9 +186,14 @@ def test_register_shapes(tmp_path: Path) -> None:
     assert meta.image_root == str(tmp_path / "shapes" / "val")
     assert not Path(meta.json_file).exists()  # generated lazily
 
+    large = MetadataCatalog.get("shapes_val_large")
+    assert large.thing_classes == list(SHAPES_CLASSES) and large.evaluator_type == "coco"
+    assert large.image_root == str(tmp_path / "shapes" / "val_large")
+
     dicts = DatasetCatalog.get("shapes_val")
     assert len(dicts) == 50 and Path(meta.json_file).is_file()
     assert not (tmp_path / "shapes" / "train.json").exists()
+    assert not Path(large.json_file).exists()  # each split is generated on its own first use
     anns = [a for d in dicts for a in d["annotations"]]
     assert any(isinstance(a["segmentation"], list) for a in anns)
     assert any(isinstance(a["segmentation"], dict) for a in anns)
@@ -203,3 +208,17 @@ def test_register_shapes(tmp_path: Path) -> None:
                 and {"size", "counts"} <= set(segm)
                 or all(isinstance(poly, list) and len(poly) >= 6 for poly in segm)
             )
+
+
+def test_longer_split_of_the_same_seed_starts_with_the_shorter(tmp_path: Path) -> None:
+    """What makes shapes_val the first 50 images of shapes_val_large (same seed, more images)."""
+    short = json.loads(Path(generate_shapes(str(tmp_path / "a"), "val", 3, 1)).read_text())
+    long = json.loads(Path(generate_shapes(str(tmp_path / "b"), "val_large", 5, 1)).read_text())
+    assert long["images"][:3] == short["images"] and len(long["images"]) == 5
+    n = len(short["annotations"])
+    assert long["annotations"][:n] == short["annotations"]
+    assert all(a["image_id"] > 3 for a in long["annotations"][n:])
+    for im in short["images"]:
+        a = cv2.imread(str(tmp_path / "a" / "val" / im["file_name"]))
+        b = cv2.imread(str(tmp_path / "b" / "val_large" / im["file_name"]))
+        np.testing.assert_array_equal(a, b)

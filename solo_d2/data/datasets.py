@@ -2,7 +2,8 @@
 
 ``--dataset NAME=ANNOTATIONS.json:IMAGE_DIR`` registers ``NAME`` in Detectron2's ``DatasetCatalog``
 and ``MetadataCatalog`` so that ``DATASETS.TRAIN`` / ``DATASETS.TEST`` can name it. The synthetic
-``shapes_train`` / ``shapes_val`` datasets (see :mod:`solo_d2.data.shapes`) are always registered.
+``shapes_train`` / ``shapes_val`` / ``shapes_val_large`` datasets (see :mod:`solo_d2.data.shapes`)
+are always registered.
 """
 
 import argparse
@@ -123,8 +124,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar=SPEC_FORM,
         help="register a COCO-format instance segmentation dataset under NAME (repeatable); "
-        "DATASETS.TRAIN / DATASETS.TEST can then name it. The synthetic shapes_train and "
-        "shapes_val datasets are always available.",
+        "DATASETS.TRAIN / DATASETS.TEST can then name it. The synthetic shapes_train, "
+        "shapes_val and shapes_val_large datasets are always available.",
     )
 
 
