@@ -13,6 +13,7 @@ from solo_d2.data.shapes import (
     CLASS_HUES,
     HUE_JITTER,
     SHAPES_CLASSES,
+    SPLITS,
     generate_shapes,
     register_shapes,
 )
@@ -212,6 +213,11 @@ def test_register_shapes(tmp_path: Path) -> None:
 
 def test_longer_split_of_the_same_seed_starts_with_the_shorter(tmp_path: Path) -> None:
     """What makes shapes_val the first 50 images of shapes_val_large (same seed, more images)."""
+    (_, n_val, seed_val), (_, n_large, seed_large) = (
+        SPLITS["shapes_val"],
+        SPLITS["shapes_val_large"],
+    )
+    assert seed_large == seed_val and n_large > n_val
     short = json.loads(Path(generate_shapes(str(tmp_path / "a"), "val", 3, 1)).read_text())
     long = json.loads(Path(generate_shapes(str(tmp_path / "b"), "val_large", 5, 1)).read_text())
     assert long["images"][:3] == short["images"] and len(long["images"]) == 5
