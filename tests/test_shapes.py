@@ -218,8 +218,10 @@ def test_longer_split_of_the_same_seed_starts_with_the_shorter(tmp_path: Path) -
         SPLITS["shapes_val_large"],
     )
     assert seed_large == seed_val and n_large > n_val
-    short = json.loads(Path(generate_shapes(str(tmp_path / "a"), "val", 3, 1)).read_text())
-    long = json.loads(Path(generate_shapes(str(tmp_path / "b"), "val_large", 5, 1)).read_text())
+    short = json.loads(Path(generate_shapes(str(tmp_path / "a"), "val", 3, seed_val)).read_text())
+    long = json.loads(
+        Path(generate_shapes(str(tmp_path / "b"), "val_large", 5, seed_large)).read_text()
+    )
     assert long["images"][:3] == short["images"] and len(long["images"]) == 5
     n = len(short["annotations"])
     assert long["annotations"][:n] == short["annotations"]
