@@ -20,8 +20,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from solo_d2.checkpoint import AtomicCheckpointer
+from solo_d2.config import ConfigError, check_config, load_config
 from solo_d2.data.datasets import add_dataset_arguments, register_datasets_from_args
-from solo_d2.engine import ConfigError, Trainer, check_config, load_config
+from solo_d2.engine import Trainer
 
 
 def setup(args):

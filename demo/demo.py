@@ -41,9 +41,9 @@ from pycocotools import mask as mask_util
 from tqdm import tqdm
 
 from solo_d2.atomic_io import atomic_write_json
+from solo_d2.config import ConfigError, load_config, merge_config_opts
 from solo_d2.data.images import read_image
 from solo_d2.data.shapes import register_shapes
-from solo_d2.engine import ConfigError, load_config, merge_config_opts
 from solo_d2.export.exporter import OnnxNotInstalledError
 from solo_d2.export.runtime import ONNXModelError, ONNXRuntimePredictor
 

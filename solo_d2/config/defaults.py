@@ -72,18 +72,18 @@ def add_solo_config(cfg: CN) -> None:
     _C.MODEL.SOLO.INFERENCE_CHUNK_SIZE = 256
     # Final detections per image come from the standard key TEST.DETECTIONS_PER_IMAGE (100).
     # Images per batch of the evaluation loader. Images with the same padded size run through
-    # the network together; each image's result is the same as alone (README "Speed").
+    # the network together; each image's result is the same as alone.
     _C.TEST.IMS_PER_BATCH = 1
     # ---- speed ---------------------------------------------------------------------------------
-    # Store the model's conv weights channels-last (NHWC). Same results up to float rounding; a
-    # training iteration of the quickstart model on 2 CPU cores is ~5% faster (README "Speed").
+    # Store the model's conv weights channels-last (NHWC): same results up to float rounding,
+    # faster convolutions on CPU (measured in docs/benchmarks.md).
     _C.MODEL.SOLO.CHANNELS_LAST = False
 
     # ---- solver --------------------------------------------------------------------------------
     # "SGD" (detectron2's, the published recipes) or "ADAMW" (BASE_LR, WEIGHT_DECAY as usual).
     _C.SOLVER.OPTIMIZER = "SGD"
 
-    # ---- data checks (solo_d2/data/validation.py, README "Reliability") ------------------------
+    # ---- data checks (solo_d2/data/validation.py, docs/reliability.md) ------------------------
     # False: a training image or annotation that fails the checks (unreadable file, empty or
     # invalid mask, box outside the image, unknown category, ...) is skipped with a warning that
     # counts and names it. True: any such fault in the training data is an error.

@@ -1,0 +1,196 @@
+"""Training with detectron2's ``DefaultTrainer``: the SOLO mapper, atomic checkpoints, checked data.
+
+Safeguards of :class:`Trainer`:
+* the config is checked (:func:`solo_d2.config.check_config`) before the model is built;
+* checkpoints are written atomically (:class:`solo_d2.checkpoint.AtomicCheckpointer`);
+* faulty training data is reported, or refused with ``DATASETS.STRICT``;
+* on resume, ``metrics.json`` is trimmed back to the resumed iteration;
+* a NaN or infinite loss names the last checkpoint on disk.
+"""
+
+import json
+import logging
+import os
+import weakref
+from typing import Iterable
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import create_ddp_model as _d2_create_ddp_model
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
+
+from ..atomic_io import atomic_write_json, remove_stale_temporaries
+from ..checkpoint import AtomicCheckpointer
+from ..config import check_config
+from ..data.dataset_mapper import SOLODatasetMapper
+from ..data.validation import DatasetError, summarize_faults
+from ..evaluation import SOLOCOCOEvaluator
+
+__all__ = ["Trainer", "create_ddp_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """detectron2's ``create_ddp_model``, which also works for a model on the CPU.
+
+    detectron2 always passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
+    for CPU modules; without device ids, multi-process (GLOO) training on CPU works.
+    """
+    params = next(model.parameters(), None)
+    if params is not None and params.device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+def _trim_metrics(path: str, start_iter: int) -> int:
+    """Cut ``metrics.json`` after its last complete record of an iteration before ``start_iter``.
+
+    A run killed mid-write leaves a partial last line, and the records of iterations after its
+    last checkpoint describe training that resuming repeats. The file is truncated in place
+    (detectron2's JSONWriter keeps it open for appending). Returns the number of bytes removed.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        content = f.read()
+    keep = 0
+    for line in content.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(record, dict) or record.get("iteration", -1) >= start_iter:
+            break
+        keep += len(line)
+    if keep < len(content):
+        os.truncate(path, keep)
+    return len(content) - keep
+
+
+def _report_training_faults(cfg: CfgNode, names: Iterable[str]) -> None:
+    """Log the faults of the training datasets, list them in OUTPUT_DIR; raise when strict."""
+    for name in names:
+        faults = MetadataCatalog.get(name).get("data_faults", None)
+        if not faults:
+            continue
+        if cfg.DATASETS.STRICT:
+            raise DatasetError(
+                f"Training dataset {name!r} has {len(faults)} faulty annotations or images and "
+                f"DATASETS.STRICT is on (set it False to skip them with a warning):\n"
+                + summarize_faults(faults)
+            )
+        listing = os.path.join(cfg.OUTPUT_DIR, f"data_faults_{name}.json")
+        if comm.is_main_process():
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+            atomic_write_json(listing, [f.to_dict() for f in faults], indent=1, default=str)
+        logger.warning(
+            f"Training dataset {name!r}: {len(faults)} faulty annotations or images are left "
+            f"out (listed in {listing}; DATASETS.STRICT True makes them errors)"
+        )
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with SOLO targets in the data loader and COCO segm + bbox evaluation
+    (see the module docstring for its safeguards)."""
+
+    def __init__(self, cfg: CfgNode):
+        """``DefaultTrainer.__init__`` with two differences: the model is wrapped by
+        :func:`create_ddp_model` (CPU processes work) and checkpoints are atomic."""
+        check_config(cfg, check_weights=False)  # before the model is built
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD, or AdamW when ``SOLVER.OPTIMIZER`` is "ADAMW" (used to train from
+        scratch quickly, e.g. the quickstart); gradient clipping applies to both."""
+        if cfg.SOLVER.OPTIMIZER.upper() == "SGD":
+            return super().build_optimizer(cfg, model)
+        if cfg.SOLVER.OPTIMIZER.upper() != "ADAMW":
+            raise ValueError(
+                f"SOLVER.OPTIMIZER must be 'SGD' or 'ADAMW', got {cfg.SOLVER.OPTIMIZER!r}"
+            )
+        params = get_default_optimizer_params(model, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM)
+        adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
+        return adamw(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        _report_training_faults(cfg, cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, mapper=SOLODatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg,
+            dataset_name,
+            mapper=SOLODatasetMapper(cfg, False),
+            batch_size=cfg.TEST.IMS_PER_BATCH,
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return SOLOCOCOEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
+
+    def resume_or_load(self, resume: bool = True):
+        """detectron2's resume_or_load; on resume also removes partial files a killed run left
+        and trims ``metrics.json`` back to the iterations before the resumed one."""
+        if resume and comm.is_main_process() and os.path.isdir(self.cfg.OUTPUT_DIR):
+            remove_stale_temporaries(self.cfg.OUTPUT_DIR)
+        super().resume_or_load(resume=resume)
+        if resume and self.start_iter > 0 and comm.is_main_process():
+            removed = _trim_metrics(
+                os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter
+            )
+            if removed:
+                logger.info(
+                    f"Trimmed {removed} bytes of metrics.json records from iteration "
+                    f"{self.start_iter} on (written after the last checkpoint, or partial)"
+                )
+
+    def train(self):
+        try:
+            return super().train()
+        except FloatingPointError as e:
+            last = (
+                self.checkpointer.get_checkpoint_file()
+                if self.checkpointer.has_checkpoint()
+                else ""
+            )
+            note = (
+                f"The last checkpoint on disk is {last} (written before the non-finite loss); "
+                "after fixing the cause, continue from it with --resume."
+                if last
+                else "No checkpoint was written before the non-finite loss."
+            )
+            logger.error(note)
+            if hasattr(e, "add_note"):  # Python >= 3.11: shown under the traceback
+                e.add_note(note)
+            raise

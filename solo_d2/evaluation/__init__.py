@@ -1,0 +1,5 @@
+"""Evaluators of SOLO-family models."""
+
+from .coco_evaluation import SOLOCOCOEvaluator
+
+__all__ = ["SOLOCOCOEvaluator"]
