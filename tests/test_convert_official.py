@@ -1,11 +1,13 @@
-"""tools/convert_official_solo.py on state dicts laid out as the official SOLO checkpoints.
+"""solo_d2.checkpoint.official (and its command line, tools/convert_official_solo.py) on state
+dicts laid out as the official SOLO checkpoints (WXinlong/SOLO, mmdetection v1).
 
 The official state dicts are generated here from the mmdetection-v1 module structure (torchvision
-ResNet, ConvModule ``conv``/``gn``, DCN ``conv.conv_offset``; solo_spec.md §8.2), independently of
-the converter's rules, and their head key counts are checked against the counts the spec dumped
-from the real classes. After conversion the model built from the written config must load them
-with no missing or unexpected key, every tensor must land exactly once, and hand-picked tensors
-must land where they should.
+ResNet, mmcv ConvModule ``conv``/``gn``, DCN ``conv.conv_offset``), independently of the
+converter's rules, and their head key counts are checked against the key counts of the real
+heads (SOLOHead, DecoupledSOLOHead, DecoupledSOLOLightHead, SOLOv2Head + MaskFeatHead of
+WXinlong/SOLO). After conversion the model built from the written config must load them with no
+missing or unexpected key, every tensor must land exactly once, and hand-picked tensors must land
+where they should.
 """
 
 import subprocess
@@ -16,13 +18,10 @@ import torch
 import yaml
 from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from solo_d2 import add_solo_config
-
-sys.path.insert(0, str(REPO / "tools"))
-import convert_official_solo as conv  # noqa: E402
+from solo_d2.checkpoint import official as conv
+from solo_d2.config import load_config
 
 GRIDS = [40, 36, 24, 16, 12]
 _G = torch.Generator().manual_seed(0)
@@ -153,7 +152,7 @@ def head_keys(sd):
 
 R50_FPN = [256, 512, 1024, 2048]
 CASES = {
-    # name: (official checkpoint, spec §8.2 head key count, expected matching config)
+    # name (also of the matching config): (official checkpoint, head key count of the real heads)
     "SOLO_R50_3x": (lambda: official(torchvision_resnet(50), fpn(R50_FPN), solo_head()), 54),
     "Decoupled_SOLO_R50_3x": (
         lambda: official(torchvision_resnet(50), fpn(R50_FPN), decoupled_head()), 85,
@@ -172,11 +171,11 @@ CASES = {
     ),
     "SOLOv2_Light_448_R18_3x": (
         lambda: official(torchvision_resnet(18), fpn([64, 128, 256, 512]),
-                         solov2_heads(2, 256, 128)), 40,  # 2-conv towers (not in the dump)
+                         solov2_heads(2, 256, 128)), 40,  # 2-conv towers
     ),
 }  # fmt: skip
 
-# official key -> converted key, written out by hand from solo_spec.md §8.3
+# official key -> converted key, written out by hand from the module names of both implementations
 HAND_CHECKS = {
     "backbone.conv1.weight": "backbone.bottom_up.stem.conv1.weight",
     "backbone.bn1.running_var": "backbone.bottom_up.stem.conv1.norm.running_var",
@@ -214,11 +213,7 @@ HAND_CHECKS = {
 
 
 def load_written_config(yaml_path):
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.merge_from_file(str(yaml_path))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return load_config(str(yaml_path), ["MODEL.DEVICE", "cpu"])
 
 
 def fingerprint(x: torch.Tensor):
@@ -229,11 +224,11 @@ def fingerprint(x: torch.Tensor):
 def test_convert_and_load(name, tmp_path):
     make, head_count = CASES[name]
     ckpt = make()
-    assert len(head_keys(ckpt["state_dict"])) == head_count  # the spec's dump of the real heads
+    assert len(head_keys(ckpt["state_dict"])) == head_count  # the key count of the real heads
     src = tmp_path / f"{name}.pth"
     torch.save(ckpt, src)
     dst = tmp_path / "out" / "model_final.pth"
-    state, settings, yaml_path = conv.convert(src, dst)
+    yaml_path = conv.convert(src, dst).yaml_path
     written = yaml.safe_load(yaml_path.read_text())
     assert written["_BASE_"].endswith(f"configs/{name}.yaml")
     assert (
@@ -279,8 +274,8 @@ def test_imagenet_backbones_for_the_torchvision_configs(tmp_path):
     r18 |= {"fc.weight": t(1000, 512), "fc.bias": t(1000)}
     src, dst = tmp_path / "resnet18-f37072fd.pth", tmp_path / "R-18-torchvision.pth"
     torch.save(r18, src)
-    state, settings, yaml_path = conv.convert(src, dst)
-    assert yaml_path is None and settings["MODEL.RESNETS.DEPTH"] == 18
+    result = conv.convert(src, dst)
+    assert result.yaml_path is None and result.settings["MODEL.RESNETS.DEPTH"] == 18
     cfg = load_written_config(REPO / "configs" / "SOLOv2_Light_448_R18_3x.yaml")
     backbone = {
         k[len("backbone.bottom_up.") :]: v
@@ -315,15 +310,15 @@ def test_unknown_keys_fail_and_write_nothing(tmp_path):
     assert not dst.exists() and not dst.with_suffix(".yaml").exists()
 
 
-def test_verify_reports_what_does_not_load():
+def test_loading_problems_reports_what_does_not_load():
     ckpt = CASES["SOLOv2_Light_448_R18_3x"][0]()
     state, _, _ = conv.convert_state_dict(ckpt["state_dict"])
-    cfg = conv._load_cfg(
+    cfg = conv.settings_config(
         REPO / "configs" / "SOLOv2_Light_448_R18_3x.yaml", conv.infer_settings(state)
     )
     state.pop("ins_head.kernel_pred.bias")
     state["ins_head.cate_pred.weight"] = state["ins_head.cate_pred.weight"][:10]
-    problems = conv.verify(cfg, state)
+    problems = conv.loading_problems(cfg, state)
     assert "missing in the checkpoint: ins_head.kernel_pred.bias" in problems
     assert any(p.startswith("shape of ins_head.cate_pred.weight") for p in problems)
 

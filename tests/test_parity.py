@@ -1,4 +1,5 @@
-"""AdelaiDet parity: tools/check_parity.py on the public fixture, and direct checkpoint loading."""
+"""AdelaiDet parity (solo_d2.checkpoint.parity, tools/check_parity.py) on the public fixture, and
+direct loading of AdelaiDet's checkpoint layout."""
 
 import subprocess
 import sys
@@ -7,6 +8,8 @@ import torch
 from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+
+from solo_d2.checkpoint.parity import build_cfg, check_fixture
 
 
 def test_check_parity_tool_passes(parity_fixture_path):
@@ -19,28 +22,23 @@ def test_check_parity_tool_passes(parity_fixture_path):
     assert res.returncode == 0
     lines = [line for line in res.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(lines) == 5 and all(line.startswith("PASS") for line in lines)
+    assert res.stdout.rstrip().endswith("OK: 5/5 checks passed")
 
 
-def test_check_parity_tool_fails_on_a_wrong_reference(parity_fixture_path, tmp_path):
-    """The tool must notice a difference: perturb one reference score and one loss."""
+def test_parity_check_fails_on_a_wrong_reference(parity_fixture_path):
+    """The check must notice a difference: perturb one reference score and one loss."""
     fixture = torch.load(parity_fixture_path, weights_only=True)
     fixture["inference"][0]["scores"][3] += 0.01
     fixture["train"]["losses"]["loss_ins"] *= 1.01
-    bad = tmp_path / "bad.pt"
-    torch.save(fixture, bad)
-    res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "check_parity.py"), str(bad)],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 1
-    assert res.stdout.count("FAIL ") == 2
+    checks = check_fixture(fixture)
+    failed = [c for c in checks if not c.ok]
+    assert [c.line.split(" (")[0] for c in failed] == ["inference case 0", "training batch"]
+    assert "max score error" in failed[0].problems[0]
+    assert failed[1].problems == [f"loss_mask relative error {1 - 1 / 1.01:.2e} > 0.001"]
+    assert str(failed[0]).startswith("FAIL inference case 0")
 
 
 def test_adelaidet_checkpoint_loads_through_detectron2_checkpointer(parity_fixture_path, tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    from check_parity import build_cfg
-
     fixture = torch.load(parity_fixture_path, weights_only=True)
     cfg = build_cfg(fixture)
     cfg.MODEL.DEVICE = "cpu"

@@ -19,13 +19,11 @@ mask IoU >= 0.99); the exit status is 1 when they differ. ONNX verification need
 import argparse
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +33,8 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from solo_d2.engine import load_config  # noqa: E402
+from solo_d2.benchmark.timing import time_fn  # noqa: E402
+from solo_d2.config import load_config  # noqa: E402
 from solo_d2.export import (  # noqa: E402
     DEFORM_CONV_OPSET,
     MIN_OPSET,
@@ -44,78 +43,45 @@ from solo_d2.export import (  # noqa: E402
     check_standard_onnx,
     export_onnx,
     export_torchscript,
+    load_exported,
     min_opset_for,
+    sample_images,
+    second_size,
+    verify_export,
 )
-from solo_d2.export.compare import compare_detections  # noqa: E402
+from solo_d2.export.runtime import ONNXModelError  # noqa: E402
 
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="model config")
-    parser.add_argument("--format", required=True, choices=sorted(FILE_NAMES))
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write to")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        metavar="B",
+    add = parser.add_argument
+    add("--config-file", required=True, metavar="FILE", help="model config")
+    add("--format", required=True, choices=sorted(FILE_NAMES))
+    add("--output", required=True, metavar="DIR", help="folder to write to")
+    add("--batch-size", type=int, default=None, metavar="B",
         help="export a fixed batch dimension: input (B, 3, H, W), outputs concatenated with an "
-        "image_index output (default: one (3, H, W) image)",
-    )
-    parser.add_argument(
-        "--sample-image",
-        metavar="FILE",
+        "image_index output (default: one (3, H, W) image)")  # fmt: skip
+    add("--sample-image", metavar="FILE",
         help="image to trace and verify on, resized by the config's test size (default: a "
-        "deterministic noise image of the test size)",
-    )
-    parser.add_argument(
-        "--opset",
-        type=int,
-        default=None,
+        "deterministic noise image of the test size)")  # fmt: skip
+    add("--opset", type=int, default=None,
         help=f"ONNX opset (default: {MIN_OPSET}, or {DEFORM_CONV_OPSET} for models with "
-        "deformable convolutions, whose ONNX DeformConv op needs it)",
-    )
-    parser.add_argument(
-        "--device",
-        default="cpu",
+        "deformable convolutions, whose ONNX DeformConv op needs it)")  # fmt: skip
+    add("--device", default="cpu",
         help="device to trace on (default cpu); a TorchScript model runs on the device it was "
-        "traced on",
-    )
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip running the export against PyTorch"
-    )
-    parser.add_argument(
-        "--benchmark",
-        type=int,
-        default=0,
-        metavar="RUNS",
+        "traced on")  # fmt: skip
+    add("--no-verify", action="store_true", help="skip running the export against PyTorch")
+    add("--benchmark", type=int, default=0, metavar="RUNS",
         help="after verifying, time RUNS calls (after 2 warm-up calls) of the PyTorch model and "
-        "of the export on the sample input and print the median and min latency",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="T",
+        "of the export on the sample input and print the median and min latency")  # fmt: skip
+    add("--threads", type=int, default=None, metavar="T",
         help="intra-op threads of PyTorch and ONNX Runtime (default: their own defaults)",
-    )
-    parser.add_argument(
-        "--opts",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth",
-    )
+    )  # fmt: skip
+    add("--opts", nargs=argparse.REMAINDER, default=[],
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")  # fmt: skip
     return parser
-
-
-def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    """The config of --config-file and --opts on --device (ConfigError: one line on a mistake)."""
-    cfg = load_config(args.config_file, args.opts)
-    cfg.MODEL.DEVICE = args.device
-    cfg.freeze()
-    return cfg
 
 
 def build_loaded_model(cfg: CfgNode) -> torch.nn.Module:
@@ -135,77 +101,31 @@ def build_loaded_model(cfg: CfgNode) -> torch.nn.Module:
     return model
 
 
-def test_size(cfg: CfgNode):
-    """(h, w): the config's test resize applied to a 3:4 landscape image."""
-    short, longest = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
-    long_side = min(int(round(short * 4 / 3)), longest)
-    return short, long_side
+def describe(args: argparse.Namespace, cfg: CfgNode, wrapper: SOLOExportable, opset: int) -> Dict:
+    """export.json: the exported model's interface and where it came from."""
+    resize = {"min_size": cfg.INPUT.MIN_SIZE_TEST, "max_size": cfg.INPUT.MAX_SIZE_TEST}
+    return {
+        "format": args.format, "file": FILE_NAMES[args.format],
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "head": cfg.MODEL.SOLO.get("HEAD", "SOLOv2InstanceHead"),
+        "config_file": str(Path(args.config_file).resolve()), "weights": cfg.MODEL.WEIGHTS,
+        "input": {
+            "name": "image", "shape": (["B"] if args.batch_size else []) + [3, "H", "W"],
+            "batch_size": args.batch_size, "format": cfg.INPUT.FORMAT,
+            "range": "0-255, float32", "test_resize": resize,
+        },
+        "outputs": wrapper.output_names, "num_classes": cfg.MODEL.SOLO.NUM_CLASSES,
+        "opset": opset if args.format == "onnx" else None,
+        "traced_on": str(wrapper.model.pixel_mean.device), "torch": torch.__version__,
+    }  # fmt: skip
 
 
-def sample_images(cfg: CfgNode, path: Optional[str], count: int) -> List[torch.Tensor]:
-    """``count`` model inputs (3, h, w) float32 of one size: the sample image (and flipped /
-    shifted copies of it for a batch) or deterministic noise."""
-    import detectron2.data.transforms as T
-    from detectron2.data.detection_utils import read_image
-
-    if path is not None:
-        if not Path(path).is_file():
-            raise ValueError(f"--sample-image {path}: no such file")
-        image = read_image(path, format=cfg.INPUT.FORMAT)
-        aug = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        )
-        image = aug.get_transform(image).apply_image(image)
-        base = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
-    else:
-        h, w = test_size(cfg)
-        g = torch.Generator().manual_seed(0)
-        base = torch.randint(0, 256, (3, h, w), generator=g).to(torch.float32)
-    variants = [base, base.flip(-1), base.flip(-2), base.roll(base.shape[-1] // 3, -1)]
-    return [variants[i % len(variants)] for i in range(count)]
-
-
-def second_size(images: List[torch.Tensor]) -> List[torch.Tensor]:
-    """The images resized to about 3/4 of their size, to odd dimensions (another padding)."""
-    h, w = images[0].shape[-2:]
-    size = (max(h * 3 // 4 | 1, 33), max(w * 3 // 4 | 1, 33))
-    return [
-        torch.nn.functional.interpolate(x[None], size=size, mode="bilinear")[0].round()
-        for x in images
-    ]
-
-
-def verify(model, exported_run, images: List[torch.Tensor], batched: bool) -> bool:
-    """Run the PyTorch model and the export on ``images`` (one size); print and return agreement."""
-    device = model.pixel_mean.device
-    with torch.no_grad():
-        refs = [model([{"image": x.to(device)}])[0]["instances"].to("cpu") for x in images]
-    outputs = exported_run(torch.stack(images) if batched else images[0])
-    ok = True
-    for i, ref in enumerate(refs if batched else refs[:1]):
-        scores, classes, masks = outputs[:3]
-        if batched:
-            sel = outputs[3] == i
-            scores, classes, masks = scores[sel], classes[sel], masks[sel]
-        agreement = compare_detections(ref, scores, classes, masks)
-        h, w = images[i].shape[-2:]
-        print(f"{'PASS' if agreement.ok else 'FAIL'} image {i} ({h}x{w}): {agreement}")
-        ok &= agreement.ok
-    return ok
-
-
-def benchmark(name: str, fn, runs: int) -> None:
+def print_latency(name: str, fn: Callable[[], object], runs: int, device: torch.device) -> None:
     """Print the median and min wall time of ``runs`` calls of ``fn`` after 2 warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(runs):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
+    r = time_fn(fn, repeats=runs, warmup=2, device=device)
     print(
-        f"latency {name}: median {1000 * statistics.median(times):.1f} ms, "
-        f"min {1000 * min(times):.1f} ms over {runs} runs"
+        f"latency {name}: median {1000 * r['median_s']:.1f} ms, "
+        f"min {1000 * r['min_s']:.1f} ms over {runs} runs"
     )
 
 
@@ -222,7 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        cfg = setup_cfg(args)
+        cfg = load_config(args.config_file, args.opts)  # ConfigError: one line on a mistake
+        cfg.MODEL.DEVICE = args.device
+        cfg.freeze()
         model = build_loaded_model(cfg)
         wrapper = SOLOExportable(model, batch_size=args.batch_size)
         opset = args.opset or min_opset_for(wrapper)
@@ -249,61 +171,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - tic:.1f} s"
     )
-    info = {
-        "format": args.format,
-        "file": path.name,
-        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
-        "head": cfg.MODEL.SOLO.get("HEAD", "SOLOv2InstanceHead"),
-        "config_file": str(Path(args.config_file).resolve()),
-        "weights": cfg.MODEL.WEIGHTS,
-        "input": {
-            "name": "image",
-            "shape": (["B"] if args.batch_size else []) + [3, "H", "W"],
-            "batch_size": args.batch_size,
-            "format": cfg.INPUT.FORMAT,
-            "range": "0-255, float32",
-            "test_resize": {
-                "min_size": cfg.INPUT.MIN_SIZE_TEST,
-                "max_size": cfg.INPUT.MAX_SIZE_TEST,
-            },
-        },
-        "outputs": wrapper.output_names,
-        "num_classes": cfg.MODEL.SOLO.NUM_CLASSES,
-        "opset": opset if args.format == "onnx" else None,
-        "traced_on": str(device),
-        "torch": torch.__version__,
-    }
-    (out_dir / "export.json").write_text(json.dumps(info, indent=2))
+    (out_dir / "export.json").write_text(json.dumps(describe(args, cfg, wrapper, opset), indent=2))
     if args.no_verify:
         return 0
 
-    if args.format == "torchscript":
-        loaded = torch.jit.load(str(path), map_location=device)
-
-        def run(x):
-            with torch.no_grad():
-                return [t.cpu() for t in loaded(x.to(device))]
-
-    else:
-        try:
+    try:
+        if args.format == "onnx":
             ops = check_standard_onnx(path, opset)
             print(f"PASS ONNX checker, opset {opset}, standard ops only: {', '.join(ops)}")
-            from solo_d2.export.runtime import ONNXRuntimeModel
-
-            session = ONNXRuntimeModel(path, num_threads=args.threads)
-        except OnnxNotInstalledError as e:
-            print(f"verification skipped: {e}", file=sys.stderr)
-            return 0
-        except ValueError as e:
-            print(f"FAIL {e}", file=sys.stderr)
-            return 1
-
-        def run(x):
-            out = session.run(x)
-            return [torch.from_numpy(np.asarray(out[name])) for name in wrapper.output_names]
-
-    ok = verify(model, run, images, bool(args.batch_size))
-    ok &= verify(model, run, second_size(images), bool(args.batch_size))
+        run = load_exported(path, wrapper.output_names, device, args.threads)
+        results = [
+            result
+            for batch in (images, second_size(images))
+            for result in verify_export(model, run, batch, bool(args.batch_size))
+        ]
+    except OnnxNotInstalledError as e:
+        print(f"verification skipped: {e}", file=sys.stderr)
+        return 0
+    except (ValueError, ONNXModelError) as e:  # ValueError: not a standard graph, mask sizes
+        print(f"FAIL {e}", file=sys.stderr)
+        return 1
+    print("\n".join(map(str, results)))
+    ok = all(r.ok for r in results)
     print("OK: the export matches PyTorch" if ok else "FAILED: the export differs from PyTorch")
     if args.benchmark:
         h, w = images[0].shape[-2:]
@@ -313,8 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"benchmark: {len(images)} x 3 x {h} x {w} input, {threads}, {device}")
         inputs = [{"image": x.to(device)} for x in images]
         with torch.no_grad():
-            benchmark("PyTorch", lambda: model(inputs), args.benchmark)
-        benchmark(args.format, lambda: run(sample), args.benchmark)
+            print_latency("PyTorch", lambda: model(inputs), args.benchmark, device)
+        print_latency(args.format, lambda: run(sample), args.benchmark, device)
     return 0 if ok else 1
 
 

@@ -12,7 +12,7 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .atomic_io import atomic_open, atomic_write_text
+from ..atomic_io import atomic_open, atomic_write_text
 
 __all__ = ["AtomicCheckpointer"]
 

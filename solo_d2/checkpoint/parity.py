@@ -1,0 +1,195 @@
+"""Parity with AdelaiDet's SOLOv2 (aim-uofa/AdelaiDet): this implementation against its outputs.
+
+A parity fixture (``torch.load(path, weights_only=True)``) is a dict recording what AdelaiDet's
+SOLOv2 computes with a small checkpoint in its own key layout:
+
+* ``config``: ``solov2`` (every ``MODEL.SOLOV2.*`` value, nested for ``LOSS``), ``resnets``
+  (``depth``, ``res2_out_channels``), ``fpn_out_channels``, ``pixel_mean``, ``pixel_std``;
+* ``checkpoint``: ``{"model": state_dict}`` with AdelaiDet's key names (float16 tensors);
+* ``inference``: cases of ``image`` (uint8 (3, H, W) BGR, the model input), ``height`` and
+  ``width`` (the output size), and AdelaiDet's ``scores`` (N,) in descending order,
+  ``pred_classes`` (N,) and ``pred_masks_rle`` (N COCO RLEs at height x width);
+* ``train`` (optional): ``batch``, images with ``gt_boxes`` (M, 4) XYXY, ``gt_classes`` (M,) and
+  ``gt_masks`` (M, H, W) bool, and AdelaiDet's ``losses`` (``loss_ins``, ``loss_cate``) on it.
+
+Tolerances: scores within :data:`SCORE_TOL`, identical classes in the same order, every mask IoU
+at least :data:`MIN_IOU`, losses within :data:`LOSS_RTOL` relative.
+"""
+
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from ..config import add_solo_config
+from ..modeling.targets import instance_targets
+from .adelaidet import apply_adelaidet_solov2_config
+
+__all__ = [
+    "LOSS_RTOL",
+    "MIN_IOU",
+    "SCORE_TOL",
+    "ParityCheck",
+    "build_cfg",
+    "check_fixture",
+    "check_inference",
+    "check_loading",
+    "check_training",
+    "load_model",
+]
+
+SCORE_TOL, MIN_IOU, LOSS_RTOL = 1e-3, 0.99, 1e-3
+
+Fixture = Dict[str, Any]
+
+
+@dataclass
+class ParityCheck:
+    """One check: what was compared (``line``) and the tolerances it broke (``problems``)."""
+
+    line: str
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"PASS {self.line}"
+        return f"FAIL {self.line} -- " + "; ".join(self.problems)
+
+
+def build_cfg(fixture: Fixture) -> CfgNode:
+    """This project's config of the fixture's AdelaiDet SOLOv2 (ResNet-FPN backbone)."""
+    c = fixture["config"]
+    cfg = get_cfg()
+    add_solo_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "SOLOv2"
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.RESNETS.DEPTH = c["resnets"]["depth"]
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = c["resnets"]["res2_out_channels"]
+    cfg.MODEL.FPN.OUT_CHANNELS = c["fpn_out_channels"]
+    cfg.MODEL.PIXEL_MEAN = list(c["pixel_mean"])
+    cfg.MODEL.PIXEL_STD = list(c["pixel_std"])
+    apply_adelaidet_solov2_config(cfg, c["solov2"])
+    return cfg
+
+
+def load_model(fixture: Fixture, device: str) -> Tuple[nn.Module, Tuple[List[str], List[str]]]:
+    """The fixture's model on ``device`` with its checkpoint loaded in float32 through
+    detectron2's checkpointer, and the (missing, unexpected) keys of that load."""
+    cfg = build_cfg(fixture)
+    cfg.MODEL.DEVICE = device
+    model = build_model(cfg)
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in fixture["checkpoint"]["model"].items()
+    }
+    with tempfile.NamedTemporaryFile(suffix=".pth") as f:
+        torch.save({"model": state}, f.name)
+        DetectionCheckpointer(model).load(f.name)
+    own = set(model.state_dict())
+    return model, (sorted(own - set(state)), sorted(set(state) - own))
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (H, W) bool masks; 1 when both are empty."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def check_loading(fixture: Fixture, incompatible: Tuple[List[str], List[str]]) -> ParityCheck:
+    """Every checkpoint tensor is a model tensor and the other way round."""
+    missing, unexpected = incompatible
+    line = (
+        f"checkpoint: {len(fixture['checkpoint']['model'])} tensors loaded, missing {missing}, "
+        f"unexpected {unexpected}"
+    )
+    return ParityCheck(line, ["keys differ"] if missing or unexpected else [])
+
+
+def check_inference(model: nn.Module, case: Dict[str, Any], index: int) -> ParityCheck:
+    """The model's detections on one inference case against AdelaiDet's, in order."""
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": case["image"], "height": case["height"], "width": case["width"]}])
+    inst = out[0]["instances"].to("cpu")
+    ref_scores, ref_classes = case["scores"].float(), case["pred_classes"].long()
+    problems = []
+    n = min(len(inst), len(ref_scores))
+    if len(inst) != len(ref_scores):
+        problems.append(f"{len(inst)} instances, reference {len(ref_scores)}")
+    score_err = (inst.scores[:n] - ref_scores[:n]).abs().max().item() if n else 0.0
+    same_classes = bool(torch.equal(inst.pred_classes[:n], ref_classes[:n]))
+    ref_masks = mask_util.decode(case["pred_masks_rle"][:n]) if n else np.zeros((0, 0, 0))
+    ious = [
+        _mask_iou(inst.pred_masks[i].numpy(), ref_masks[:, :, i].astype(bool)) for i in range(n)
+    ]
+    min_iou = min(ious) if ious else 1.0
+    if score_err > SCORE_TOL:
+        problems.append(f"max score error {score_err:.2e} > {SCORE_TOL}")
+    if not same_classes:
+        problems.append("classes differ")
+    if min_iou < MIN_IOU:
+        problems.append(f"min mask IoU {min_iou:.4f} < {MIN_IOU}")
+    h, w = case["image"].shape[-2:]
+    line = (
+        f"inference case {index} ({h}x{w} -> {case['height']}x{case['width']}): "
+        f"{len(inst)} instances, max |dscore| {score_err:.2e}, classes "
+        f"{'identical' if same_classes else 'DIFFER'}, min mask IoU {min_iou:.4f}"
+    )
+    return ParityCheck(line, problems)
+
+
+def _training_inputs(batch: List[Dict[str, Any]], mask_stride: int) -> List[Dict[str, Any]]:
+    """The fixture's training batch as SOLODatasetMapper would give it to the model."""
+    inputs = []
+    for item in batch:
+        valid, centers, small = instance_targets(item["gt_masks"], mask_stride)
+        inst = Instances(tuple(item["image"].shape[-2:]))
+        inst.gt_boxes = Boxes(item["gt_boxes"][valid].float())
+        inst.gt_classes = item["gt_classes"][valid].long()
+        inst.gt_centers = centers[valid]
+        inst.gt_masks_small = small[valid]
+        inputs.append({"image": item["image"], "instances": inst})
+    return inputs
+
+
+def check_training(model: nn.Module, train: Dict[str, Any]) -> ParityCheck:
+    """The model's losses on the fixture's training batch against AdelaiDet's."""
+    model.train()
+    with EventStorage():
+        losses = model(_training_inputs(train["batch"], model.mask_stride))
+    ref = train["losses"]
+    pairs = {"loss_cls": ref["loss_cate"], "loss_mask": ref["loss_ins"]}
+    problems, parts = [], []
+    for name, ref_value in pairs.items():
+        value = losses[name].item()
+        rel = abs(value - float(ref_value)) / max(abs(float(ref_value)), 1e-12)
+        parts.append(f"{name} {value:.6f} (reference {float(ref_value):.6f}, rel {rel:.1e})")
+        if rel > LOSS_RTOL:
+            problems.append(f"{name} relative error {rel:.2e} > {LOSS_RTOL}")
+    sizes = ", ".join("x".join(map(str, b["image"].shape[-2:])) for b in train["batch"])
+    return ParityCheck(f"training batch ({sizes}): " + "; ".join(parts), problems)
+
+
+def check_fixture(fixture: Fixture, device: str = "cpu") -> List[ParityCheck]:
+    """Every check of a fixture: checkpoint loading, each inference case, the training batch."""
+    model, incompatible = load_model(fixture, device)
+    checks = [check_loading(fixture, incompatible)]
+    checks += [check_inference(model, c, i) for i, c in enumerate(fixture["inference"])]
+    if "train" in fixture:
+        checks.append(check_training(model, fixture["train"]))
+    return checks
