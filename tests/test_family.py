@@ -1,9 +1,9 @@
 """The SOLO family on one engine: SOLO v1, Decoupled SOLO (and light) next to SOLOv2.
 
-Hand cases for what differs between the variants (solo_spec.md §1-§4): Decoupled SOLO's mask
-composition sigmoid(Y[i]) * sigmoid(X[j]) and its index mapping across levels, SOLO's per-cell
-maps, mask targets at stride/2 per level, last-instance-wins on shared cells; then tiny models of
-every head trained and run end to end on CPU.
+Hand cases for what differs between the variants (SOLO, Wang et al., TPAMI 2021): Decoupled
+SOLO's mask composition sigmoid(Y[i]) * sigmoid(X[j]) and its index mapping across levels,
+SOLO's per-cell maps, mask targets at stride/2 per level, last-instance-wins on shared cells;
+then tiny models of every head trained, run and exported end to end on CPU.
 """
 
 import copy
@@ -13,16 +13,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_input, tiny_cfg
+from conftest import confident_tiny_model, make_input, tiny_cfg, train_step
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from solo_d2 import mask_target_strides
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.export.compare import compare_detections
 from solo_d2.modeling.dcn import DeformConvPack
-from solo_d2.modeling.heads import DecoupledSOLOInstanceHead, SOLOInstanceHead
+from solo_d2.modeling.heads import (
+    SOLO_HEAD_REGISTRY,
+    DecoupledSOLOInstanceHead,
+    DecoupledSOLOLightInstanceHead,
+    SOLOInstanceHead,
+    SOLOv2InstanceHead,
+)
 from solo_d2.modeling.losses import dice_loss
-from solo_d2.modeling.postprocessing import cell_levels, decoupled_soft_masks, level_soft_masks
+from solo_d2.modeling.postprocessing import cell_levels
 from solo_d2.modeling.targets import (
     assign_grid_targets,
     extra_mask_targets,
@@ -58,15 +65,6 @@ def family_input(cfg, h, w, boxes=(), classes=(), seed=0):
     return x
 
 
-def train_step(model, inputs):
-    model.train()
-    model.zero_grad()
-    with EventStorage():
-        losses = model(inputs)
-    sum(losses.values()).backward()
-    return losses
-
-
 # --------------------------------------------------------------------------------------------
 # index mapping and mask composition (hand cases)
 # --------------------------------------------------------------------------------------------
@@ -77,6 +75,26 @@ def test_cell_levels_hand_case():
     levels, local = cell_levels(torch.tensor([0, 3, 4, 9, 12]), [2, 3])
     assert levels.tolist() == [0, 0, 1, 1, 1]
     assert local.tolist() == [0, 3, 0, 5, 8]
+
+
+def small_head(cls, grids):
+    return cls(
+        in_channels=8, num_classes=2, num_grids=grids, channels=8, num_convs=1, norm="",
+        prior_prob=0.01,
+    )  # fmt: skip
+
+
+def decoupled_soft_masks(x_probs, y_probs, cells, grids):
+    """The Decoupled head's soft masks of ``cells`` when its X / Y maps, levels concatenated,
+    are ``x_probs`` / ``y_probs`` (sum S_l, H, W) already at the canvas size."""
+    preds, off = [], 0
+    for s in grids:  # per level (1, [X, Y], S_l, H, W) logits
+        preds.append(
+            torch.logit(torch.stack([x_probs[off : off + s], y_probs[off : off + s]]))[None]
+        )
+        off += s
+    head = small_head(DecoupledSOLOInstanceHead, grids)
+    return head.soft_mask_fn(preds, None, 0, tuple(x_probs.shape[-2:]))(cells)
 
 
 def test_decoupled_composition_and_index_mapping_hand_case():
@@ -100,18 +118,28 @@ def test_decoupled_composition_and_index_mapping_hand_case():
 def test_decoupled_composition_is_pixelwise_product():
     """Non-constant maps: the mask is the pixel-wise product of one row map and one column map."""
     g = torch.Generator().manual_seed(0)
-    x_probs, y_probs = torch.rand(5, 4, 6, generator=g), torch.rand(5, 4, 6, generator=g)
+    x_probs = torch.rand(5, 4, 6, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    y_probs = torch.rand(5, 4, 6, generator=g, dtype=torch.float64) * 0.98 + 0.01
     out = decoupled_soft_masks(x_probs, y_probs, torch.tensor([9]), [2, 3])
     torch.testing.assert_close(out[0], y_probs[3] * x_probs[4])
+
+
+@pytest.mark.parametrize(
+    "head_cls", [SOLOInstanceHead, DecoupledSOLOInstanceHead, DecoupledSOLOLightInstanceHead]
+)
+def test_soft_masks_of_no_cells_are_empty(head_cls):
+    """n = 0 cells (nothing passed the score threshold) gives (0, Hf, Wf), not an error."""
+    head = small_head(head_cls, [2, 3])
+    feats = [torch.randn(1, 8, 4, 6), torch.randn(1, 8, 2, 3)]
+    _, mask_preds = head(feats)
+    out = head.soft_mask_fn(mask_preds, None, 0, (8, 12))(torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0, 8, 12)
 
 
 def test_decoupled_head_soft_masks_follow_the_reference_order():
     """soft_mask_fn: sigmoid each level's maps, resize them to the canvas, then multiply; level 1
     maps are at half the canvas resolution so the resize matters."""
-    head = DecoupledSOLOInstanceHead(
-        in_channels=8, num_classes=2, num_grids=[2, 3], channels=8, num_convs=1, norm="",
-        prior_prob=0.01,
-    )  # fmt: skip
+    head = small_head(DecoupledSOLOInstanceHead, [2, 3])
     g = torch.Generator().manual_seed(0)
     preds = [torch.randn(1, 2, 2, 8, 12, generator=g), torch.randn(1, 2, 3, 4, 6, generator=g)]
     fn = head.soft_mask_fn(preds, None, 0, (8, 12))
@@ -139,9 +167,11 @@ def test_decoupled_positive_masks_in_training():
 def test_solo_v1_level_soft_masks_hand_case():
     """Grids (2, 1): cell 4 is level 1's only cell; its 1x1 map of logit ln 3 -> 0.75 resized
     to the canvas stays 0.75 everywhere; cell 1 reads channel 1 of level 0."""
-    maps = [torch.zeros(4, 2, 2), torch.full((1, 1, 1), math.log(3.0))]
-    maps[0][1] = torch.tensor([[20.0, -20.0], [-20.0, 20.0]])
-    out = level_soft_masks(maps, torch.tensor([4, 1]), [2, 1], (2, 2))
+    maps = [torch.zeros(1, 4, 2, 2), torch.full((1, 1, 1, 1), math.log(3.0))]
+    maps[0][0, 1] = torch.tensor([[20.0, -20.0], [-20.0, 20.0]])
+    out = small_head(SOLOInstanceHead, [2, 1]).soft_mask_fn(maps, None, 0, (2, 2))(
+        torch.tensor([4, 1])
+    )
     torch.testing.assert_close(out[0], torch.full((2, 2), 0.75))
     torch.testing.assert_close(out[1], torch.tensor([[1.0, 0.0], [0.0, 1.0]]), atol=1e-6, rtol=0)
 
@@ -301,19 +331,15 @@ def test_batch_without_positives_keeps_every_output_in_the_graph(head_model):
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in head_params)
 
 
-def _confident(model):
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        m.ins_head.cate_pred.bias.fill_(3.0)
-        for name, p in m.ins_head.named_parameters():
-            if name.startswith(("kernel_pred.", "mask_preds")) and name.endswith("bias"):
-                p.fill_(2.0)
-    return m.eval()
+def assert_same_detections(reference, got, what):
+    """Pair detections by class, mask IoU and score (order-independent among near-ties)."""
+    agreement = compare_detections(reference, got.scores, got.pred_classes, got.pred_masks)
+    assert agreement.ok, f"{what}: {agreement}"
 
 
-def test_inference_contract_and_batching_invariance(head_model):
-    _, model = head_model
-    m = _confident(model)
+@pytest.mark.parametrize("head", HEADS)
+def test_inference_contract_and_batching_invariance(head):
+    m = confident_tiny_model(head)
     inputs = [make_input(96, 128, seed=1), make_input(64, 64, seed=2), make_input(90, 120, seed=3)]
     strip = [{k: x[k] for k in ("image", "height", "width")} for x in inputs]
     with torch.no_grad():
@@ -323,22 +349,20 @@ def test_inference_contract_and_batching_invariance(head_model):
         assert 0 < len(b) <= 100 and b.image_size == (x["height"], x["width"])
         assert b.pred_masks.dtype == torch.bool and b.pred_classes.dtype == torch.int64
         assert torch.all(b.scores[:-1] >= b.scores[1:])
-        assert len(a) == len(b) and torch.equal(a.pred_classes, b.pred_classes)
-        torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+        assert_same_detections(a, b, f"{head} batched vs alone")
 
 
-def test_inference_chunk_size_invariance(head_model):
-    _, model = head_model
-    m = _confident(model)
+@pytest.mark.parametrize("head", HEADS)
+def test_inference_chunk_size_invariance(head):
+    m = confident_tiny_model(head)
     x = [{k: v for k, v in make_input(96, 96, seed=4).items() if k != "instances"}]
     with torch.no_grad():
         m.inference_args["chunk_size"] = 37
         small = m(x)[0]["instances"]
         m.inference_args["chunk_size"] = 100000
         whole = m(x)[0]["instances"]
-    assert len(small) == len(whole) > 0
-    torch.testing.assert_close(small.scores, whole.scores)
-    assert torch.equal(small.pred_masks, whole.pred_masks)
+    assert len(whole) > 0
+    assert_same_detections(whole, small, f"{head} chunks of 37 vs one chunk")
 
 
 @pytest.mark.parametrize("head", ["SOLOInstanceHead", "DecoupledSOLOLightInstanceHead"])
@@ -402,3 +426,48 @@ def test_bad_family_config_values_raise_clear_errors(key, value, match):
     cfg.MODEL.SOLO[key] = value
     with pytest.raises(ValueError, match=match):
         build_model(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# a user's head: a subclass registered under its own name exports with no change to solo_d2
+# --------------------------------------------------------------------------------------------
+
+SHIPPED_HEADS = {
+    "SOLOv2InstanceHead": SOLOv2InstanceHead,
+    "SOLOInstanceHead": SOLOInstanceHead,
+    "DecoupledSOLOInstanceHead": DecoupledSOLOInstanceHead,
+    "DecoupledSOLOLightInstanceHead": DecoupledSOLOLightInstanceHead,
+}
+
+
+def user_head(base_name: str) -> str:
+    """Register ``My<base>``, a subclass of a shipped head that changes nothing, as a user would."""
+    name = f"My{base_name}"
+    if name not in SOLO_HEAD_REGISTRY:
+        SOLO_HEAD_REGISTRY.register(type(name, (SHIPPED_HEADS[base_name],), {}))
+    return name
+
+
+@pytest.mark.parametrize("base", HEADS)
+def test_user_registered_head_subclass_exports(base, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")  # noqa: F841 (the runner needs it)
+    from solo_d2.export import SOLOExportable, export_onnx, export_torchscript
+    from solo_d2.export.runtime import ONNXRuntimeModel
+
+    model = confident_tiny_model(user_head(base))
+    assert type(model.ins_head).__name__ == f"My{base}"
+    image = make_input(96, 128, seed=1)["image"].float()
+    with torch.no_grad():
+        ref = model([{"image": image}])[0]["instances"]
+    assert len(ref) > 0
+    traced = export_torchscript(SOLOExportable(model), image, tmp_path / "m.ts")
+    export_onnx(SOLOExportable(model), image, tmp_path / "m.onnx")
+    with torch.no_grad():
+        ts_out = traced(image)
+    onnx_out = ONNXRuntimeModel(tmp_path / "m.onnx").run(image)
+    for what, (scores, classes, masks) in {
+        "torchscript": ts_out,
+        "onnx": (onnx_out["scores"], onnx_out["classes"], onnx_out["masks"]),
+    }.items():
+        agreement = compare_detections(ref, scores, classes, masks)
+        assert agreement.ok, f"{base} subclass, {what}: {agreement}"

@@ -1,4 +1,4 @@
-"""Hand-checked tests of the SOLO losses (solo_spec.md §3): dice loss and category focal loss."""
+"""Hand-checked tests of the SOLO losses: dice loss and category focal loss."""
 
 import math
 

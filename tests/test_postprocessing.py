@@ -1,4 +1,4 @@
-"""Hand-checked tests of SOLOv2 inference post-processing (solo_spec.md §4 and §7)."""
+"""Hand-checked tests of SOLOv2 inference post-processing."""
 
 import math
 
@@ -11,7 +11,7 @@ from solo_d2.modeling.postprocessing import (
     matrix_nms,
     point_nms,
     resize_masks,
-    solov2_postprocess,
+    solo_postprocess,
 )
 
 
@@ -236,7 +236,7 @@ def test_resize_masks_half_boundary_and_chunks():
 
 
 # --------------------------------------------------------------------------------------------
-# solov2_postprocess
+# solo_postprocess (SOLOv2-style masks: kernels on mask features)
 # --------------------------------------------------------------------------------------------
 
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 0.75, sigmoid(-ln 3) = 0.25
@@ -277,7 +277,13 @@ def constructed_case():
 
 def run(cate, kernels, strides, mask_feat, image_hw=(32, 32), output_hw=(64, 64), **kw):
     args = {**DEFAULTS, **kw}
-    return solov2_postprocess(cate, kernels, strides, mask_feat, 4, image_hw, output_hw, **args)
+    e, hf, wf = mask_feat.shape
+
+    def soft_masks(cells):
+        return torch.sigmoid(kernels[cells] @ mask_feat.reshape(e, hf * wf)).reshape(-1, hf, wf)
+
+    canvas_hw = (hf * 4, wf * 4)
+    return solo_postprocess(cate, soft_masks, strides, canvas_hw, image_hw, output_hw, **args)
 
 
 LEFT = torch.zeros(64, 64, dtype=torch.bool)
@@ -395,3 +401,39 @@ def test_postprocess_chunk_size_invariance():
         assert torch.equal(a.pred_masks, b.pred_masks)
         assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
         assert (a.scores[:-1] >= a.scores[1:]).all()  # sorted descending
+
+
+# --------------------------------------------------------------------------------------------
+# exactness of the fast paths (int8 intersections, bool masks in Matrix NMS, boxes from masks)
+# --------------------------------------------------------------------------------------------
+
+
+def test_int8_intersections_equal_float_products():
+    from solo_d2.modeling.postprocessing import _intersections
+
+    g = torch.Generator().manual_seed(0)
+    for n, h, w in [(1, 3, 5), (7, 9, 13), (40, 30, 44)]:
+        masks = torch.rand(n, h, w, generator=g) > 0.4
+        f = masks.flatten(1).float()
+        assert torch.equal(_intersections(masks), f @ f.T)
+
+
+def test_matrix_nms_bool_and_float_masks_agree():
+    from solo_d2.benchmark.inputs import matrix_nms_inputs
+
+    labels, masks, areas, scores = matrix_nms_inputs(60, 40, 56, seed=3)
+    a = matrix_nms(labels, masks, areas, scores)
+    b = matrix_nms(labels, masks.float(), areas, scores)
+    assert torch.equal(a, b) and bool((a <= scores).all())
+
+
+def test_masks_to_boxes_byte_max_path_matches_a_loop():
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(12, 23, 31, generator=g) > 0.97
+    masks[0] = False  # an empty mask gives a zero box
+    expected = torch.zeros(12, 4)
+    for i, m in enumerate(masks):
+        ys, xs = m.nonzero(as_tuple=True)
+        if len(xs):
+            expected[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert torch.equal(masks_to_boxes(masks), expected)

@@ -1,4 +1,4 @@
-"""Hand-checked tests of SOLO target assignment (solo_spec.md §2).
+"""Hand-checked tests of SOLO target assignment.
 
 Grid arithmetic used throughout (reference rule): for a canvas of Hc x Wc and a grid S, a point
 (x, y) falls in column floor(x / (Wc / S)) and row floor(y / (Hc / S)). Every expected cell below

@@ -6,7 +6,7 @@ rasterised at the augmented size), it computes every target quantity that does n
 batch padding: centre of mass and the mask rescaled to the mask-prediction stride. The model
 assigns grid cells once the padded batch size is known (see solo_d2/modeling/targets.py).
 
-Bad data (see README "Reliability"): images are read with :func:`solo_d2.data.images.read_image`
+Bad data (see docs/reliability.md): images are read with :func:`solo_d2.data.images.read_image`
 (clear errors, 16-bit / CMYK / EXIF handled). In training, an image that cannot be read or whose
 size differs from its annotation is skipped with a warning naming it (detectron2's MapDataset
 then takes another image), and so is an annotation that cannot be transformed; with
@@ -15,7 +15,7 @@ then takes another image), and so is an annotation that cannot be transformed; w
 
 import copy
 import logging
-import re
+from typing import Sequence
 
 import detectron2.data.transforms as T
 import numpy as np
@@ -28,21 +28,13 @@ from ..modeling import mask_target_strides
 from ..modeling.targets import extra_mask_targets, instance_targets
 from .images import BadImageError, read_image
 
-__all__ = ["SOLODatasetMapper", "feature_stride", "check_image_size"]
+__all__ = ["SOLODatasetMapper", "check_image_size"]
 
 logger = logging.getLogger(__name__)
 
 # Training stops when this many images in a row could not be read by a worker that has not read
 # any: the dataset is unusable (e.g. the wrong image folder), and skipping would loop forever.
 MAX_FAILURES_BEFORE_ANY_SUCCESS = 50
-
-
-def feature_stride(name: str) -> int:
-    """Stride of an FPN feature named "pN" (2**N), e.g. "p2" -> 4."""
-    m = re.fullmatch(r"p(\d+)", name)
-    if m is None:
-        raise ValueError(f"MODEL.SOLO.MASK_IN_FEATURES[0] must be an FPN level 'pN', got {name!r}")
-    return 2 ** int(m.group(1))
 
 
 def check_image_size(dataset_dict: dict, image: np.ndarray) -> None:
@@ -88,31 +80,30 @@ class SOLODatasetMapper(DatasetMapper):
         self,
         is_train: bool = True,
         *,
-        mask_stride: int = 4,
-        mask_strides=(),
+        mask_strides: Sequence[int] = (4,),
         strict: bool = False,
         **kw,
     ):
         """
         Args:
-            mask_stride: stride of the mask prediction the small masks are made for.
-            mask_strides: every stride the model predicts masks at (SOLO v1 / Decoupled SOLO:
-                one per level); masks are also made for those other than ``mask_stride``.
+            mask_strides: every stride the model predicts masks at, one per level
+                (``solo_d2.modeling.mask_target_strides``). ``gt_masks_small`` is at the finest
+                (the model's mask stride); SOLO v1 / Decoupled SOLO also get a field for each
+                coarser stride.
             strict: in training, raise on an unreadable image or an unusable annotation
                 instead of skipping it with a warning.
             kw: as :class:`detectron2.data.DatasetMapper`; masks are always used, as bitmasks.
         """
         kw.update(use_instance_mask=True, instance_mask_format="bitmask")
         super().__init__(is_train, **kw)
-        self.mask_stride = mask_stride
         self.mask_strides = tuple(mask_strides)
+        self.mask_stride = min(self.mask_strides)
         self.strict = strict
         self._num_read = self._num_failed = 0
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
-        ret["mask_stride"] = feature_stride(cfg.MODEL.SOLO.MASK_IN_FEATURES[0])
         ret["mask_strides"] = mask_target_strides(cfg)
         ret["strict"] = cfg.DATASETS.STRICT
         return ret

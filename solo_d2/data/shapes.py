@@ -9,7 +9,7 @@ Detectron2 as ``shapes_train`` and ``shapes_val``. The data exercises what real 
   gets random saturation and brightness and a texture (solid, stripes, checker, noise) of two
   shades, so a class is recognised by its shape and its hue together. (Version 1 of the generator
   drew colours independently of the class; a small model trained from scratch for the 10-minute
-  CPU quickstart could not learn classes from shape alone, see README "Quickstart".)
+  CPU quickstart could not learn classes from shape alone, see docs/quickstart-recipe.md.)
 * occlusion: later shapes are drawn on top and each mask is the *visible* part of its shape;
   instances with fewer than ``MIN_VISIBLE_AREA`` visible pixels are dropped;
 * object sizes from ``MIN_OBJECT_SIZE`` (16 px) to 80% of the short image side, log-uniform;

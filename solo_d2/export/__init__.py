@@ -1,4 +1,5 @@
-"""Export of SOLO-family inference to TorchScript and ONNX, and an ONNX Runtime runner.
+"""Export of SOLO-family inference to TorchScript and ONNX, an ONNX Runtime runner, and the
+verification of an export against the PyTorch model (:mod:`.verify`).
 
 ``onnx`` (ONNX export and graph checks) and ``onnxruntime`` (:mod:`.runtime`) are optional
 dependencies, imported only when used; TorchScript export needs neither.
@@ -14,24 +15,33 @@ from .exporter import (
     min_opset_for,
     onnx_op_types,
 )
-from .traceable import (
-    SOLOExportable,
-    matrix_nms_traceable,
-    postprocess_traceable,
-    soft_mask_function,
+from .traceable import SOLOExportable, postprocess_traceable
+from .verify import (
+    ExportedRun,
+    ImageAgreement,
+    default_sample_size,
+    load_exported,
+    sample_images,
+    second_size,
+    verify_export,
 )
 
 __all__ = [
     "DEFORM_CONV_OPSET",
+    "ExportedRun",
+    "ImageAgreement",
     "MIN_OPSET",
     "OnnxNotInstalledError",
     "SOLOExportable",
     "check_standard_onnx",
+    "default_sample_size",
     "export_onnx",
     "export_torchscript",
-    "matrix_nms_traceable",
+    "load_exported",
     "min_opset_for",
     "onnx_op_types",
     "postprocess_traceable",
-    "soft_mask_function",
+    "sample_images",
+    "second_size",
+    "verify_export",
 ]

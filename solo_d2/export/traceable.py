@@ -16,54 +16,16 @@ Shape shorthand:
     N: detections
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modeling.postprocessing import matrix_nms_decay, point_nms
+from ..modeling.heads import SoftMasks
+from ..modeling.postprocessing import matrix_nms
 
-__all__ = [
-    "SOLOExportable",
-    "matrix_nms_traceable",
-    "postprocess_traceable",
-    "soft_mask_function",
-]
-
-SoftMasks = Callable[[Tensor], Tensor]
-
-
-def matrix_nms_traceable(
-    labels: Tensor,
-    masks: Tensor,
-    areas: Tensor,
-    scores: Tensor,
-    *,
-    kernel: str = "gaussian",
-    sigma: float = 2.0,
-) -> Tensor:
-    """:func:`solo_d2.modeling.postprocessing.matrix_nms` without its early return for N = 0.
-
-    The decay is :func:`~solo_d2.modeling.postprocessing.matrix_nms_decay`; the intersections are a
-    float32 product here (the eager function's int8 product does not export).
-
-    Args:
-        labels: (N,) classes.
-        masks: (N, K) binary masks (flattened; bool or 0/1 floats), by descending score.
-        areas: (N,) mask areas (pixel counts), float.
-        scores: (N,) scores, descending.
-        kernel: "gaussian" or "linear".
-        sigma: Gaussian parameter.
-    Returns:
-        (N,) decayed scores.
-    """
-    m = masks.to(torch.float32)
-    inter = m @ m.T  # (N, N)
-    union = areas[None, :] + areas[:, None] - inter
-    same = (labels[None, :] == labels[:, None]).to(torch.float32)
-    iou = (inter / union * same).triu(diagonal=1)  # [i, j]: i scores above j
-    return scores * matrix_nms_decay(iou, kernel=kernel, sigma=sigma).to(scores.dtype)
+__all__ = ["SOLOExportable", "postprocess_traceable"]
 
 
 def postprocess_traceable(
@@ -135,7 +97,7 @@ def postprocess_traceable(
     soft = soft.reshape(-1, hf * wf)
     hard = (soft > mask_threshold).to(soft.dtype)
 
-    scores = matrix_nms_traceable(labels, hard, areas, scores, kernel=nms_kernel, sigma=nms_sigma)
+    scores = matrix_nms(labels, hard, areas, scores, kernel=nms_kernel, sigma=nms_sigma)
     kept = (scores >= update_threshold).nonzero()[:, 0]
     scores, labels, soft = scores[kept], labels[kept], soft[kept]
     order = torch.argsort(scores, descending=True)[:max_per_image]
@@ -147,92 +109,6 @@ def postprocess_traceable(
     soft = F.interpolate(soft.reshape(-1, 1, hf, wf), size=canvas_hw, mode="bilinear")
     masks = soft[:, 0, :h, :w] > mask_threshold
     return scores, labels, masks
-
-
-def _cell_levels(cells: Tensor, num_grids: Sequence[int]) -> Tuple[Tensor, Tensor]:
-    """Level of each index into the concatenated cells of all levels, and its index inside the
-    level (``postprocessing.cell_levels`` with comparisons instead of ``bucketize``, which has no
-    ONNX form)."""
-    sizes = torch.tensor([s * s for s in num_grids], device=cells.device)
-    ends = sizes.cumsum(0)
-    levels = (cells[:, None] >= ends[None, :]).sum(dim=1)
-    return levels, cells - (ends - sizes)[levels]
-
-
-def _dynamic_conv_masks(mask_preds: List[Tensor], mask_feat: Tensor, image: int) -> SoftMasks:
-    # SOLOv2: (E, S, S) kernels per level -> (G, E); masks = sigmoid(kernels @ features)
-    e, hf, wf = mask_feat[image].shape
-    kernels = torch.cat([k[image].permute(1, 2, 0).reshape(-1, e) for k in mask_preds])
-    feat = mask_feat[image].reshape(e, hf * wf)
-    return lambda cells: torch.sigmoid(kernels[cells] @ feat).reshape(-1, hf, wf)
-
-
-def _level_masks(
-    mask_preds: List[Tensor], image: int, num_grids: Sequence[int], out_hw: Tuple[int, int]
-) -> SoftMasks:
-    # SOLO v1: cell k of level l is map k of (S_l^2, h_l, w_l), sigmoid, resized to the canvas
-    maps = [m[image] for m in mask_preds]
-
-    def soft_masks(cells: Tensor) -> Tensor:
-        levels, local = _cell_levels(cells, num_grids)
-        out = maps[0].new_zeros((cells.shape[0],) + tuple(out_hw))
-        for level, m in enumerate(maps):  # the fixed levels; empty selections are fine
-            sel = (levels == level).nonzero()[:, 0]
-            probs = m[local[sel]].sigmoid()[:, None]
-            resized = F.interpolate(probs, size=out_hw, mode="bilinear")[:, 0]
-            out = out.index_put((sel,), resized)
-        return out
-
-    return soft_masks
-
-
-def _decoupled_masks(
-    mask_preds: List[Tensor], image: int, num_grids: Sequence[int], out_hw: Tuple[int, int]
-) -> SoftMasks:
-    # Decoupled SOLO: level l gives (2, S_l, h_l, w_l) X and Y maps; cell (i, j) = Y[i] * X[j]
-    up = [F.interpolate(m[image].sigmoid(), size=out_hw, mode="bilinear") for m in mask_preds]
-    x_probs = torch.cat([u[0] for u in up])  # (sum S_l, Hf, Wf)
-    y_probs = torch.cat([u[1] for u in up])
-
-    def soft_masks(cells: Tensor) -> Tensor:
-        levels, local = _cell_levels(cells, num_grids)
-        grids = torch.tensor(list(num_grids), device=cells.device)
-        offsets = (grids.cumsum(0) - grids)[levels]
-        s = grids[levels]
-        rows = torch.div(local, s, rounding_mode="floor")
-        cols = local - rows * s
-        return x_probs[cols + offsets] * y_probs[rows + offsets]
-
-    return soft_masks
-
-
-def soft_mask_function(
-    head: nn.Module,
-    mask_preds: List[Tensor],
-    mask_feat: Optional[Tensor],
-    image: int,
-    out_hw: Tuple[int, int],
-) -> SoftMasks:
-    """The traceable f(cells) -> (n, Hf, Wf) soft masks of one image, for the head's variant.
-
-    The same computation as the head's ``soft_mask_fn`` (eager inference), written with
-    comparisons, nonzero and index_put only, so that it traces and exports for any n, n = 0
-    included.
-
-    Raises:
-        NotImplementedError: a head of no known variant.
-    """
-    name = type(head).__name__
-    if getattr(head, "uses_mask_features", mask_feat is not None) or name == "SOLOv2InstanceHead":
-        return _dynamic_conv_masks(mask_preds, mask_feat, image)
-    if name in ("DecoupledSOLOInstanceHead", "DecoupledSOLOLightInstanceHead"):
-        return _decoupled_masks(mask_preds, image, head.num_grids, out_hw)
-    if name == "SOLOInstanceHead":
-        return _level_masks(mask_preds, image, head.num_grids, out_hw)
-    raise NotImplementedError(
-        f"no traceable mask reading for the instance head {name}: export supports SOLOv2, SOLO, "
-        "Decoupled SOLO and Decoupled SOLO light heads"
-    )
 
 
 class SOLOExportable(nn.Module):
@@ -256,7 +132,7 @@ class SOLOExportable(nn.Module):
             batch_size: None for a (3, H, W) input, else the fixed B of a (B, 3, H, W) input.
         """
         super().__init__()
-        for attr in ("predict", "ins_head", "inference_args", "instance_strides", "mask_stride"):
+        for attr in ("predict", "read_cells", "inference_args", "cell_strides"):
             if not hasattr(model, attr):
                 raise TypeError(
                     f"{type(model).__name__} is not a SOLO-family model of solo_d2 (no {attr!r}); "
@@ -273,7 +149,6 @@ class SOLOExportable(nn.Module):
         self.model = model
         self.batch_size = batch_size
         self.size_divisibility = max(model.backbone.size_divisibility, 1)
-        self.mask_stride = model.mask_stride
         keys = ("score_threshold", "mask_threshold", "nms_pre", "update_threshold", "chunk_size")
         self.postprocess_args = {k: args[k] for k in keys}
         self.postprocess_args.update(
@@ -281,11 +156,6 @@ class SOLOExportable(nn.Module):
             nms_sigma=args["nms_sigma"],
             max_per_image=args["max_per_image"],
         )
-        strides = [
-            torch.full((s * s,), st, dtype=torch.float32)
-            for s, st in zip(model.ins_head.num_grids, model.instance_strides)
-        ]
-        self.register_buffer("cell_strides", torch.cat(strides).to(model.pixel_mean.device), False)
 
     @property
     def output_names(self) -> List[str]:
@@ -299,27 +169,14 @@ class SOLOExportable(nn.Module):
         div = self.size_divisibility
         x = F.pad(x, (0, (-w) % div, 0, (-h) % div))  # as ImageList.from_tensors, pad value 0
         canvas_hw = x.shape[-2:]
-        out_hw = (canvas_hw[0] // self.mask_stride, canvas_hw[1] // self.mask_stride)
-        cate_logits, mask_preds, mask_feat = self.model.predict(x)
-        head = self.model.ins_head
-        b, num_classes = x.shape[0], cate_logits[0].shape[1]
-        # (B, G, C) scores after points NMS, levels concatenated, cells row-major
-        cate = torch.cat(
-            [
-                point_nms(c.sigmoid()).permute(0, 2, 3, 1).reshape(b, -1, num_classes)
-                for c in cate_logits
-            ],
-            dim=1,
-        )
-        outputs = []
-        for i in range(self.batch_size or 1):  # fixed when exported
-            soft_masks = soft_mask_function(head, mask_preds, mask_feat, i, out_hw)
-            outputs.append(
-                postprocess_traceable(
-                    cate[i], soft_masks, self.cell_strides, canvas_hw, (h, w),
-                    **self.postprocess_args,
-                )
-            )  # fmt: skip
+        cate, soft_masks = self.model.read_cells(self.model.predict(x), canvas_hw)
+        outputs = [
+            postprocess_traceable(
+                cate[i], soft_masks[i], self.model.cell_strides, canvas_hw, (h, w),
+                **self.postprocess_args,
+            )
+            for i in range(self.batch_size or 1)  # fixed when exported
+        ]  # fmt: skip
         if self.batch_size is None:
             return outputs[0]
         scores, classes, masks = (torch.cat(t) for t in zip(*outputs))

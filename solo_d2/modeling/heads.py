@@ -1,4 +1,9 @@
-"""Heads of the SOLO family: one category branch, a mask branch per variant (solo_spec.md §1).
+"""Heads of the SOLO family: one category branch, a mask branch per variant.
+
+SOLO and Decoupled SOLO: Wang et al., "SOLO: Segmenting Objects by Locations", ECCV 2020, and
+"SOLO: A Simple Framework for Instance Segmentation", TPAMI 2021; SOLOv2: Wang et al., "SOLOv2:
+Dynamic and Fast Instance Segmentation", NeurIPS 2020. Reference code: WXinlong/SOLO and
+aim-uofa/AdelaiDet.
 
 Shape shorthand:
     B: images in the batch        L: instance levels (5)          S_l: grid size of level l
@@ -9,8 +14,8 @@ Shape shorthand:
 
 Every variant predicts, per level, C class logits on an S x S grid (the category branch, shared
 by :class:`SOLOHead`) and a mask for every grid cell; the variants differ only in how a cell's
-mask is represented, and each head says how to read it (``positive_masks`` in training,
-``soft_mask_fn`` at inference):
+mask is represented, and each head is the one place that says how to read it
+(``positive_masks`` in training, ``soft_mask_fn`` at inference and in export):
 
     ============================  =================================================  ==============
     head (MODEL.SOLO.HEAD)        mask of cell (i, j) of level l                      mask stride
@@ -24,7 +29,7 @@ mask is represented, and each head says how to read it (``positive_masks`` in tr
 Module names: SOLOv2's follow AdelaiDet (``ins_head.cate_tower.{3i}``,
 ``mask_head.convs_all_levels.{l}.conv{j}.0`` ...), so its published checkpoints load unchanged;
 the other variants use the same scheme (``ins_head.mask_tower.{3i}``, ``ins_head.mask_preds.{l}``,
-``mask_tower_x``/``_y``, ``mask_preds_x``/``_y``); tools/convert_official_solo.py maps the official
+``mask_tower_x``/``_y``, ``mask_preds_x``/``_y``); solo_d2.checkpoint.official maps the official
 SOLO repository's names onto them.
 """
 
@@ -39,12 +44,14 @@ from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
 from .dcn import DCN_TYPES, DeformConv, DeformConvPack
-from .postprocessing import decoupled_soft_masks, dynamic_conv_masks, level_soft_masks
+from .postprocessing import cell_levels
 
 __all__ = [
     "SOLO_HEAD_REGISTRY",
     "build_solo_head",
     "mask_target_strides",
+    "mask_stride",
+    "SoftMasks",
     "SOLOHead",
     "SOLOv2InstanceHead",
     "SOLOInstanceHead",
@@ -54,6 +61,10 @@ __all__ = [
     "coord_features",
     "split_instance_features",
 ]
+
+# f(cells) -> soft masks: cells (n,) int64 indices into the concatenated cells of all levels
+# (level-major, row-major inside a level), masks (n, Hf, Wf) probabilities.
+SoftMasks = Callable[[Tensor], Tensor]
 
 SOLO_HEAD_REGISTRY = Registry("SOLO_HEAD")
 SOLO_HEAD_REGISTRY.__doc__ = """
@@ -80,10 +91,17 @@ def _head_class(name: str):
 def mask_target_strides(cfg) -> List[int]:
     """Strides at which ``cfg``'s model predicts masks, one per instance level.
 
-    The dataset mapper rescales every ground-truth mask to each distinct stride (``min`` of them is
-    the model's mask stride, stored as ``gt_masks_small``; see targets.mask_target_field).
+    The one place these are derived from a config: the model (:class:`~.meta_arch.SOLO`) and the
+    dataset mapper both read them here. The mapper rescales every ground-truth mask to each
+    distinct stride (see targets.mask_target_field).
     """
     return _head_class(cfg.MODEL.SOLO.HEAD).mask_target_strides(cfg)
+
+
+def mask_stride(cfg) -> int:
+    """The model's mask stride: the finest of :func:`mask_target_strides`. Soft masks at
+    inference and the ``gt_masks_small`` training field are at this stride."""
+    return min(mask_target_strides(cfg))
 
 
 def coord_features(x: Tensor) -> Tensor:
@@ -113,6 +131,7 @@ def split_instance_features(features: List[Tensor]) -> List[Tensor]:
 
 
 def _fpn_stride(name: str) -> int:
+    """Stride of FPN level ``"pN"``: 2^N."""
     if len(name) < 2 or name[0] != "p" or not name[1:].isdigit():
         raise ValueError(f"MODEL.SOLO.MASK_IN_FEATURES[0] must be an FPN level 'pN', got {name!r}")
     return 2 ** int(name[1:])
@@ -175,15 +194,16 @@ def _prior_bias(prior_prob: float) -> float:
 class SOLOHead(nn.Module):
     """Base of the instance heads: the category branch and the mask-branch interface.
 
-    Category branch, per level (solo_spec.md §1.1-§1.5): the level's feature is resized to
+    Category branch, per level: the level's feature is resized to
     S_l x S_l (bilinear, not aspect-preserving), goes through ``cate_tower`` (3x3 conv, GN, ReLU)
     and ``cate_pred`` (3x3 conv to C logits, bias at the prior probability).
 
-    Subclasses implement the mask branch:
+    Subclasses implement the mask branch, and are the only place that knows how its output
+    is read:
 
     * :meth:`forward_mask` - the level's mask prediction from its feature;
     * :meth:`positive_masks` - (training) mask probabilities of positive cells;
-    * :meth:`soft_mask_fn` - (inference) a function from cells to soft masks;
+    * :meth:`soft_mask_fn` - (inference and export) a function from cells to soft masks;
     * :meth:`mask_target_strides` - the stride of each level's mask prediction.
 
     ``uses_mask_features``: the masks need the separate mask-feature branch (SOLOv2).
@@ -298,8 +318,14 @@ class SOLOHead(nn.Module):
         mask_feat: Optional[Tensor],
         image: int,
         out_hw: Tuple[int, int],
-    ) -> Callable[[Tensor], Tensor]:
+    ) -> SoftMasks:
         """Inference: a function from cells of one image to their soft masks.
+
+        The one implementation of the variant's mask reading at inference, used by eager
+        post-processing (:func:`~.postprocessing.solo_postprocess`) and by export
+        (:class:`solo_d2.export.SOLOExportable`) alike. It must trace: tensor operations only
+        (comparisons, gather/index, ``nonzero``, ``index_put``), no Python branch or loop that
+        depends on the data, and a valid (0, Hf, Wf) result for n = 0 cells.
 
         Args:
             mask_preds, mask_feat: outputs for the whole batch.
@@ -319,34 +345,17 @@ class SOLOv2InstanceHead(SOLOHead):
     uses_mask_features = True
 
     @configurable
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        num_classes: int,
-        num_grids: List[int],
-        channels: int,
-        num_convs: int,
-        num_kernels: int,
-        norm: str,
-        prior_prob: float,
-        tower_dcn: str = "",
-        tower_dcn_convs: str = "all",
-    ):
+    def __init__(self, *, num_kernels: int, **kwargs):
         """
         Args:
             num_kernels: E, dynamic 1x1 kernel length.
-            others: as :class:`SOLOHead`.
+            kwargs: as :class:`SOLOHead`.
         """
-        super().__init__(
-            in_channels=in_channels, num_classes=num_classes, num_grids=num_grids,
-            channels=channels, num_convs=num_convs, norm=norm, prior_prob=prior_prob,
-            tower_dcn=tower_dcn, tower_dcn_convs=tower_dcn_convs,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         self.num_kernels = num_kernels
         # the kernel tower sees the two CoordConv channels; the category tower does not
-        self.kernel_tower = self._make_tower(in_channels + 2)
-        self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
+        self.kernel_tower = self._make_tower(kwargs["in_channels"] + 2)
+        self.kernel_pred = nn.Conv2d(self._tower_args["channels"], num_kernels, 3, padding=1)
         self._init_weights()
 
     @classmethod
@@ -377,12 +386,13 @@ class SOLOv2InstanceHead(SOLOHead):
         return out
 
     def soft_mask_fn(self, mask_preds, mask_feat, image, out_hw):
-        e = self.num_kernels
+        """sigmoid(kernel . features): (G, E) kernels of all cells on the (E, Hf * Wf) features."""
+        e, hf, wf = mask_feat[image].shape
+        if (hf, wf) != tuple(out_hw):  # sizes are constants of a trace: no branch is recorded
+            raise ValueError(f"mask features {(hf, wf)} != canvas/stride {tuple(out_hw)}")
         kernels = torch.cat([k[image].permute(1, 2, 0).reshape(-1, e) for k in mask_preds])
-        feat = mask_feat[image]
-        if tuple(feat.shape[-2:]) != tuple(out_hw):
-            raise ValueError(f"mask features {tuple(feat.shape[-2:])} != canvas/stride {out_hw}")
-        return lambda cells: dynamic_conv_masks(kernels[cells], feat)
+        feat = mask_feat[image].reshape(e, hf * wf)
+        return lambda cells: torch.sigmoid_(kernels[cells] @ feat).reshape(-1, hf, wf)
 
 
 def _upsample2x(x: Tensor) -> Tensor:
@@ -410,7 +420,7 @@ class _LevelMaskHead(SOLOHead):
 
 @SOLO_HEAD_REGISTRY.register()
 class SOLOInstanceHead(_LevelMaskHead):
-    """SOLO (v1): S^2 mask maps per level, one per grid cell (solo_spec.md §1.2)."""
+    """SOLO (v1): S^2 mask maps per level, one per grid cell."""
 
     @configurable
     def __init__(self, **kwargs):
@@ -431,15 +441,27 @@ class SOLOInstanceHead(_LevelMaskHead):
         return torch.sigmoid(mask_pred[images, cells])
 
     def soft_mask_fn(self, mask_preds, mask_feat, image, out_hw):
-        maps = [m[image] for m in mask_preds]
-        return lambda cells: level_soft_masks(maps, cells, self.num_grids, out_hw)
+        """Each cell's own map (channel ``i * S + j`` of its level), through a sigmoid, bilinearly
+        resized to the canvas (as the reference)."""
+        maps = [m[image] for m in mask_preds]  # per level (S_l^2, h_l, w_l) logits
+
+        def soft_masks(cells: Tensor) -> Tensor:
+            levels, local = cell_levels(cells, self.num_grids)
+            out = maps[0].new_zeros((cells.shape[0],) + tuple(out_hw))
+            for level, m in enumerate(maps):  # the fixed levels; an empty selection is valid
+                sel = (levels == level).nonzero()[:, 0]
+                probs = m[local[sel]].sigmoid()[:, None]  # (n_l, 1, h_l, w_l): empty batch ok
+                out.index_put_((sel,), F.interpolate(probs, size=out_hw, mode="bilinear")[:, 0])
+            return out
+
+        return soft_masks
 
 
 @SOLO_HEAD_REGISTRY.register()
 class DecoupledSOLOInstanceHead(_LevelMaskHead):
     """Decoupled SOLO: S column maps X and S row maps Y per level; cell (i, j)'s mask is
     sigmoid(Y[i]) * sigmoid(X[j]). Two mask towers, the X one sees the x coordinate and the Y one
-    the y coordinate (solo_spec.md §1.3)."""
+    the y coordinate."""
 
     @configurable
     def __init__(self, **kwargs):
@@ -480,17 +502,29 @@ class DecoupledSOLOInstanceHead(_LevelMaskHead):
         )
 
     def soft_mask_fn(self, mask_preds, mask_feat, image, out_hw):
-        # reference: sigmoid, upsample every level's maps to the canvas, concatenate levels
+        """``Y[i] * X[j]`` for cell (i, j). As the reference: sigmoid, resize every level's maps to
+        the canvas, concatenate the levels; with ``off_l`` the maps of the levels before l, cell
+        ``k = i * S_l + j`` of level l reads ``X[off_l + j]`` and ``Y[off_l + i]``."""
         up = [F.interpolate(m[image].sigmoid(), size=out_hw, mode="bilinear") for m in mask_preds]
         x_probs = torch.cat([u[0] for u in up])  # (sum S_l, Hf, Wf)
         y_probs = torch.cat([u[1] for u in up])
-        return lambda cells: decoupled_soft_masks(x_probs, y_probs, cells, self.num_grids)
+        grids = torch.tensor(self.num_grids, device=x_probs.device)
+        offsets = grids.cumsum(0) - grids
+
+        def soft_masks(cells: Tensor) -> Tensor:
+            levels, local = cell_levels(cells, self.num_grids)
+            s = grids[levels]
+            rows = torch.div(local, s, rounding_mode="floor")
+            cols = local - rows * s
+            return x_probs[cols + offsets[levels]] * y_probs[rows + offsets[levels]]
+
+        return soft_masks
 
 
 @SOLO_HEAD_REGISTRY.register()
 class DecoupledSOLOLightInstanceHead(DecoupledSOLOInstanceHead):
     """Decoupled SOLO light: one mask tower (with both coordinates) feeds both the X and the Y
-    predictions (solo_spec.md §1.4)."""
+    predictions."""
 
     def _build_mask_branch(self, in_channels: int) -> None:
         self.mask_tower = self._make_tower(in_channels + 2)

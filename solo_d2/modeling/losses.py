@@ -1,4 +1,4 @@
-"""SOLO losses (solo_spec.md §3): sigmoid focal loss on grid categories, dice loss on masks.
+"""SOLO losses: sigmoid focal loss on grid categories, dice loss on masks.
 
 Shape shorthand:
     B: images    C: classes    S_l: grid size of level l    P: positive samples    K: mask pixels

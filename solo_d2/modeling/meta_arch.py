@@ -1,8 +1,8 @@
 """The SOLO-family META_ARCH: backbone + instance head (+ SOLOv2's mask-feature branch).
 
-One engine for every variant (solo_spec.md §1-§4): the same target assignment, losses and
-post-processing; the instance head chosen by ``MODEL.SOLO.HEAD`` (heads.SOLO_HEAD_REGISTRY) says
-how a grid cell's mask is represented and read.
+One engine for every variant: the same target assignment, losses and post-processing; the
+instance head chosen by ``MODEL.SOLO.HEAD`` (heads.SOLO_HEAD_REGISTRY) says how a grid cell's mask
+is represented and read, in training, inference and export.
 
 Shape shorthand:
     B: images    L: instance levels    S_l: grid size    C: classes    E: kernel length
@@ -21,13 +21,24 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from ..adelaidet import is_adelaidet_solov2_state_dict
-from .heads import SOLOHead, SOLOv2MaskHead, build_solo_head, split_instance_features
+from ..checkpoint.adelaidet import is_adelaidet_solov2_state_dict
+from .heads import (
+    SoftMasks,
+    SOLOHead,
+    SOLOv2MaskHead,
+    build_solo_head,
+    mask_target_strides,
+    split_instance_features,
+)
 from .losses import category_loss, dice_loss
-from .postprocessing import point_nms, solo_postprocess
+from .postprocessing import category_scores, cell_strides, solo_postprocess
 from .targets import assign_grid_targets, mask_target_field
 
-__all__ = ["SOLO", "SOLOv2"]
+__all__ = ["SOLO", "SOLOv2", "HeadOutputs"]
+
+# predict()'s outputs: per level (B, C, S_l, S_l) category logits, per level the head's mask
+# predictions, and (B, E, Hf, Wf) mask features (None for heads that use none)
+HeadOutputs = Tuple[List[Tensor], List[Tensor], Optional[Tensor]]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +78,7 @@ class SOLO(nn.Module):
         sigma: float,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
-        mask_strides: Optional[List[int]] = None,
+        mask_strides: List[int],
         # Loss parameters:
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -95,8 +106,7 @@ class SOLO(nn.Module):
             scale_ranges: (lo, hi) of sqrt(box area) per level.
             sigma: centre-region scale.
             pixel_mean, pixel_std: input normalisation.
-            mask_strides: stride of each level's mask prediction; by default the stride of
-                ``mask_in_features[0]`` for every level (SOLOv2).
+            mask_strides: stride of each level's mask prediction (``heads.mask_target_strides``).
 
             # Loss parameters:
             focal_alpha, focal_gamma, focal_weight: category focal loss.
@@ -121,10 +131,6 @@ class SOLO(nn.Module):
         self.instance_strides = list(instance_strides)
         self.scale_ranges = [tuple(r) for r in scale_ranges]
         self.sigma = sigma
-        if mask_strides is None:
-            mask_strides = [backbone.output_shape()[mask_in_features[0]].stride] * len(
-                instance_strides
-            )
         self.mask_strides = list(mask_strides)
         # stride of the soft masks at inference, and of the gt_masks_small field
         self.mask_stride = min(self.mask_strides)
@@ -162,6 +168,10 @@ class SOLO(nn.Module):
                 f"NUM_GRIDS must have the same length, got {len(instance_in_features)}, "
                 f"{len(instance_strides)}, {len(scale_ranges)} and {n}"
             )
+        # instance stride of every grid cell's level: the area filter at inference
+        self.register_buffer(
+            "cell_strides", cell_strides(ins_head.num_grids, instance_strides), False
+        )
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -177,7 +187,7 @@ class SOLO(nn.Module):
         if ins_head.uses_mask_features:
             mask_feats = _check_features(sc, shapes, "MASK")
             mask_head = SOLOv2MaskHead(cfg, [shapes[f] for f in mask_feats])
-            if shapes[mask_feats[0]].stride != type(ins_head).mask_target_strides(cfg)[0]:
+            if shapes[mask_feats[0]].stride != mask_target_strides(cfg)[0]:
                 raise ValueError(
                     f"MODEL.SOLO.MASK_IN_FEATURES[0]={mask_feats[0]!r} has stride "
                     f"{shapes[mask_feats[0]].stride}, not the one its name implies"
@@ -193,7 +203,7 @@ class SOLO(nn.Module):
             "sigma": sc.SIGMA,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "mask_strides": type(ins_head).mask_target_strides(cfg),
+            "mask_strides": mask_target_strides(cfg),
             "focal_alpha": sc.LOSS.FOCAL_ALPHA,
             "focal_gamma": sc.LOSS.FOCAL_GAMMA,
             "focal_weight": sc.LOSS.FOCAL_WEIGHT,
@@ -220,7 +230,7 @@ class SOLO(nn.Module):
         ]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
-    def predict(self, images: Tensor) -> Tuple[List[Tensor], List[Tensor], Optional[Tensor]]:
+    def predict(self, images: Tensor) -> HeadOutputs:
         """Head outputs for a padded batch.
 
         Args:
@@ -237,6 +247,54 @@ class SOLO(nn.Module):
         if self.mask_head is not None:
             mask_feat = self.mask_head([features[f] for f in self.mask_in_features])
         return cate_logits, mask_preds, mask_feat
+
+    def read_cells(
+        self, outputs: HeadOutputs, canvas_hw: Tuple[int, int]
+    ) -> Tuple[Tensor, List[SoftMasks]]:
+        """Category scores of every grid cell and each image's mask reading: the common start of
+        eager post-processing (:meth:`postprocess`) and of export (``SOLOExportable``).
+
+        Args:
+            outputs: :meth:`predict`'s outputs for a padded batch.
+            canvas_hw: (Hc, Wc) size of the padded batch.
+        Returns:
+            cate: (B, G, C) probabilities after points NMS, levels concatenated, cells row-major.
+            soft_masks: per image, f(cells) -> (n, Hc / mask_stride, Wc / mask_stride) soft
+                masks (the head's ``soft_mask_fn``).
+        """
+        cate_logits, mask_preds, mask_feat = outputs
+        out_hw = (canvas_hw[0] // self.mask_stride, canvas_hw[1] // self.mask_stride)
+        soft_masks = [
+            self.ins_head.soft_mask_fn(mask_preds, mask_feat, b, out_hw)
+            for b in range(len(cate_logits[0]))
+        ]
+        return category_scores(cate_logits), soft_masks
+
+    def postprocess(
+        self, images: ImageList, outputs: HeadOutputs, batched_inputs: List[Dict]
+    ) -> List[Dict[str, Instances]]:
+        """Inference after the network, for a batch of one padded size: points NMS, soft masks,
+        scoring, Matrix NMS and resizing to each input's ("height", "width").
+
+        Args:
+            images: the preprocessed batch (:meth:`preprocess_image`).
+            outputs: :meth:`predict`'s outputs on ``images.tensor``.
+            batched_inputs: the inputs, for their "height" and "width".
+        Returns:
+            per image, ``{"instances": Instances}`` (see the class docstring).
+        """
+        canvas_hw = tuple(images.tensor.shape[-2:])
+        cate, soft_masks = self.read_cells(outputs, canvas_hw)
+        results = []
+        for b, x in enumerate(batched_inputs):
+            image_hw = tuple(images.image_sizes[b])
+            output_hw = (x.get("height", image_hw[0]), x.get("width", image_hw[1]))
+            r = solo_postprocess(
+                cate[b], soft_masks[b], self.cell_strides, canvas_hw, image_hw, output_hw,
+                **self.inference_args,
+            )  # fmt: skip
+            results.append({"instances": r})
+        return results
 
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
@@ -278,7 +336,7 @@ class SOLO(nn.Module):
             sigma=self.sigma,
             num_classes=self.ins_head.num_classes,
             # SOLOv2 trains a shared cell with every covering instance; the other heads' dense
-            # per-cell targets keep the last one (solo_spec.md §2)
+            # per-cell targets keep the last one (as WXinlong/SOLO's solo_head.py)
             last_instance_wins=not self.ins_head.uses_mask_features,
         )
 
@@ -393,35 +451,7 @@ class SOLO(nn.Module):
 
     def _inference_same_size(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         images = self.preprocess_image(batched_inputs)
-        cate_logits, mask_preds, mask_feat = self.predict(images.tensor)
-        num_classes = self.ins_head.num_classes
-        # (B, G, C) scores after points NMS, levels concatenated row-major
-        cate = torch.cat(
-            [
-                point_nms(c.sigmoid()).permute(0, 2, 3, 1).reshape(len(c), -1, num_classes)
-                for c in cate_logits
-            ],
-            dim=1,
-        )
-        cell_strides = torch.cat(
-            [
-                torch.full((s * s,), st, dtype=torch.float32, device=cate.device)
-                for s, st in zip(self.ins_head.num_grids, self.instance_strides)
-            ]
-        )
-        canvas_hw = tuple(images.tensor.shape[-2:])
-        out_hw = (canvas_hw[0] // self.mask_stride, canvas_hw[1] // self.mask_stride)
-        results = []
-        for b, x in enumerate(batched_inputs):
-            image_hw = tuple(images.image_sizes[b])
-            output_hw = (x.get("height", image_hw[0]), x.get("width", image_hw[1]))
-            soft_masks = self.ins_head.soft_mask_fn(mask_preds, mask_feat, b, out_hw)
-            r = solo_postprocess(
-                cate[b], soft_masks, cell_strides, canvas_hw, image_hw, output_hw,
-                **self.inference_args,
-            )  # fmt: skip
-            results.append({"instances": r})
-        return results
+        return self.postprocess(images, self.predict(images.tensor), batched_inputs)
 
 
 @META_ARCH_REGISTRY.register()

@@ -1,8 +1,9 @@
-"""SOLO-family inference post-processing (solo_spec.md §4): one path for every variant.
+"""SOLO-family inference post-processing: one path for every variant.
 
-Points NMS, soft masks of the candidate cells (the only variant-specific step: SOLOv2's dynamic
-convolution, SOLO's per-cell maps, Decoupled SOLO's product of a row and a column map), the area
-filter and maskness rescoring, Matrix NMS (or mask NMS), top-k and resizing to the output size.
+Points NMS, soft masks of the candidate cells (read by the variant's head: see
+``SOLOHead.soft_mask_fn``), the area filter and maskness rescoring, Matrix NMS (or mask NMS),
+top-k, resizing to the output size and boxes from the masks (Wang et al., SOLOv2, NeurIPS 2020,
+§4; the reference code is WXinlong/SOLO).
 
 Shape shorthand:
     B: images     C: classes     G: grid cells of all levels (sum of S_l^2)     E: kernel length
@@ -26,11 +27,9 @@ __all__ = [
     "masks_to_boxes",
     "resize_masks",
     "cell_levels",
-    "dynamic_conv_masks",
-    "level_soft_masks",
-    "decoupled_soft_masks",
+    "category_scores",
+    "cell_strides",
     "solo_postprocess",
-    "solov2_postprocess",
 ]
 
 
@@ -56,7 +55,7 @@ def _intersections(masks: Tensor) -> Tensor:
     same integers as the float32 product, several times faster and without a float copy.
     """
     m = masks.flatten(1)
-    if m.device.type == "cpu" and m.dtype == torch.bool and hasattr(torch, "_int_mm"):
+    if m.dtype == torch.bool and m.device.type == "cpu" and len(m) and hasattr(torch, "_int_mm"):
         m8 = m.view(torch.int8)  # 0/1 bytes reinterpreted, no copy
         return torch._int_mm(m8, m8.T).to(torch.float32)
     m = m.to(torch.float32)
@@ -87,9 +86,13 @@ def matrix_nms(
     code's Gaussian ``f(x) = exp(-sigma * x^2)`` or linear ``f(x) = 1 - x``. The linear form
     clamps its denominator so identical masks decay to 0 instead of giving NaN.
 
+    Traceable (TorchScript / ONNX export) with float 0/1 masks: no data-dependent branch, and
+    N = 0 gives an empty result. Bool masks on the CPU take a faster int8 product that does not
+    export.
+
     Args:
         labels: (N,) classes.
-        masks: (N, H, W) or (N, K) binary masks, sorted by descending score.
+        masks: (N, H, W) or (N, K) binary masks (bool, or 0/1 floats), by descending score.
         areas: (N,) mask areas (pixel counts).
         scores: (N,) scores, descending.
         kernel: "gaussian" or "linear".
@@ -97,8 +100,6 @@ def matrix_nms(
     Returns:
         (N,) decayed scores.
     """
-    if len(labels) == 0:
-        return scores
     decay_iou = _mask_iou(masks, areas.to(torch.float32), labels)  # (N, N), [i, j], i above j
     return scores * matrix_nms_decay(decay_iou, kernel=kernel, sigma=sigma).to(scores.dtype)
 
@@ -197,7 +198,7 @@ def resize_masks(
     a very large output image only ever holds ``chunk_size`` float masks, and fewer (down to one)
     when they would exceed ``RESIZE_MAX_FLOATS`` values (an 8000 x 6000 image: one at a time).
     Small chunks are also faster on CPU: 4 masks of 800 x 1344 (17 MB of floats) are thresholded
-    while still in cache (README "Speed": 1.7x faster than chunks of 16, same result).
+    while still in cache, where chunks of 16 would go to memory and back.
 
     Args:
         soft_masks: (N, Hf, Wf) probabilities.
@@ -273,7 +274,8 @@ def _empty_result(output_hw: Tuple[int, int], device) -> Instances:
 
 
 def cell_levels(cells: Tensor, num_grids: Sequence[int]) -> Tuple[Tensor, Tensor]:
-    """Split indices into the concatenated cells of all levels.
+    """Split indices into the concatenated cells of all levels (traceable: comparisons, no
+    ``bucketize``, which has no ONNX form).
 
     Args:
         cells: (n,) int64 in [0, sum S_l^2).
@@ -283,93 +285,28 @@ def cell_levels(cells: Tensor, num_grids: Sequence[int]) -> Tuple[Tensor, Tensor
     """
     sizes = torch.tensor([s * s for s in num_grids], device=cells.device)
     ends = sizes.cumsum(0)
-    levels = torch.bucketize(cells, ends, right=True)
+    levels = (cells[:, None] >= ends[None, :]).sum(dim=1)
     return levels, cells - (ends - sizes)[levels]
 
 
-def dynamic_conv_masks(kernels: Tensor, mask_feat: Tensor) -> Tensor:
-    """SOLOv2: (n, E) dynamic 1x1 kernels on (E, Hf, Wf) features -> (n, Hf, Wf) probabilities."""
-    e, hf, wf = mask_feat.shape
-    return torch.sigmoid_(kernels @ mask_feat.reshape(e, hf * wf)).view(-1, hf, wf)
-
-
-_soft_masks = dynamic_conv_masks  # name used before the family was generalised
-
-
-def level_soft_masks(
-    maps: List[Tensor], cells: Tensor, num_grids: Sequence[int], out_hw: Tuple[int, int]
-) -> Tensor:
-    """SOLO (v1): each cell's own mask map, through a sigmoid, resized to the canvas.
+def category_scores(cate_logits: List[Tensor]) -> Tensor:
+    """Category probabilities after points NMS, the cells of all levels concatenated.
 
     Args:
-        maps: per level, (S_l^2, h_l, w_l) mask logits of one image.
-        cells: (n,) indices into the concatenated cells of all levels.
-        num_grids: S_l per level.
-        out_hw: (Hf, Wf); every level's maps are bilinearly resized to it (as the reference).
+        cate_logits: L tensors (B, C, S_l, S_l).
     Returns:
-        (n, Hf, Wf) probabilities.
+        (B, G, C), cells level-major, then row-major (``i * S_l + j``) inside a level.
     """
-    levels, local = cell_levels(cells, num_grids)
-    out = maps[0].new_empty((len(cells), *out_hw))
-    for level, m in enumerate(maps):  # loop over the 5 levels, each a batch of cells
-        sel = (levels == level).nonzero(as_tuple=True)[0]
-        if len(sel):
-            probs = m[local[sel]].sigmoid().unsqueeze(0)
-            out[sel] = F.interpolate(probs, size=out_hw, mode="bilinear")[0]
-    return out
+    b, c = cate_logits[0].shape[:2]
+    return torch.cat(
+        [point_nms(x.sigmoid()).permute(0, 2, 3, 1).reshape(b, -1, c) for x in cate_logits], dim=1
+    )
 
 
-def decoupled_soft_masks(
-    x_probs: Tensor, y_probs: Tensor, cells: Tensor, num_grids: Sequence[int]
-) -> Tensor:
-    """Decoupled SOLO: the mask of cell (i, j) of level l is ``Y[i] * X[j]`` (solo_spec.md §4).
-
-    The X (column) and Y (row) maps of all levels are concatenated, so with ``seg_off_l`` the
-    number of maps of the levels before l, cell ``k = i * S_l + j`` of level l reads
-    ``X[seg_off_l + j]`` and ``Y[seg_off_l + i]``.
-
-    Args:
-        x_probs, y_probs: (sum S_l, Hf, Wf) probabilities (sigmoid, then resized to the canvas).
-        cells: (n,) indices into the concatenated cells of all levels.
-        num_grids: S_l per level.
-    Returns:
-        (n, Hf, Wf) probabilities.
-    """
-    levels, local = cell_levels(cells, num_grids)
-    grids = torch.tensor(list(num_grids), device=cells.device)
-    seg_off = (grids.cumsum(0) - grids)[levels]
-    s = grids[levels]
-    rows, cols = local // s + seg_off, local % s + seg_off
-    return x_probs[cols] * y_probs[rows]
-
-
-def solov2_postprocess(
-    cate_scores: Tensor,
-    kernels: Tensor,
-    cell_strides: Tensor,
-    mask_feat: Tensor,
-    mask_stride: int,
-    image_hw: Tuple[int, int],
-    output_hw: Tuple[int, int],
-    **kwargs,
-) -> Instances:
-    """:func:`solo_postprocess` with SOLOv2's masks: dynamic kernels on the mask features.
-
-    Args:
-        kernels: (G, E) dynamic kernels, cells in the order of ``cate_scores``.
-        mask_feat: (E, Hf, Wf) mask features of this image (padded canvas).
-        mask_stride: stride of ``mask_feat`` (4).
-        others: as :func:`solo_postprocess`.
-    """
-    hf, wf = mask_feat.shape[-2:]
-    return solo_postprocess(
-        cate_scores,
-        lambda cells: dynamic_conv_masks(kernels[cells], mask_feat),
-        cell_strides,
-        (hf * mask_stride, wf * mask_stride),
-        image_hw,
-        output_hw,
-        **kwargs,
+def cell_strides(num_grids: Sequence[int], strides: Sequence[int]) -> Tensor:
+    """(G,) float32 instance stride of every cell's level (the area filter's minimum area)."""
+    return torch.cat(
+        [torch.full((s * s,), st, dtype=torch.float32) for s, st in zip(num_grids, strides)]
     )
 
 
@@ -392,7 +329,7 @@ def solo_postprocess(
     max_per_image: int,
     chunk_size: int,
 ) -> Instances:
-    """From one image's head outputs to final ``Instances`` (solo_spec.md §4), any variant.
+    """From one image's head outputs to final ``Instances``, any variant.
 
     Candidates are scored in chunks of ``chunk_size`` so memory stays bounded however many grid
     cells pass the score threshold; masks of the ``nms_pre`` best are then recomputed.

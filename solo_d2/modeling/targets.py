@@ -1,4 +1,4 @@
-"""SOLO target assignment (solo_spec.md §2), as pure vectorised functions.
+"""SOLO target assignment (SOLO, Wang et al., ECCV 2020, §3.1), as pure vectorised functions.
 
 Shape shorthand:
     N: instances of one image       M: instances of the whole batch (images concatenated)
@@ -30,7 +30,7 @@ __all__ = [
     "assign_grid_targets",
 ]
 
-# OpenCV 5 resizes at most 128 channels in one call (solo_spec.md §7.9).
+# OpenCV 5 resizes at most 128 channels in one call.
 _CV2_MAX_CHANNELS = 128
 
 
@@ -140,7 +140,7 @@ def assign_grid_targets(
     num_classes: int,
     last_instance_wins: bool = False,
 ) -> Tuple[List[Tensor], List[Tensor]]:
-    """Assign instances to grid cells of every level (solo_spec.md §2), for every variant.
+    """Assign instances to grid cells of every level, for every variant.
 
     An instance is positive on level l when sqrt(box area) lies in ``scale_ranges[l]`` (inclusive).
     Its positive cells are the cells hit by the sigma-scaled box around its centre of mass,
