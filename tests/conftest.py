@@ -1,25 +1,45 @@
-"""Shared test helpers: a tiny SOLOv2 config and synthetic inputs, all on CPU."""
+"""Shared test helpers: configs, synthetic inputs, tiny models that detect, a training step."""
 
+import copy
 from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import pytest
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 
-from solo_d2 import add_solo_config
+from solo_d2.config import add_solo_config, load_config, merge_config_opts
+from solo_d2.export.compare import MIN_IOU, SCORE_TOL, compare_detections
 from solo_d2.modeling.targets import instance_targets
 
 REPO = Path(__file__).resolve().parent.parent
 PARITY_FIXTURE = REPO.parent / "shared" / "parity" / "solov2_adelaidet_r18_public.pt"
 
 
-def tiny_cfg():
+def solo_cfg(config_file: Optional[Union[str, Path]] = None, opts: Sequence = ()) -> CfgNode:
+    """detectron2's config with the SOLO keys, ``config_file`` and KEY VALUE ``opts`` merged.
+
+    Args:
+        config_file: a YAML file; a relative path is taken in configs/ ("SOLO_R50_1x.yaml").
+            None: detectron2's and the SOLO defaults only.
+        opts: overrides, as on the command line (strings) or as Python values.
+    """
+    if config_file is None:
+        cfg = get_cfg()
+        add_solo_config(cfg)
+        merge_config_opts(cfg, opts)
+        return cfg
+    path = Path(config_file)
+    return load_config(str(path if path.is_absolute() else REPO / "configs" / path), opts)
+
+
+def tiny_cfg() -> CfgNode:
     """A SOLOv2 with an R18-FPN of 32 channels and small heads: fast on CPU."""
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "Base-SOLOv2.yaml"))
-    cfg.merge_from_list(
+    return solo_cfg(
+        "Base-SOLOv2.yaml",
         [
             "MODEL.DEVICE", "cpu",
             "MODEL.WEIGHTS", "",
@@ -35,9 +55,8 @@ def tiny_cfg():
             "MODEL.SOLO.MASK_CHANNELS", 32,
             "MODEL.SOLO.FPN_SCALE_RANGES", [[1, 32], [16, 64], [32, 128], [64, 256], [128, 2048]],
             "MODEL.SOLO.NUM_GRIDS", [12, 10, 8, 6, 4],
-        ]
+        ],
     )  # fmt: skip
-    return cfg
 
 
 def make_input(h, w, boxes=(), classes=(), seed=0):
@@ -56,10 +75,117 @@ def make_input(h, w, boxes=(), classes=(), seed=0):
     return {"image": image, "instances": inst[valid], "height": h, "width": w}
 
 
-@pytest.fixture
-def parity_fixture_path():
+def train_step(model, inputs):
+    """One forward and backward pass in training mode (gradients zeroed first); the losses."""
+    model.train()
+    model.zero_grad()
+    with EventStorage():
+        losses = model(inputs)
+    sum(losses.values()).backward()
+    return losses
+
+
+def eager(model, image) -> Instances:
+    """The model's detections on one (3, H, W) image, at the image's size, in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        return model([{"image": image}])[0]["instances"]
+
+
+# confident_tiny_model's mask outputs: weights of std GAIN / sqrt(fan-in) and biases that give
+# mask logits of mean ~2 and std ~4 on random images (features of RMS ~0.6). The random init
+# (logits of std ~0.01) leaves every soft-mask value near the 0.5 threshold, where float32
+# rounding flips pixels and so changes maskness-rescored scores; these masks are sharp, seldom
+# tiny, and seldom saturated (values of exactly 0 or 1 in float32, interpolated, give exact ties
+# at the threshold). SOLO and Decoupled SOLO: one conv of the features; SOLOv2: dynamic kernels
+# times 32 mask features (of sum ~15).
+MASK_GAIN, MASK_BIAS = 6.7, 2.0
+KERNEL_GAIN, KERNEL_BIAS = 1.6, 0.13
+# Scale of the classifier's random-init weights: spreads the category scores (0.2 to 0.7 rather
+# than 0.14 to 0.23) so that neighbouring cells (points NMS) and the top-k cuts are not near-tied.
+CATE_SPREAD = 4.0
+
+
+def confident_tiny_model(head: str = "SOLOv2InstanceHead", **cfg_changes) -> torch.nn.Module:
+    """A tiny random-init model (seed 0) that detects, far from its inference thresholds.
+
+    Classifier prior 0.2 with its weights scaled by ``CATE_SPREAD``; mask outputs (SOLO and
+    Decoupled SOLO mask maps, SOLOv2's dynamic kernels) drawn as ``MASK_GAIN``/``KERNEL_GAIN``
+    say: sharp masks. Deformable offsets of a few pixels, not all zero. Every variant gives 100
+    detections on a random 96 x 128 image, and float32 rounding changes none of them
+    (:func:`assert_rounding_insensitive`).
+
+    Args:
+        head: MODEL.SOLO.HEAD.
+        cfg_changes: other config keys and values, merged into :func:`tiny_cfg`.
+    """
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.MODEL.SOLO.HEAD = head
+    cfg.MODEL.SOLO.PRIOR_PROB = 0.2
+    for key, value in cfg_changes.items():
+        cfg.merge_from_list([key, value])
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mask_pred" in name or "kernel_pred" in name:
+                mask = "mask_pred" in name
+                gain, bias = (MASK_GAIN, MASK_BIAS) if mask else (KERNEL_GAIN, KERNEL_BIAS)
+                if name.endswith("weight"):
+                    p.normal_(0, gain / p[0].numel() ** 0.5)
+                else:
+                    p.fill_(bias)
+            if "offset" in name:  # deformable offsets of a few pixels, not all zero
+                p.normal_(0, 1.0) if name.endswith("bias") else p.normal_(0, 1e-4)
+        model.ins_head.cate_pred.weight.mul_(CATE_SPREAD)
+    return model
+
+
+def assert_rounding_insensitive(model, image) -> None:
+    """Assert that float32 rounding moves the model's detections on ``image`` by less than half
+    the tolerances of :func:`~solo_d2.export.compare.compare_detections`.
+
+    A float64 copy of the model is the reference: the float32 model's detections must pair with
+    its detections with scores within ``SCORE_TOL / 2`` and mask IoUs >= ``(1 + MIN_IOU) / 2``.
+    Score differences and IoU distances (1 - IoU) obey the triangle inequality, so any two
+    float32 implementations (PyTorch, ONNX Runtime, on any CPU) that each keep that close to
+    float64 agree within the full tolerances: nothing on this input sits so near a threshold or
+    a tie (points NMS, top-k, the 0.5 mask threshold) that their rounding decides the result.
+    """
+    ref = eager(copy.deepcopy(model).double(), image.double())
+    got = eager(model, image.float())
+    agreement = compare_detections(
+        ref,
+        got.scores,
+        got.pred_classes,
+        got.pred_masks,
+        score_tol=SCORE_TOL / 2,
+        min_iou=(1 + MIN_IOU) / 2,
+    )
+    assert agreement.ok, f"float32 vs float64: {agreement}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a busy 2-core machine two PyTorch threads made tiny models ~10x slower (threads waiting on
+    each other), and results do not depend on it. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def require_parity_fixture() -> Path:
+    """``PARITY_FIXTURE``, or skip the test when it is absent (it is not in the repository)."""
     if not PARITY_FIXTURE.exists():
         pytest.skip(
             f"parity fixture {PARITY_FIXTURE} not found (it lives in ../shared/, beside CI's clone)"
         )
     return PARITY_FIXTURE
+
+
+@pytest.fixture
+def parity_fixture_path() -> Path:
+    """The parity fixture's path; the test is skipped without it."""
+    return require_parity_fixture()

@@ -3,24 +3,24 @@ narrower R18 (the quickstart's from-scratch backbone), and clear errors for what
 
 import pytest
 import torch
-from detectron2.config import get_cfg
+from conftest import solo_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
-from solo_d2 import add_solo_config
 from solo_d2.modeling.backbone import build_solo_resnet_fpn_backbone
 
 
 def _r18_cfg(width: int):
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = width
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = width
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 16
-    return cfg
+    return solo_cfg(
+        opts=[
+            "MODEL.RESNETS.DEPTH", 18,
+            "MODEL.RESNETS.STEM_OUT_CHANNELS", width,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS", width,
+            "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
+            "MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"],
+            "MODEL.FPN.OUT_CHANNELS", 16,
+        ]
+    )  # fmt: skip
 
 
 def test_r18_at_64_channels_is_detectron2_r18():

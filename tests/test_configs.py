@@ -22,12 +22,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
-from detectron2.config import get_cfg
+from conftest import REPO, solo_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from solo_d2 import add_solo_config
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
 from solo_d2.modeling.dcn import DeformConv, DeformConvPack
 from solo_d2.modeling.heads import SOLO_HEAD_REGISTRY
@@ -39,10 +37,8 @@ _TESTED_ARCHITECTURES = {}
 
 
 def load_cfg(name: str):
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / name))
-    cfg.merge_from_list(
+    return solo_cfg(
+        name,
         [
             "MODEL.WEIGHTS", "",
             "MODEL.DEVICE", "cpu",
@@ -50,9 +46,8 @@ def load_cfg(name: str):
             "INPUT.MAX_SIZE_TRAIN", W,
             "INPUT.MIN_SIZE_TEST", H,
             "INPUT.MAX_SIZE_TEST", W,
-        ]
+        ],
     )  # fmt: skip
-    return cfg
 
 
 def architecture_key(cfg) -> str:

@@ -4,10 +4,9 @@ detectron2's compiled path against torchvision where both exist, module layouts,
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
+from conftest import solo_cfg
 from detectron2.layers import ShapeSpec
 
-from solo_d2 import add_solo_config
 from solo_d2.modeling.backbone import DeformBottleneckBlock, build_solo_resnet_fpn_backbone
 from solo_d2.modeling.dcn import (
     DeformConv,
@@ -112,22 +111,25 @@ def test_hand_case_half_pixel_shift_averages_rows():
 
 
 def test_zero_offsets_equal_a_regular_conv():
+    """In float64: the two sum their 72 products in other orders (float32 would differ by ~1e-6
+    of the result, depending on the CPU's kernels)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 10, 12)
-    weight, bias = torch.randn(5, 8, 3, 3), torch.randn(5)
-    offset = torch.zeros(2, 18, 5, 6)
+    x = torch.randn(2, 8, 10, 12, dtype=torch.float64)
+    weight, bias = torch.randn(5, 8, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    offset = torch.zeros(2, 18, 5, 6, dtype=torch.float64)
     out = deform_conv2d(x, offset, weight, bias, stride=2, padding=1)
     torch.testing.assert_close(out, F.conv2d(x, weight, bias, stride=2, padding=1))
 
 
 @pytest.mark.parametrize("modulated", [False, True])
 def test_pack_starts_as_a_conv_and_has_mmcv_keys(modulated):
-    """conv_offset starts at zero: DCNv1 = conv; DCNv2 = conv * sigmoid(0) = half of it."""
+    """conv_offset starts at zero: DCNv1 = conv; DCNv2 = conv * sigmoid(0) = half of it (in
+    float64, as above)."""
     torch.manual_seed(0)
-    m = DeformConvPack(8, 4, 3, padding=1, bias=True, modulated=modulated)
+    m = DeformConvPack(8, 4, 3, padding=1, bias=True, modulated=modulated).double()
     assert set(m.state_dict()) == {"weight", "bias", "conv_offset.weight", "conv_offset.bias"}
     assert m.conv_offset.weight.shape == (27 if modulated else 18, 8, 3, 3)
-    x = torch.randn(2, 8, 6, 7)
+    x = torch.randn(2, 8, 6, 7, dtype=torch.float64)
     conv = F.conv2d(x, m.weight, None, padding=1)
     expected = (0.5 * conv if modulated else conv) + m.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(m(x), expected)
@@ -182,16 +184,17 @@ def test_detectron2_and_torchvision_paths_agree_on_gpu(modulated):
 
 
 def _dcn_cfg(modulated, depth=50, groups=1, width=64):
-    cfg = get_cfg()
-    add_solo_config(cfg)
-    cfg.MODEL.RESNETS.DEPTH = depth
-    cfg.MODEL.RESNETS.NUM_GROUPS = groups
-    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = width
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, True, True, True]
-    cfg.MODEL.RESNETS.DEFORM_MODULATED = modulated
-    return cfg
+    return solo_cfg(
+        opts=[
+            "MODEL.RESNETS.DEPTH", depth,
+            "MODEL.RESNETS.NUM_GROUPS", groups,
+            "MODEL.RESNETS.WIDTH_PER_GROUP", width,
+            "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
+            "MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"],
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True],
+            "MODEL.RESNETS.DEFORM_MODULATED", modulated,
+        ]
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("modulated", [False, True])

@@ -27,9 +27,11 @@ from test_train_net import TINY_OPTS
 
 from solo_d2.atomic_io import atomic_open, atomic_write_text, remove_stale_temporaries
 from solo_d2.checkpoint import AtomicCheckpointer
+from solo_d2.config import load_config
 from solo_d2.data.datasets import register_coco_dataset
 from solo_d2.data.shapes import generate_shapes
-from solo_d2.engine import SOLOCOCOEvaluator, Trainer, _trim_metrics, load_config
+from solo_d2.engine.trainer import Trainer, _trim_metrics
+from solo_d2.evaluation import SOLOCOCOEvaluator
 from solo_d2.modeling import SOLO
 
 TESTS = Path(__file__).resolve().parent

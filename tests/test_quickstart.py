@@ -49,7 +49,9 @@ def test_quickstart_writes_model_metrics_curve_and_demo(tmp_path):
     drawn = sorted((out / "demo").glob("*.png"))
     assert [p.name for p in drawn] == [p.name for p in val_images]
     assert f"--confidence-threshold {quickstart.DEMO_CONFIDENCE} " in res.stdout
-    # the demo keeps exactly the evaluated detections that reach the quickstart's threshold
+    # the demo keeps exactly the evaluated detections that reach the quickstart's threshold (the
+    # two runs compute the scores with other float32 kernels: a score within 1e-4 of the
+    # threshold may fall on either side)
     evaluated = json.loads(
         (out / "inference" / "shapes_val" / "coco_instances_results.json").read_text()
     )
@@ -60,9 +62,10 @@ def test_quickstart_writes_model_metrics_curve_and_demo(tmp_path):
     for png in drawn:
         record = json.loads(png.with_suffix(".json").read_text())
         scores = [r["score"] for r in evaluated if r["image_id"] == image_ids[png.name]]
-        kept = [s for s in scores if s >= quickstart.DEMO_CONFIDENCE]
-        assert len(record["instances"]) == len(kept), png.name
-        num_kept += len(kept)
+        surely_kept = sum(s >= quickstart.DEMO_CONFIDENCE + 1e-4 for s in scores)
+        maybe_kept = sum(s >= quickstart.DEMO_CONFIDENCE - 1e-4 for s in scores)
+        assert surely_kept <= len(record["instances"]) <= maybe_kept, png.name
+        num_kept += len(record["instances"])
     assert num_kept < len(evaluated)  # the threshold did filter
 
     # a second run resumes (nothing to train) and evaluates the saved model again

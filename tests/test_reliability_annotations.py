@@ -17,7 +17,7 @@ from PIL import Image
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
 from solo_d2.data.datasets import register_coco_dataset
 from solo_d2.data.validation import DatasetError, check_coco_dict, clean_coco_dict
-from solo_d2.engine import Trainer, _report_training_faults
+from solo_d2.engine.trainer import Trainer, _report_training_faults
 
 H, W = 40, 60
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]  # area 400

@@ -301,6 +301,7 @@ def measure_evaluation_memory(root: str) -> None:
     print("REPORT " + json.dumps(report))
 
 
+@pytest.mark.e2e  # an evaluation of an 8000 x 6000 image in a child process (~7 s)
 def test_large_image_evaluation_with_bounded_memory(tmp_path):
     for size, (h, w) in (("small", (600, 800)), ("large", LARGE_HW)):
         image = np.zeros((h, w, 3), np.uint8)

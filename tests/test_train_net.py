@@ -12,8 +12,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
+from solo_d2.config import ConfigError, check_config, load_config
 from solo_d2.data.shapes import generate_shapes, register_shapes
-from solo_d2.engine import ConfigError, Trainer, check_config, load_config
+from solo_d2.engine import Trainer
 
 TINY_OPTS = [
     "MODEL.RESNETS.NORM", "BN",
