@@ -2,14 +2,17 @@
 
 import copy
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from PIL import Image
 
 from solo_d2.config import add_solo_config, load_config, merge_config_opts
 from solo_d2.export.compare import MIN_IOU, SCORE_TOL, compare_detections
@@ -163,6 +166,87 @@ def assert_rounding_insensitive(model, image) -> None:
         min_iou=(1 + MIN_IOU) / 2,
     )
     assert agreement.ok, f"float32 vs float64: {agreement}"
+
+
+# ---- the image zoo: every image format and fault the readers must handle
+
+IMAGE_ZOO_RGB = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+IMAGE_ZOO_GRAY16 = (np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 85).astype(np.uint16)
+EXIF_ORIENTATION = 0x0112
+
+
+def _exif_jpeg(path: Path, orientation: int) -> None:
+    """A 20 x 40 JPEG whose left quarter is white, stored with an EXIF orientation tag."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[EXIF_ORIENTATION] = orientation
+    image.save(path, exif=exif, quality=95)
+
+
+def write_image_zoo(folder: Path) -> Tuple[Dict[str, Tuple[int, int]], Dict[str, str]]:
+    """Write the image zoo (tests/data/test_images.py, tests/demo/test_demo.py) into ``folder``.
+
+    Returns:
+        good: file name -> (height, width) as read (EXIF applied);
+        bad: file name -> a phrase the error message must contain.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    gray = IMAGE_ZOO_RGB[:, :, 0]
+    Image.fromarray(gray).save(folder / "gray.png")
+    Image.fromarray(gray).convert("1").save(folder / "bilevel.png")
+    Image.fromarray(IMAGE_ZOO_RGB).convert("P").save(folder / "palette.png")
+    Image.fromarray(gray).convert("LA").save(folder / "gray_alpha.png")
+    Image.fromarray(np.dstack([IMAGE_ZOO_RGB, np.full((24, 32), 100, np.uint8)])).save(
+        folder / "rgba.png"
+    )
+    Image.fromarray(IMAGE_ZOO_GRAY16).save(folder / "gray16.png")  # mode "I;16"
+    rgb16 = np.stack(
+        [IMAGE_ZOO_GRAY16, IMAGE_ZOO_GRAY16 // 2, IMAGE_ZOO_GRAY16 // 4], axis=2
+    )  # red, green, blue
+    cv2.imwrite(str(folder / "rgb16.png"), rgb16[:, :, ::-1])  # 16 bits per channel
+    Image.fromarray(gray.astype(np.float32)).save(folder / "float.tif")  # mode "F"
+    Image.fromarray(IMAGE_ZOO_RGB).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    _exif_jpeg(folder / "exif_rotated_90.jpg", 6)
+    _exif_jpeg(folder / "exif_rotated_180.jpg", 3)
+    Image.fromarray(IMAGE_ZOO_RGB[:1, :1]).save(folder / "one_pixel.png")
+    Image.fromarray(IMAGE_ZOO_RGB[:16, :16]).save(folder / "sixteen.png")
+    good = {
+        "gray.png": (24, 32),
+        "bilevel.png": (24, 32),
+        "palette.png": (24, 32),
+        "gray_alpha.png": (24, 32),
+        "rgba.png": (24, 32),
+        "gray16.png": (24, 32),
+        "rgb16.png": (24, 32),
+        "float.tif": (24, 32),
+        "cmyk.jpg": (24, 32),
+        "exif_rotated_90.jpg": (40, 20),
+        "exif_rotated_180.jpg": (20, 40),
+        "one_pixel.png": (1, 1),
+        "sixteen.png": (16, 16),
+    }
+    Image.fromarray(IMAGE_ZOO_RGB).save(folder / "full.jpg")
+    Image.fromarray(IMAGE_ZOO_RGB).save(folder / "full.png")
+    for name in ("full.jpg", "full.png"):
+        data = (folder / name).read_bytes()
+        (folder / f"truncated_{name.split('.')[1]}.{name.split('.')[1]}").write_bytes(
+            data[: len(data) // 2]
+        )
+        (folder / name).unlink()
+    (folder / "text.jpg").write_text("this is a text file, not a JPEG\n")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "folder.jpg").mkdir()
+    bad = {
+        "truncated_jpg.jpg": "truncated or corrupt",
+        "truncated_png.png": "truncated or corrupt",
+        "text.jpg": "not an image file",
+        "empty.png": "empty file",
+        "missing.jpg": "file not found",
+        "folder.jpg": "is a directory",
+    }
+    return good, bad
 
 
 @pytest.fixture(scope="module")

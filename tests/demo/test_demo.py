@@ -13,12 +13,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, solo_cfg
+from conftest import REPO, solo_cfg, write_image_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from pycocotools import mask as mask_util
-from test_reliability_images import write_image_zoo
 
 from solo_d2.data.shapes import SHAPES_CLASSES
 from solo_d2.export.compare import compare_detections

@@ -1,6 +1,6 @@
 """Odd and broken image files: reading, the training/evaluation mapper and the model (CPU).
 
-The image "zoo" (also used by tests/test_demo.py): grayscale, 1-bit, palette, gray+alpha, RGBA,
+The image "zoo" (also used by tests/demo/test_demo.py): grayscale, 1-bit, palette, gray+alpha, RGBA,
 16-bit gray and 16-bit RGB PNGs, 32-bit float TIFF, a CMYK JPEG, EXIF-rotated JPEGs, 1x1 and 16x16
 images; and broken files: truncated JPEG and PNG, a text file named .jpg, an empty .png, a
 missing file, a folder named .jpg.
@@ -13,13 +13,15 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Tuple
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import IMAGE_ZOO_GRAY16 as GRAY16
+from conftest import IMAGE_ZOO_RGB as RGB
+from conftest import tiny_cfg, write_image_zoo
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -29,81 +31,6 @@ from solo_d2.data.dataset_mapper import SOLODatasetMapper
 from solo_d2.data.datasets import register_coco_dataset
 from solo_d2.data.images import BadImageError, image_size, read_image
 from solo_d2.engine import Trainer
-
-RNG = np.random.default_rng(0)
-RGB = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-GRAY16 = (np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 85).astype(np.uint16)
-EXIF_ORIENTATION = 0x0112
-
-
-def _exif_jpeg(path: Path, orientation: int) -> None:
-    """A 20 x 40 JPEG whose left quarter is white, stored with an EXIF orientation tag."""
-    pixels = np.zeros((20, 40, 3), np.uint8)
-    pixels[:, :10] = 255
-    image = Image.fromarray(pixels)
-    exif = image.getexif()
-    exif[EXIF_ORIENTATION] = orientation
-    image.save(path, exif=exif, quality=95)
-
-
-def write_image_zoo(folder: Path) -> Tuple[Dict[str, Tuple[int, int]], Dict[str, str]]:
-    """Write the zoo into ``folder``.
-
-    Returns:
-        good: file name -> (height, width) as read (EXIF applied);
-        bad: file name -> a phrase the error message must contain.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    gray = RGB[:, :, 0]
-    Image.fromarray(gray).save(folder / "gray.png")
-    Image.fromarray(gray).convert("1").save(folder / "bilevel.png")
-    Image.fromarray(RGB).convert("P").save(folder / "palette.png")
-    Image.fromarray(gray).convert("LA").save(folder / "gray_alpha.png")
-    Image.fromarray(np.dstack([RGB, np.full((24, 32), 100, np.uint8)])).save(folder / "rgba.png")
-    Image.fromarray(GRAY16).save(folder / "gray16.png")  # mode "I;16"
-    rgb16 = np.stack([GRAY16, GRAY16 // 2, GRAY16 // 4], axis=2)  # red, green, blue
-    cv2.imwrite(str(folder / "rgb16.png"), rgb16[:, :, ::-1])  # 16 bits per channel
-    Image.fromarray(gray.astype(np.float32)).save(folder / "float.tif")  # mode "F"
-    Image.fromarray(RGB).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
-    _exif_jpeg(folder / "exif_rotated_90.jpg", 6)
-    _exif_jpeg(folder / "exif_rotated_180.jpg", 3)
-    Image.fromarray(RGB[:1, :1]).save(folder / "one_pixel.png")
-    Image.fromarray(RGB[:16, :16]).save(folder / "sixteen.png")
-    good = {
-        "gray.png": (24, 32),
-        "bilevel.png": (24, 32),
-        "palette.png": (24, 32),
-        "gray_alpha.png": (24, 32),
-        "rgba.png": (24, 32),
-        "gray16.png": (24, 32),
-        "rgb16.png": (24, 32),
-        "float.tif": (24, 32),
-        "cmyk.jpg": (24, 32),
-        "exif_rotated_90.jpg": (40, 20),
-        "exif_rotated_180.jpg": (20, 40),
-        "one_pixel.png": (1, 1),
-        "sixteen.png": (16, 16),
-    }
-    Image.fromarray(RGB).save(folder / "full.jpg")
-    Image.fromarray(RGB).save(folder / "full.png")
-    for name in ("full.jpg", "full.png"):
-        data = (folder / name).read_bytes()
-        (folder / f"truncated_{name.split('.')[1]}.{name.split('.')[1]}").write_bytes(
-            data[: len(data) // 2]
-        )
-        (folder / name).unlink()
-    (folder / "text.jpg").write_text("this is a text file, not a JPEG\n")
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "folder.jpg").mkdir()
-    bad = {
-        "truncated_jpg.jpg": "truncated or corrupt",
-        "truncated_png.png": "truncated or corrupt",
-        "text.jpg": "not an image file",
-        "empty.png": "empty file",
-        "missing.jpg": "file not found",
-        "folder.jpg": "is a directory",
-    }
-    return good, bad
 
 
 @pytest.fixture(scope="module")
@@ -318,9 +245,10 @@ def test_large_image_evaluation_with_bounded_memory(tmp_path):
             "categories": [{"id": i, "name": f"class{i}"} for i in (1, 2, 3)],
         }  # fmt: skip
         (tmp_path / f"{size}.json").write_text(json.dumps(coco))
-    tests = str(Path(__file__).resolve().parent)
+    here = Path(__file__).resolve().parent
+    paths = [str(here), str(here.parent)]  # this module, and tests/ for its conftest helpers
     code = (
-        f"import sys; sys.path.insert(0, {tests!r}); import test_reliability_images as t; "
+        f"import sys; sys.path[:0] = {paths!r}; import test_images as t; "
         f"t.measure_evaluation_memory({str(tmp_path)!r})"
     )
     res = subprocess.run(

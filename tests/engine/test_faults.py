@@ -76,10 +76,10 @@ DYING_WRITER = textwrap.dedent("""
     if suffix == ".json":
         PathManager.open = dying_open
 
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {root!r}]  # this module, and tests/ for its conftest helpers
     import test_faults
     getattr(test_faults, sys.argv[1])(*sys.argv[3:])
-    """).format(tests=str(TESTS))
+    """).format(tests=str(TESTS), root=str(TESTS.parent))
 
 
 def run_killed(action: str, suffix: str, *args: str) -> subprocess.CompletedProcess:
