@@ -49,12 +49,13 @@ def sample_images(cfg: CfgNode, path: Optional[str], count: int) -> List[Tensor]
         ValueError: ``path`` does not exist.
     """
     import detectron2.data.transforms as T
-    from detectron2.data.detection_utils import read_image
+
+    from ..data.images import read_image
 
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"--sample-image {path}: no such file")
-        image = read_image(path, format=cfg.INPUT.FORMAT)
+        image = read_image(path, format=cfg.INPUT.FORMAT)  # BadImageError (a ValueError)
         aug = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
