@@ -9,7 +9,6 @@ import cv2
 import detectron2.data.transforms as T
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import Metadata, MetadataCatalog
 from detectron2.modeling import build_model
@@ -18,6 +17,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solo_d2.atomic_io import atomic_write_bytes
+from solo_d2.checkpoint import SafeCheckpointer, UnsafeCheckpointError
 
 __all__ = [
     "WeightsUnavailableError",
@@ -56,8 +56,9 @@ class BadWeightsError(ValueError):
     """MODEL.WEIGHTS is a file that cannot be loaded or does not fit the model of the config."""
 
 
-class _ShapeCheckingCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that keeps the (key, file shape, model shape) of skipped tensors."""
+class _ShapeCheckingCheckpointer(SafeCheckpointer):
+    """SafeCheckpointer (it runs no code from the file) that keeps the (key, file shape, model
+    shape) of skipped tensors."""
 
     incorrect_shapes = ()
 
@@ -70,13 +71,16 @@ def load_weights(model: torch.nn.Module, path: str, num_classes: int) -> None:
     """Load the local checkpoint ``path`` into ``model``; every tensor must fit.
 
     Raises:
-        BadWeightsError: the file is not a readable checkpoint, or a tensor has another shape
+        BadWeightsError: the file is not a readable checkpoint, it references something other
+            than weights data (refused before anything in it runs), or a tensor has another shape
             than the model's (the usual cause: MODEL.SOLO.NUM_CLASSES differs from the classes
             the weights were trained for).
     """
     checkpointer = _ShapeCheckingCheckpointer(model)
     try:
         checkpointer.load(path)
+    except UnsafeCheckpointError as e:
+        raise BadWeightsError(str(e)) from e
     except Exception as e:  # torch.load / pickle raise many types on a corrupt file
         reason = " ".join(str(e).split()) or type(e).__name__
         raise BadWeightsError(f"weights file {path} cannot be loaded: {reason}") from e

@@ -40,7 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--trust-pickle", action="store_true",
-        help="load with full pickle (only for files you trust) if the tensor-only loader refuses",
+        help="UNSAFE, only for files from a trusted source: load with full pickle, which runs "
+        "any code the file names, when the weights-only loader refuses the file",
     )  # fmt: skip
     args = parser.parse_args(argv)
     try:

@@ -29,11 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # solo_d2 from this checkout when it is not installed
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from solo_d2.benchmark.timing import time_fn  # noqa: E402
+from solo_d2.checkpoint import SafeCheckpointer  # noqa: E402
 from solo_d2.config import load_config  # noqa: E402
 from solo_d2.export import (  # noqa: E402
     DEFORM_CONV_OPSET,
@@ -97,7 +97,7 @@ def build_loaded_model(cfg: CfgNode) -> torch.nn.Module:
     if weights:
         if "://" not in weights and not Path(weights).is_file():
             raise ValueError(f"MODEL.WEIGHTS {weights}: no such file")
-        DetectionCheckpointer(model).load(weights)
+        SafeCheckpointer(model).load(weights)
     return model
 
 

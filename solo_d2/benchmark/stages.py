@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from ..checkpoint import SafeCheckpointer
 from ..config import load_config
 from ..modeling.heads import split_instance_features
 from ..modeling.meta_arch import HeadOutputs
@@ -121,7 +121,7 @@ def build_benchmark_model(cfg: CfgNode, seed: int = 0, channels_last: bool = Fal
     torch.manual_seed(seed)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model.eval()

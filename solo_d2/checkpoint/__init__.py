@@ -1,6 +1,8 @@
 """Checkpoints: kill-safe saving, and loading the checkpoints of other SOLO implementations.
 
-* :mod:`.atomic`: :class:`AtomicCheckpointer`, detectron2's checkpointer with atomic writes.
+* :mod:`.safe_load`: loading weights files without running code from them
+  (:class:`SafeCheckpointer`, :func:`load_checkpoint_file`).
+* :mod:`.atomic`: :class:`AtomicCheckpointer`, the safe checkpointer with atomic writes.
 * :mod:`.adelaidet`: AdelaiDet's SOLOv2 (aim-uofa/AdelaiDet): its config keys; its checkpoints
   load as they are.
 * :mod:`.official`: the official SOLO repository (WXinlong/SOLO, mmdetection v1): key conversion
@@ -16,10 +18,14 @@ from .adelaidet import (
     is_adelaidet_solov2_state_dict,
 )
 from .atomic import AtomicCheckpointer
+from .safe_load import SafeCheckpointer, UnsafeCheckpointError, load_checkpoint_file
 
 __all__ = [
     "ADELAIDET_KEY_MAP",
     "AtomicCheckpointer",
+    "SafeCheckpointer",
+    "UnsafeCheckpointError",
     "apply_adelaidet_solov2_config",
     "is_adelaidet_solov2_state_dict",
+    "load_checkpoint_file",
 ]

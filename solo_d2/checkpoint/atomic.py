@@ -1,24 +1,25 @@
-"""``AtomicCheckpointer``: detectron2's DetectionCheckpointer with kill-safe writes.
+"""``AtomicCheckpointer``: a :class:`~.safe_load.SafeCheckpointer` with kill-safe writes.
 
 fvcore's ``Checkpointer.save`` writes ``model_XXXXXXX.pth`` in place and then rewrites
 ``last_checkpoint`` in place: a process killed during either write leaves a truncated checkpoint
 (overwriting ``model_final.pth`` of an earlier run destroys it) or an empty ``last_checkpoint``,
 which makes ``--resume`` fail. Here both go through :func:`solo_d2.atomic_io.atomic_open`, so
-every file on disk is a complete checkpoint and ``last_checkpoint`` always names one.
+every file on disk is a complete checkpoint and ``last_checkpoint`` always names one. Loads
+(``MODEL.WEIGHTS``, ``--resume``) run no code from the file (:mod:`.safe_load`).
 """
 
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
 from ..atomic_io import atomic_open, atomic_write_text
+from .safe_load import SafeCheckpointer
 
 __all__ = ["AtomicCheckpointer"]
 
 
-class AtomicCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer whose checkpoint and ``last_checkpoint`` writes are atomic."""
+class AtomicCheckpointer(SafeCheckpointer):
+    """SafeCheckpointer whose checkpoint and ``last_checkpoint`` writes are atomic."""
 
     def save(self, name: str, **kwargs) -> None:
         """Save the model and checkpointables (and ``kwargs``) to ``<save_dir>/<name>.pth``."""

@@ -29,6 +29,7 @@ import torch
 from detectron2.config import CfgNode
 
 from ..config import load_config
+from .safe_load import UnsafeCheckpointError, load_torch_file
 
 __all__ = [
     "CONFIGS_DIR",
@@ -418,20 +419,29 @@ def loading_problems(cfg: CfgNode, state: StateDict) -> List[str]:
 def load_official(path: Path, trust_pickle: bool = False) -> StateDict:
     """The state dict of an official checkpoint (mmcv ``state_dict``, or ``model``, or bare).
 
+    The file is read by PyTorch's weights-only loader, which runs no code from it
+    (:func:`~.safe_load.load_torch_file`).
+
     Args:
-        trust_pickle: load with full pickle instead of PyTorch's tensor-only loader (only for
-            files you trust).
+        trust_pickle: UNSAFE, for files from a trusted source only: load with full pickle, which
+            runs whatever code the file names, instead of the weights-only loader.
     Raises:
-        ConversionError: no such file, not a torch file, or no state dict of tensors in it.
+        ConversionError: no such file, refused by the weights-only loader, not a torch file, or
+            no state dict of tensors in it.
     """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        ckpt = load_torch_file(path, trust_pickle=trust_pickle)
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file") from None
-    except Exception as e:  # pickle refused by weights_only, or not a torch file
+    except UnsafeCheckpointError as e:
         raise ConversionError(
-            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e}). If it is a "
-            "checkpoint you trust that stores non-tensor Python objects, pass --trust-pickle"
+            f"{path}: refused without running it: it references the Python global {e.refused}. "
+            "Only if the file is from a source you trust, pass --trust-pickle (UNSAFE: full "
+            "pickle runs any code the file names)"
+        ) from None
+    except Exception as e:  # not a torch file
+        raise ConversionError(
+            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})"
         ) from e
     if isinstance(ckpt, dict):
         for key in ("state_dict", "model"):

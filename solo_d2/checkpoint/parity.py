@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -33,6 +32,7 @@ from torch import nn
 from ..config import add_solo_config
 from ..modeling.targets import instance_targets
 from .adelaidet import apply_adelaidet_solov2_config
+from .safe_load import SafeCheckpointer
 
 __all__ = [
     "LOSS_RTOL",
@@ -89,7 +89,8 @@ def build_cfg(fixture: Fixture) -> CfgNode:
 
 def load_model(fixture: Fixture, device: str) -> Tuple[nn.Module, Tuple[List[str], List[str]]]:
     """The fixture's model on ``device`` with its checkpoint loaded in float32 through
-    detectron2's checkpointer, and the (missing, unexpected) keys of that load."""
+    :class:`SafeCheckpointer` (detectron2's checkpointer), and the (missing, unexpected) keys of
+    that load."""
     cfg = build_cfg(fixture)
     cfg.MODEL.DEVICE = device
     model = build_model(cfg)
@@ -99,7 +100,7 @@ def load_model(fixture: Fixture, device: str) -> Tuple[nn.Module, Tuple[List[str
     }
     with tempfile.NamedTemporaryFile(suffix=".pth") as f:
         torch.save({"model": state}, f.name)
-        DetectionCheckpointer(model).load(f.name)
+        SafeCheckpointer(model).load(f.name)
     own = set(model.state_dict())
     return model, (sorted(own - set(state)), sorted(set(state) - own))
 
