@@ -1,5 +1,14 @@
 """Training SOLO-family models with detectron2's ``DefaultTrainer``."""
 
+from .hooks import PREEMPTED_EXIT_STATUS, PreemptionHook, TrainingPreempted
+from .launch import launch
 from .trainer import Trainer, create_ddp_model
 
-__all__ = ["Trainer", "create_ddp_model"]
+__all__ = [
+    "PREEMPTED_EXIT_STATUS",
+    "PreemptionHook",
+    "Trainer",
+    "TrainingPreempted",
+    "create_ddp_model",
+    "launch",
+]

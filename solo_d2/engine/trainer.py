@@ -5,7 +5,9 @@ Safeguards of :class:`Trainer`:
 * checkpoints are written atomically (:class:`solo_d2.checkpoint.AtomicCheckpointer`);
 * faulty training data is reported, or refused with ``DATASETS.STRICT``;
 * on resume, ``metrics.json`` is trimmed back to the resumed iteration;
-* a NaN or infinite loss names the last checkpoint on disk.
+* a NaN or infinite loss names the last checkpoint on disk;
+* SIGTERM or SIGUSR1 (a preemption) stops training after the current iteration, with a checkpoint
+  of it and exit status 75 (:class:`~solo_d2.engine.hooks.PreemptionHook`).
 """
 
 import json
@@ -23,6 +25,7 @@ from detectron2.data import (
 )
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
+from detectron2.engine.hooks import EvalHook
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -34,6 +37,7 @@ from ..config import check_config
 from ..data.dataset_mapper import SOLODatasetMapper
 from ..data.validation import DatasetError, summarize_faults
 from ..evaluation import SOLOCOCOEvaluator
+from .hooks import PreemptionHook, leave_signals_to_trainer
 
 __all__ = ["Trainer", "create_ddp_model"]
 
@@ -142,22 +146,34 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """detectron2's loader with SOLO targets; its workers leave SIGTERM and SIGUSR1 to the
+        training process (:func:`~solo_d2.engine.hooks.leave_signals_to_trainer`)."""
         _report_training_faults(cfg, cfg.DATASETS.TRAIN)
-        return build_detection_train_loader(cfg, mapper=SOLODatasetMapper(cfg, True))
+        loader = build_detection_train_loader(cfg, mapper=SOLODatasetMapper(cfg, True))
+        return leave_signals_to_trainer(loader)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
+        loader = build_detection_test_loader(
             cfg,
             dataset_name,
             mapper=SOLODatasetMapper(cfg, False),
             batch_size=cfg.TEST.IMS_PER_BATCH,
         )
+        return leave_signals_to_trainer(loader)  # evaluations during training
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return SOLOCOCOEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
+
+    def build_hooks(self):
+        """detectron2's hooks, and a :class:`~solo_d2.engine.hooks.PreemptionHook` after the
+        checkpointer and before the evaluation (a preempted run stops without evaluating)."""
+        ret = super().build_hooks()
+        evaluation = next(i for i, h in enumerate(ret) if isinstance(h, EvalHook))
+        ret.insert(evaluation, PreemptionHook())
+        return ret
 
     def resume_or_load(self, resume: bool = True):
         """detectron2's resume_or_load; on resume also removes partial files a killed run left
