@@ -6,23 +6,33 @@
     python train_net.py --config-file ... --dataset mydata_train=ann.json:images/ \
         DATASETS.TRAIN "('mydata_train',)" MODEL.SOLO.NUM_CLASSES 3
 
-Before any process is launched, the datasets, the config and the weights are checked: a mistake
-(an unknown config key, NUM_CLASSES disagreeing with a dataset, a missing weights file, an
-annotation file that is not COCO, ...) ends the run with one "train_net.py: error: ..." line and
-exit status 2.
+Before any process is launched, the devices, the datasets, the config and the weights are
+checked: a mistake (an unknown config key, NUM_CLASSES disagreeing with a dataset, a missing
+weights file, an annotation file that is not COCO, a builtin dataset such as coco_2017_train
+missing on disk, --num-gpus above the GPUs present, ...) ends the run with one
+"train_net.py: error: ..." line and exit status 2. Without CUDA, one process runs on the CPU
+after a one-line warning (MODEL.DEVICE cpu); --num-gpus N with MODEL.DEVICE cpu starts N CPU
+processes.
+
+Preemption: on SIGTERM or SIGUSR1 (what job schedulers send), training stops after the current
+iteration, writes a checkpoint of it, logs "Stopped by SIGTERM after iteration N: ..." and exits
+with status 75 (EX_TEMPFAIL: requeue the job); --resume continues at iteration N + 1.
 """
 
+import os
 import sys
+import warnings
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+import torch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from solo_d2.checkpoint import AtomicCheckpointer
+from solo_d2.checkpoint import AtomicCheckpointer, load_checkpoint_file
 from solo_d2.config import ConfigError, check_config, load_config
 from solo_d2.data.datasets import add_dataset_arguments, register_datasets_from_args
-from solo_d2.engine import Trainer
+from solo_d2.engine import Trainer, launch
 
 
 def setup(args):
@@ -33,14 +43,55 @@ def setup(args):
     return cfg
 
 
-def preflight(args) -> None:
-    """Register the datasets and check the config, before any work starts.
+def check_devices(args, cfg) -> None:
+    """Match a config on CUDA (detectron2's default MODEL.DEVICE) with the GPUs present.
+
+    Without CUDA, one process (``--num-gpus 1``) runs on the CPU with a one-line warning, as the
+    demo does: ``MODEL.DEVICE cpu`` is added to ``args.opts`` (which the worker reads) and
+    ``cfg``. With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU processes.
 
     Raises:
-        ConfigError, ValueError, OSError: with a one-line message.
+        ConfigError: ``--num-gpus`` asks for more GPUs than are visible.
     """
+    if not cfg.MODEL.DEVICE.startswith("cuda"):
+        return
+    with warnings.catch_warnings():  # torch may warn "CUDA initialization: ...": said below
+        warnings.simplefilter("ignore")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.num_gpus > max(gpus, 1):
+        raise ConfigError(
+            f"--num-gpus {args.num_gpus} but no CUDA GPU is available (torch.cuda.is_available() "
+            f"is False); add MODEL.DEVICE cpu to run {args.num_gpus} processes on the CPU"
+            if gpus == 0
+            else f"--num-gpus {args.num_gpus} but only {gpus} CUDA GPU(s) are visible; use "
+            f"--num-gpus {gpus} or fewer"
+        )
+    if gpus == 0:
+        print(
+            "train_net.py: warning: no CUDA GPU is available (torch.cuda.is_available() is "
+            "False), running on the CPU (MODEL.DEVICE cpu)",
+            file=sys.stderr,
+        )
+        args.opts = [*(args.opts or []), "MODEL.DEVICE", "cpu"]
+        cfg.MODEL.DEVICE = "cpu"
+
+
+def preflight(args) -> None:
+    """Check the devices, register the datasets, check the config and read a local MODEL.WEIGHTS
+    file (refused without running anything if it holds more than weights), before any work
+    starts. ``--eval-only`` needs only the ``DATASETS.TEST`` datasets.
+
+    Raises:
+        ConfigError, ValueError, OSError: with a one-line message (UnsafeCheckpointError is a
+            ValueError).
+    """
+    cfg = load_config(args.config_file, args.opts)
+    check_devices(args, cfg)
     register_datasets_from_args(args)
-    check_config(load_config(args.config_file, args.opts), resume=args.resume)
+    splits = ("TEST",) if args.eval_only else ("TRAIN", "TEST")
+    check_config(cfg, resume=args.resume, splits=splits)
+    if os.path.isfile(cfg.MODEL.WEIGHTS):
+        load_checkpoint_file(cfg.MODEL.WEIGHTS)
 
 
 def main(args):

@@ -250,7 +250,7 @@ def run_on_images(
             batch, arrays = [], []
             for path in images[start : start + args.batch_size]:
                 try:
-                    arrays.append(read_image(path, format=cfg.INPUT.FORMAT))
+                    arrays.append(read_image(path, cfg.INPUT.FORMAT, cfg.INPUT.MAX_IMAGE_PIXELS))
                     batch.append(path)
                 except ValueError as e:  # BadImageError: names the file and the problem
                     tqdm.write(f"warning: could not read {e}", file=sys.stderr)

@@ -6,6 +6,8 @@ Backbone deformable convs use detectron2's own keys (``MODEL.RESNETS.DEFORM_ON_P
 
 from detectron2.config import CfgNode as CN
 
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+
 __all__ = ["add_solo_config"]
 
 
@@ -88,3 +90,8 @@ def add_solo_config(cfg: CN) -> None:
     # invalid mask, box outside the image, unknown category, ...) is skipped with a warning that
     # counts and names it. True: any such fault in the training data is an error.
     _C.DATASETS.STRICT = False
+    # Images of more pixels (width x height) are refused from their header, before decoding
+    # (a small file can declare billions of pixels): training skips them with a warning,
+    # evaluation stops and the demo warns, naming the file. A --dataset whose annotation file
+    # declares a larger image is refused at registration. Default 10^8 (10000 x 10000).
+    _C.INPUT.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS

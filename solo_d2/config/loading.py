@@ -7,12 +7,13 @@ the weights file) before any work starts.
 
 import difflib
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..data.shapes import SPLITS as SHAPES_SPLITS
 from .defaults import add_solo_config
 
 __all__ = ["ConfigError", "load_config", "merge_config_opts", "check_config"]
@@ -89,12 +90,55 @@ def _resumable(cfg: CfgNode) -> bool:
     return os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
 
 
-def check_config(cfg: CfgNode, *, resume: bool = False, check_weights: bool = True) -> None:
+def _missing_files(name: str, key: str) -> Optional[ConfigError]:
+    """The error for a registered dataset whose ``json_file`` or ``image_root`` is missing (the
+    builtin detectron2 datasets are registered whether their files exist or not), or None."""
+    if name in SHAPES_SPLITS:  # generated when first used
+        return None
+    meta = MetadataCatalog.get(name)
+    json_file, image_root = meta.get("json_file", None), meta.get("image_root", None)
+    missing = next(
+        (p for p in (json_file, image_root) if isinstance(p, str) and not os.path.exists(p)), None
+    )
+    if missing is None:
+        return None
+    what = "annotation file" if missing == json_file else "image folder"
+    error = f"dataset {name!r} (DATASETS.{key}): its {what} {os.path.abspath(missing)} is missing"
+    root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+    inside = os.path.commonpath([os.path.abspath(root), os.path.abspath(missing)])
+    if inside == os.path.abspath(root):  # one of detectron2's builtin datasets
+        env = os.getenv("DETECTRON2_DATASETS")
+        where = (
+            f"$DETECTRON2_DATASETS = {env}" if env else "./datasets ($DETECTRON2_DATASETS unset)"
+        )
+        layout = " and ".join(
+            os.path.relpath(p, root) + ("/" if p == image_root else "")
+            for p in (json_file, image_root)
+            if isinstance(p, str)
+        )
+        error += f"; detectron2 looks for its builtin datasets in {where}, this one as {layout}"
+    return ConfigError(
+        f"{error}; to train or evaluate on your own COCO-format data, register it with "
+        f"--dataset NAME=ANNOTATIONS.json:IMAGE_DIR and set DATASETS.{key} \"('NAME',)\""
+    )
+
+
+def check_config(
+    cfg: CfgNode,
+    *,
+    resume: bool = False,
+    check_weights: bool = True,
+    splits: Sequence[str] = ("TRAIN", "TEST"),
+) -> None:
     """Check what the config names before any work starts.
 
-    * every dataset of ``DATASETS.TRAIN`` / ``DATASETS.TEST`` is registered;
+    * every dataset of ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (those of ``splits``: evaluation
+      alone needs only "TEST") is registered, and the ``json_file`` and ``image_root`` of its
+      metadata exist (detectron2 registers its builtin datasets, e.g. ``coco_2017_train``, even
+      when they are not on disk);
     * ``MODEL.SOLO.NUM_CLASSES`` equals the number of categories of each of them (when its
       metadata knows ``thing_classes``);
+    * ``INPUT.MAX_IMAGE_PIXELS`` is positive;
     * with ``check_weights``, a local ``MODEL.WEIGHTS`` file exists (URLs and ``scheme://``
       paths are not fetched here); it is not needed when ``resume`` finds a checkpoint.
 
@@ -102,7 +146,7 @@ def check_config(cfg: CfgNode, *, resume: bool = False, check_weights: bool = Tr
         ConfigError: one line naming the key, the value and the fix.
     """
     registered = set(DatasetCatalog.list())
-    for key in ("TRAIN", "TEST"):
+    for key in splits:
         for name in cfg.DATASETS[key]:
             if name not in registered:
                 close = difflib.get_close_matches(name, sorted(registered), n=1)
@@ -111,14 +155,29 @@ def check_config(cfg: CfgNode, *, resume: bool = False, check_weights: bool = Tr
                     f"DATASETS.{key} names dataset {name!r}, which is not registered{hint}; "
                     f"register it with --dataset {name}=ANNOTATIONS.json:IMAGE_DIR"
                 )
+            error = _missing_files(name, key)
+            if error is not None:
+                raise error
             classes = MetadataCatalog.get(name).get("thing_classes", None)
             if classes is not None and len(classes) != cfg.MODEL.SOLO.NUM_CLASSES:
                 shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+                subset = (
+                    " (to evaluate a model trained on more categories on some of them, keep all "
+                    "of the model's categories, with their ids, in the dataset's 'categories', "
+                    "annotated or not)"
+                    if key == "TEST"
+                    else ""
+                )
                 raise ConfigError(
                     f"MODEL.SOLO.NUM_CLASSES is {cfg.MODEL.SOLO.NUM_CLASSES} but dataset "
                     f"{name!r} (DATASETS.{key}) has {len(classes)} categories ({shown}); set "
-                    f"MODEL.SOLO.NUM_CLASSES {len(classes)}"
+                    f"MODEL.SOLO.NUM_CLASSES {len(classes)}{subset}"
                 )
+    if cfg.INPUT.MAX_IMAGE_PIXELS <= 0:
+        raise ConfigError(
+            f"INPUT.MAX_IMAGE_PIXELS is {cfg.INPUT.MAX_IMAGE_PIXELS}; it must be a positive "
+            "number of pixels"
+        )
     weights = cfg.MODEL.WEIGHTS
     if check_weights and weights and "://" not in weights and not os.path.isfile(weights):
         if not (resume and _resumable(cfg)):

@@ -7,10 +7,11 @@ batch padding: centre of mass and the mask rescaled to the mask-prediction strid
 assigns grid cells once the padded batch size is known (see solo_d2/modeling/targets.py).
 
 Bad data (see docs/reliability.md): images are read with :func:`solo_d2.data.images.read_image`
-(clear errors, 16-bit / CMYK / EXIF handled). In training, an image that cannot be read or whose
-size differs from its annotation is skipped with a warning naming it (detectron2's MapDataset
-then takes another image), and so is an annotation that cannot be transformed; with
-``DATASETS.STRICT`` both are errors. In evaluation an unreadable image is always an error.
+(clear errors, 16-bit / CMYK / EXIF handled, images of more than ``INPUT.MAX_IMAGE_PIXELS``
+pixels refused before decoding). In training, an image that cannot be read or whose size differs
+from its annotation is skipped with a warning naming it (detectron2's MapDataset then takes
+another image), and so is an annotation that cannot be transformed; with ``DATASETS.STRICT`` both
+are errors. In evaluation an unreadable image is always an error.
 """
 
 import copy
@@ -26,7 +27,7 @@ from detectron2.data import detection_utils as utils
 
 from ..modeling import mask_target_strides
 from ..modeling.targets import extra_mask_targets, instance_targets
-from .images import BadImageError, read_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, read_image
 
 __all__ = ["SOLODatasetMapper", "check_image_size"]
 
@@ -82,6 +83,7 @@ class SOLODatasetMapper(DatasetMapper):
         *,
         mask_strides: Sequence[int] = (4,),
         strict: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         **kw,
     ):
         """
@@ -92,6 +94,7 @@ class SOLODatasetMapper(DatasetMapper):
                 coarser stride.
             strict: in training, raise on an unreadable image or an unusable annotation
                 instead of skipping it with a warning.
+            max_image_pixels: images of more pixels are unreadable (refused before decoding).
             kw: as :class:`detectron2.data.DatasetMapper`; masks are always used, as bitmasks.
         """
         kw.update(use_instance_mask=True, instance_mask_format="bitmask")
@@ -99,6 +102,7 @@ class SOLODatasetMapper(DatasetMapper):
         self.mask_strides = tuple(mask_strides)
         self.mask_stride = min(self.mask_strides)
         self.strict = strict
+        self.max_image_pixels = max_image_pixels
         self._num_read = self._num_failed = 0
 
     @classmethod
@@ -106,12 +110,15 @@ class SOLODatasetMapper(DatasetMapper):
         ret = super().from_config(cfg, is_train)
         ret["mask_strides"] = mask_target_strides(cfg)
         ret["strict"] = cfg.DATASETS.STRICT
+        ret["max_image_pixels"] = cfg.INPUT.MAX_IMAGE_PIXELS
         return ret
 
     def _read(self, dataset_dict: dict):
         """The checked image of ``dataset_dict``, or None when a training image is skipped."""
         try:
-            image = read_image(dataset_dict["file_name"], format=self.image_format)
+            image = read_image(
+                dataset_dict["file_name"], self.image_format, max_pixels=self.max_image_pixels
+            )
             check_image_size(dataset_dict, image)
         except BadImageError as e:
             if not self.is_train or self.strict:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..config import load_config
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .shapes import register_shapes
 from .validation import check_coco_dict, load_checked_coco, read_coco_json, summarize_faults
 
@@ -47,9 +49,9 @@ def parse_dataset_spec(spec: str) -> tuple[str, str, str]:
     return name, json_file, image_dir
 
 
-def _load_dataset(name: str, json_file: str, image_root: str) -> list[dict]:
+def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list[dict]:
     """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
-    _, checked, dicts = load_checked_coco(json_file, image_root)
+    _, checked, dicts = load_checked_coco(json_file, image_root, max_image_pixels=max_image_pixels)
     if len(checked.faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
         logger.warning(
             f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
@@ -58,11 +60,12 @@ def _load_dataset(name: str, json_file: str, image_root: str) -> list[dict]:
     return dicts
 
 
-def register_coco_dataset(spec: str) -> str:
+def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Check and register the COCO instances dataset described by ``spec``; return its name.
 
     The annotation file is checked now (:mod:`solo_d2.data.validation`): a file that cannot be
-    used raises ``ValueError``; faulty annotations and images (missing image files included) are
+    used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels`` pixels,
+    ``INPUT.MAX_IMAGE_PIXELS``, included); faulty annotations and images (missing image files) are
     logged, counted and named, and left out of the dataset. The metadata gets ``thing_classes``
     at once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and ``data_faults``,
     the list of :class:`DataFault`.
@@ -94,7 +97,7 @@ def register_coco_dataset(spec: str) -> str:
             f"image_root={old[1]!r}; cannot register it again from spec {spec!r}"
         )
     data = read_coco_json(str(json_file), f"(dataset spec {spec!r})")
-    checked = check_coco_dict(data, str(json_file), str(image_root))
+    checked = check_coco_dict(data, str(json_file), str(image_root), max_image_pixels)
     if checked.faults:
         kept = len(data["annotations"]) - len(checked.bad_annotations)
         logger.warning(
@@ -104,7 +107,8 @@ def register_coco_dataset(spec: str) -> str:
             f"kept). Set DATASETS.STRICT True to make them errors in training.\n"
             + summarize_faults(checked.faults)
         )
-    DatasetCatalog.register(name, partial(_load_dataset, name, str(json_file), str(image_root)))
+    loader = partial(_load_dataset, name, str(json_file), str(image_root), max_image_pixels)
+    DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(
         json_file=str(json_file),
         image_root=str(image_root),
@@ -130,6 +134,18 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register_datasets_from_args(args: argparse.Namespace) -> list[str]:
-    """Register the shapes datasets and every ``--dataset`` spec; return the spec names."""
+    """Register the shapes datasets and every ``--dataset`` spec; return the spec names.
+
+    The image size limit of the specs is ``INPUT.MAX_IMAGE_PIXELS`` of the config that
+    ``args.config_file`` and ``args.opts`` give (its default without a config file).
+
+    Raises:
+        ConfigError: the config cannot be loaded.
+        ValueError, OSError: a spec is malformed or names a file that is missing or unusable.
+    """
     register_shapes()
-    return [register_coco_dataset(spec) for spec in (getattr(args, "dataset", None) or [])]
+    specs = getattr(args, "dataset", None) or []
+    max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+    if specs and getattr(args, "config_file", ""):
+        max_pixels = load_config(args.config_file, args.opts).INPUT.MAX_IMAGE_PIXELS
+    return [register_coco_dataset(spec, max_pixels) for spec in specs]

@@ -2,9 +2,12 @@
 
 :func:`read_image` is detectron2's ``read_image`` for the model's "BGR" / "RGB" input, plus:
 
-* an unreadable file (missing, empty, not an image, truncated or corrupt, too many pixels for
-  PIL) raises :class:`BadImageError`, a ``ValueError`` whose message names the file and says
-  what is wrong;
+* an unreadable file (missing, empty, not an image, truncated or corrupt) raises
+  :class:`BadImageError`, a ``ValueError`` whose message names the file and says what is wrong;
+* an image of more than ``max_pixels`` pixels (``INPUT.MAX_IMAGE_PIXELS``) is refused from its
+  header, before decoding: a small file can declare billions of pixels (a "decompression bomb").
+  This limit replaces PIL's own ``Image.MAX_IMAGE_PIXELS`` guard, which is raised to it when it is
+  lower (PIL would otherwise refuse images the limit allows);
 * 16-bit images (PIL modes "I;16*" and "I") are scaled to 8 bits (value >> 8); detectron2's
   ``Image.convert("RGB")`` clips them instead, turning most of the image white;
 * 32-bit float images (mode "F") are clipped to [0, 255];
@@ -15,12 +18,23 @@
 """
 
 import os
+import re
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BadImageError", "read_image", "image_size", "exif_orientation"]
+__all__ = [
+    "BadImageError",
+    "read_image",
+    "image_size",
+    "exif_orientation",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+]
+
+# Default of INPUT.MAX_IMAGE_PIXELS: 10000 x 10000, 0.3 GB decoded as RGB.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 EXIF_ORIENTATION_TAG = 0x0112
 # EXIF orientations that swap width and height (the rotations by 90 or 270 degrees).
@@ -37,10 +51,23 @@ class BadImageError(ValueError):
         self.reason = reason
 
 
-def _open(path: str) -> Image.Image:
-    """``Image.open`` (header only) with the failures turned into BadImageError."""
+def _too_many_pixels(path: str, pixels: str, max_pixels: int) -> BadImageError:
+    return BadImageError(
+        path,
+        f"has {pixels} pixels, more than INPUT.MAX_IMAGE_PIXELS = {max_pixels}; it is not decoded "
+        "(raise INPUT.MAX_IMAGE_PIXELS if the image is genuine)",
+    )
+
+
+def _open(path: str, max_pixels: int) -> Image.Image:
+    """``Image.open`` (header only) with the failures turned into BadImageError; an image of more
+    than ``max_pixels`` pixels is refused."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():  # PIL warns above its limit; the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except FileNotFoundError:
         raise BadImageError(path, "file not found") from None
     except IsADirectoryError:
@@ -56,10 +83,16 @@ def _open(path: str) -> Image.Image:
         raise BadImageError(
             path, f"is not an image file PIL can read (it starts with {head!r}, {size} bytes)"
         ) from None
-    except Image.DecompressionBombError as e:
-        raise BadImageError(path, f"has too many pixels to be decoded safely ({e})") from None
+    except Image.DecompressionBombError as e:  # above twice PIL's limit, which is at least ours
+        count = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_many_pixels(path, count[1] if count else "too many", max_pixels) from None
     except OSError as e:  # a truncated or corrupt header
         raise BadImageError(path, f"is truncated or corrupt ({e})") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        image.close()
+        raise _too_many_pixels(path, f"{w}x{h} = {w * h}", max_pixels)
+    return image
 
 
 def exif_orientation(image: Image.Image) -> int:
@@ -71,14 +104,14 @@ def exif_orientation(image: Image.Image) -> int:
     return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
-def image_size(path: str) -> Tuple[int, int]:
+def image_size(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:
     """(height, width) of an image file as :func:`read_image` returns it, from its header.
 
     Raises:
-        BadImageError: the file is missing or not an image (a truncated body is only found by
-            :func:`read_image`).
+        BadImageError: the file is missing or not an image, or has more than ``max_pixels``
+            pixels (a truncated body is only found by :func:`read_image`).
     """
-    with _open(path) as image:
+    with _open(path, max_pixels) as image:
         w, h = image.size
         if exif_orientation(image) in TRANSPOSING_ORIENTATIONS:
             w, h = h, w
@@ -99,20 +132,24 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def read_image(path: str, format: Optional[str] = "BGR") -> np.ndarray:
+def read_image(
+    path: str, format: Optional[str] = "BGR", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Read an image file as an (H, W, 3) uint8 array in ``format`` ("BGR" or "RGB").
 
     Args:
         path: a local image file.
         format: channel order of the result.
+        max_pixels: larger images are refused before decoding (``INPUT.MAX_IMAGE_PIXELS``).
     Returns:
         the image, EXIF orientation applied (H, W are the displayed height and width).
     Raises:
-        BadImageError: the file is missing, empty, not an image, truncated or corrupt.
+        BadImageError: the file is missing, empty, not an image, truncated or corrupt, or has
+            more than ``max_pixels`` pixels.
     """
     if format not in ("BGR", "RGB"):
         raise ValueError(f"read_image: format must be 'BGR' or 'RGB', got {format!r}")
-    with _open(path) as image:
+    with _open(path, max_pixels) as image:
         try:
             image.load()
             if exif_orientation(image) != 1:

@@ -3,32 +3,45 @@
 A COCO file is checked in two tiers:
 
 * **Errors** (:class:`DatasetError`, a ``ValueError``): the file cannot be used at all. It is not
-  a COCO instances dict, an image entry lacks ``id`` / ``file_name`` / ``height`` / ``width``, two
-  images (or annotations, or categories) share an id, an annotation has no ``id``, or there are
-  no categories.
+  a COCO instances dict, an image entry lacks ``id`` / ``file_name`` / ``height`` / ``width``,
+  declares more pixels than ``INPUT.MAX_IMAGE_PIXELS`` (when a limit is given), two images (or
+  annotations, or categories) share an id, an annotation has no ``id``, or there are no
+  categories.
 * **Faults** (:class:`DataFault`): one annotation or one image is unusable and is left out, the
   rest of the dataset is fine. Annotations: no / empty ``segmentation``, only polygons with fewer
-  than 3 points (or odd length, or non-finite coordinates), an RLE whose ``size`` differs from its
-  image or whose counts do not cover it, a zero-area mask, a missing or malformed ``bbox``
-  (not 4 finite numbers, negative size), a box entirely outside its image, a ``category_id``
-  absent from ``categories``, an ``image_id`` absent from ``images``. Images: the file does not
-  exist under the image root. Partly invalid polygons (some of an annotation's polygons have
-  fewer than 3 points) are dropped from the annotation, which is kept, and reported too.
+  than 3 points (or odd length, or non-finite or absurd coordinates), polygons too large to
+  rasterise safely (more than ``MAX_POLYGON_POINTS`` points, or an outline longer than
+  ``MAX_POLYGON_OUTLINE`` pixels), an RLE whose ``size`` differs from its image, whose counts do
+  not cover it or cannot be decoded, or that has more than ``MAX_RLE_RUNS`` runs, a zero-area
+  mask, a missing or malformed ``bbox`` (not 4 finite numbers, negative size), a box entirely
+  outside its image, an ``iscrowd`` other than 0 or 1, a ``category_id`` absent from
+  ``categories``, an ``image_id`` absent from ``images``. Images: the file does not exist under
+  the image root. Partly invalid polygons (some of an annotation's polygons have fewer than 3
+  points) are dropped from the annotation, which is kept, and reported too.
 
 Boxes partly outside the image are not faults (they are clipped, as in detectron2), nor are
 images without annotations or with only crowd annotations (they are valid negatives).
+
+Memory stays proportional to the file's size, however hostile its content: :func:`read_coco_json`
+keeps only a count of the numbers of a JSON array past ``MAX_JSON_NUMBERS`` numbers in one object
+(a polygon of 10^7 points costs 8 bytes a number while it is read, then nothing); values quoted in
+messages are shortened; all faults are kept, but only the first ``MAX_DESCRIBED_FAULTS`` with
+their message (the others with their kind and ids).
 
 :func:`load_checked_coco` returns detectron2 dataset dicts of what passed and the list of faults;
 :func:`clean_coco_dict` gives the COCO dict of what passed (the evaluation ground truth).
 """
 
+import array
+import functools
 import itertools
 import json
 import logging
 import math
 import os
+import reprlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,19 +58,41 @@ __all__ = [
     "clean_coco_dict",
     "summarize_faults",
     "MAX_LISTED_FAULTS",
+    "MAX_DESCRIBED_FAULTS",
+    "MAX_POLYGON_POINTS",
+    "MAX_POLYGON_OUTLINE",
+    "MAX_RLE_RUNS",
+    "MAX_JSON_NUMBERS",
 ]
 
 logger = logging.getLogger(__name__)
 
 COCO_KEYS = ("images", "annotations", "categories")
 MAX_LISTED_FAULTS = 10  # faults named one by one in a log message; all are kept in the list
+# Faults kept with their message; the later ones keep their kind and ids (80 bytes each).
+MAX_DESCRIBED_FAULTS = 1000
+# Polygon points of one annotation (all its polygons). Rasterising costs memory and time in
+# proportion to the points and to the outline (pycocotools walks it at 5x resolution, ~40 bytes a
+# pixel): an outline of MAX_POLYGON_OUTLINE pixels (sum over edges of max(|dx|, |dy|)) ~ 40 MB.
+MAX_POLYGON_POINTS = 100_000
+MAX_POLYGON_OUTLINE = 1_000_000
+MAX_COORDINATE = 1e8  # |x|, |y| of a polygon point; pycocotools' int32 arithmetic overflows beyond
+MAX_RLE_RUNS = 1_000_000  # runs of an RLE (entries of "counts", characters of a compressed one)
+# Numbers read in full in one JSON object (past them, only counted): more than any usable
+# annotation or RLE holds.
+MAX_JSON_NUMBERS = MAX_RLE_RUNS + 1000
+
+_short = reprlib.Repr()  # values quoted in messages: at most ~100 characters
+_short.maxstring = _short.maxother = 40
+_short.maxlist = _short.maxtuple = _short.maxdict = 6
+_short.maxlevel = 2
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be used at all; the message names the file and the entry."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DataFault:
     """One annotation or image left out of a dataset, and why.
 
@@ -114,8 +149,61 @@ class CheckedCOCO:
     areas: Dict[Any, float]
 
 
+class _LongArray:
+    """Stands for a JSON array read only in part: it held numbers past ``MAX_JSON_NUMBERS``."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: int):
+        self.items = items  # its items, nested arrays flattened
+
+    def __repr__(self) -> str:
+        return f"<an array of {self.items} items>"
+
+
+_DROPPED = float("nan")  # every number read past the budget: one shared object, 8 bytes a number
+
+
+def _nested_size(value: list) -> int:
+    return sum(_nested_size(v) if type(v) is list else 1 for v in value)
+
+
+def _holds_dropped(value: list) -> bool:
+    return _DROPPED in value or any(_holds_dropped(v) for v in value if type(v) is list)
+
+
+class _NumberBudget:
+    """``json.load`` hooks that read at most ``MAX_JSON_NUMBERS`` numbers in full between the
+    ends of two objects (the others are ``_DROPPED``); once a number was dropped, the arrays of
+    every object that hold one become :class:`_LongArray` as the object ends."""
+
+    def __init__(self):
+        self.count = 0  # numbers since the last object ended
+        self.dropped = False
+
+    def parse_int(self, text: str):
+        self.count += 1
+        return int(text) if self.count <= MAX_JSON_NUMBERS else _DROPPED
+
+    def parse_float(self, text: str):
+        self.count += 1
+        return float(text) if self.count <= MAX_JSON_NUMBERS else _DROPPED
+
+    def object_hook(self, obj: dict) -> dict:
+        self.dropped |= self.count > MAX_JSON_NUMBERS
+        if self.dropped:
+            for key, value in obj.items():
+                if type(value) is list and _holds_dropped(value):
+                    obj[key] = _LongArray(_nested_size(value))
+        self.count = 0
+        return obj
+
+
 def read_coco_json(json_file: str, what: str = "") -> Dict[str, Any]:
     """Load ``json_file`` and check that it is a COCO instances dict (top-level keys only).
+
+    An array holding more than ``MAX_JSON_NUMBERS`` numbers in one object is not kept: it is
+    replaced by a placeholder that the checks report (e.g. a polygon of 10^7 points).
 
     Args:
         what: extra context for error messages, e.g. "(dataset spec 'x=a.json:imgs')".
@@ -124,14 +212,28 @@ def read_coco_json(json_file: str, what: str = "") -> Dict[str, Any]:
             "categories" lists.
     """
     where = f"Annotation file {str(json_file)!r}" + (f" {what}" if what else "")
+    budget = _NumberBudget()
     try:
         with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(
+                f,
+                parse_int=budget.parse_int,
+                parse_float=budget.parse_float,
+                object_hook=budget.object_hook,
+            )
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise DatasetError(f"{where} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise DatasetError(f"{where} nests arrays or objects too deeply to be read") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{where} is not a COCO instances file: its top level is not an object")
     for key in COCO_KEYS:
+        if isinstance(data.get(key), _LongArray):
+            raise DatasetError(
+                f"{where} is not a COCO instances file: {key!r} is an array of "
+                f"{data[key].items} items holding more than {MAX_JSON_NUMBERS} numbers outside "
+                "objects"
+            )
         if not isinstance(data.get(key), list):
             raise DatasetError(
                 f"{where} is not a COCO instances file: key {key!r} is missing or not a list"
@@ -160,20 +262,20 @@ def _check_categories(categories: list, json_file: str) -> Tuple[List[str], Dict
     for i, c in enumerate(categories):
         if not isinstance(c, dict) or not _is_int(c.get("id")) or "name" not in c:
             raise DatasetError(
-                f"Annotation file {json_file!r}: categories[{i}] = {c!r} needs an integer 'id' "
-                "and a 'name'"
+                f"Annotation file {json_file!r}: categories[{i}] = {_short.repr(c)} needs an "
+                "integer 'id' and a 'name'"
             )
         if c["id"] in seen:
             raise DatasetError(
                 f"Annotation file {json_file!r}: category id {c['id']} is used twice "
-                f"({seen[c['id']]!r} and {c['name']!r})"
+                f"({_short.repr(seen[c['id']])} and {_short.repr(str(c['name']))})"
             )
         seen[c["id"]] = str(c["name"])
     ids = sorted(seen)
     return [seen[i] for i in ids], {cid: k for k, cid in enumerate(ids)}
 
 
-def _check_images(images: list, json_file: str) -> Dict[Any, dict]:
+def _check_images(images: list, json_file: str, max_pixels: Optional[int]) -> Dict[Any, dict]:
     by_id = {}
     for i, img in enumerate(images):
         if not isinstance(img, dict):
@@ -181,24 +283,36 @@ def _check_images(images: list, json_file: str) -> Dict[Any, dict]:
         missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
         if missing:
             raise DatasetError(
-                f"Annotation file {json_file!r}: images[{i}] (id {img.get('id')!r}) has no "
-                f"{', '.join(repr(k) for k in missing)}"
+                f"Annotation file {json_file!r}: images[{i}] (id {_short.repr(img.get('id'))}) "
+                f"has no {', '.join(repr(k) for k in missing)}"
+            )
+        name = img["file_name"]
+        if not (isinstance(name, str) and name):
+            raise DatasetError(
+                f"Annotation file {json_file!r}: images[{i}] has file_name {_short.repr(name)}, "
+                "not a file name"
             )
         h, w = img["height"], img["width"]
         if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
             raise DatasetError(
-                f"Annotation file {json_file!r}: image id {img['id']!r} ({img['file_name']}) has "
-                f"height={h!r}, width={w!r}; both must be positive integers"
+                f"Annotation file {json_file!r}: image id {_short.repr(img['id'])} ({name}) has "
+                f"height={_short.repr(h)}, width={_short.repr(w)}; both must be positive integers"
+            )
+        if max_pixels is not None and h * w > max_pixels:
+            raise DatasetError(
+                f"Annotation file {json_file!r}: image id {_short.repr(img['id'])} ({name}) "
+                f"declares height={h}, width={w}: {h * w} pixels, more than "
+                f"INPUT.MAX_IMAGE_PIXELS = {max_pixels} (raise it if the image is genuine)"
             )
         if not _is_id(img["id"]):
             raise DatasetError(
-                f"Annotation file {json_file!r}: images[{i}] has id {img['id']!r}, not an integer"
+                f"Annotation file {json_file!r}: images[{i}] has id {_short.repr(img['id'])}, not "
+                "an integer"
             )
         if img["id"] in by_id:
             raise DatasetError(
                 f"Annotation file {json_file!r}: image id {img['id']!r} is used twice, by "
-                f"{by_id[img['id']]['file_name']!r} and {img['file_name']!r}; image ids must be "
-                "unique"
+                f"{by_id[img['id']]['file_name']!r} and {name!r}; image ids must be unique"
             )
         by_id[img["id"]] = img
     return by_id
@@ -213,8 +327,8 @@ def _check_annotation_ids(annotations: list, json_file: str) -> None:
             )
         if ann["id"] in seen:
             raise DatasetError(
-                f"Annotation file {json_file!r}: annotation id {ann['id']!r} is used twice; "
-                "annotation ids must be unique"
+                f"Annotation file {json_file!r}: annotation id {_short.repr(ann['id'])} is used "
+                "twice; annotation ids must be unique"
             )
         seen.add(ann["id"])
 
@@ -230,11 +344,12 @@ def _polygon_shape_problem(poly) -> Optional[str]:
     return None
 
 
-def _polygon_checks(polygons: Sequence[Sequence]) -> Tuple[np.ndarray, np.ndarray]:
-    """Vectorised over all polygons of a file: (P,) bool "finite numbers only", (P,) float64
-    shoelace area (0 for the others). Every polygon has an even length of at least 6."""
+def _polygon_checks(polygons: Sequence[Sequence]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised over all polygons of a file: (P,) bool "numbers within +-MAX_COORDINATE only",
+    (P,) float64 shoelace area and (P,) float64 outline length (sum over edges of
+    max(|dx|, |dy|)), both 0 for the others. Every polygon has an even length of at least 6."""
     if not polygons:
-        return np.zeros(0, dtype=bool), np.zeros(0)
+        return np.zeros(0, dtype=bool), np.zeros(0), np.zeros(0)
     lengths = np.fromiter(map(len, polygons), dtype=np.int64, count=len(polygons))
     coords = itertools.chain.from_iterable(polygons)
     if set(map(type, coords)) <= {int, float}:
@@ -250,52 +365,98 @@ def _polygon_checks(polygons: Sequence[Sequence]) -> Tuple[np.ndarray, np.ndarra
             ]
         )  # fmt: skip
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    finite = np.isfinite(values)
-    ok = np.logical_and.reduceat(finite, starts)
-    xy = np.where(finite, values, 0.0).reshape(-1, 2)
+    usable = np.abs(values) <= MAX_COORDINATE  # False for NaN and infinities
+    ok = np.logical_and.reduceat(usable, starts)
+    xy = np.where(usable, values, 0.0).reshape(-1, 2)
     points, first = lengths // 2, starts // 2
     nxt = np.arange(len(xy)) + 1
     nxt[first + points - 1] = first  # each polygon's last point wraps to its first
     cross = xy[:, 0] * xy[nxt, 1] - xy[nxt, 0] * xy[:, 1]
     areas = 0.5 * np.abs(np.add.reduceat(cross, first))
-    return ok, np.where(ok, areas, 0.0)
+    outlines = np.add.reduceat(np.abs(xy[nxt] - xy).max(axis=1), first)
+    return ok, np.where(ok, areas, 0.0), np.where(ok, outlines, 0.0)
+
+
+def _rle_string_runs(counts: bytes) -> Optional[np.ndarray]:
+    """The run lengths of a compressed COCO RLE, decoded as pycocotools' ``rleFrString`` does
+    (values of 5-bit groups, each run after the second a delta to the run two before), or None
+    when ``counts`` is not one: a character outside '0'..'o', an unfinished or over-long value, a
+    run that is negative or does not fit in 32 bits. Vectorised: pycocotools does not check that
+    the runs cover the image (decoding then fails, or writes past the mask)."""
+    c = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, np.int64)
+    more = (c & 0x20) != 0
+    if c.min() < 0 or c.max() > 63 or more[-1]:
+        return None
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 7:  # over 35 bits
+        return None
+    shifts = 5 * (np.arange(c.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((c & 0x1F) << shifts, starts)
+    values -= np.where(c[ends] & 0x10, np.left_shift(1, 5 * lengths), 0)  # negative values
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
+    if runs.min() < 0 or runs.max() >= 2**32:
+        return None
+    return runs
 
 
 def _rle_problem(segm: dict, h: int, w: int) -> Tuple[Optional[str], Optional[float]]:
     """(why the RLE is unusable or None, its area when usable)."""
     size, counts = segm.get("size"), segm.get("counts")
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
-        return f"RLE 'size' is {size!r}, not [height, width]", None
+        return f"RLE 'size' is {_short.repr(size)}, not [height, width]", None
     if list(size) != [h, w]:
         return f"RLE size {list(size)} differs from the image's [height, width] [{h}, {w}]", None
+    if isinstance(counts, _LongArray) or (
+        isinstance(counts, (list, str, bytes)) and len(counts) > MAX_RLE_RUNS
+    ):
+        n = counts.items if isinstance(counts, _LongArray) else len(counts)
+        return f"RLE 'counts' has {n} entries, more than the {MAX_RLE_RUNS} allowed", None
     if isinstance(counts, list):
         if not all(_is_int(c) and c >= 0 for c in counts):
             return "uncompressed RLE counts are not non-negative integers", None
-        if sum(counts) != h * w:
-            return f"RLE counts cover {sum(counts)} pixels, the image has {h * w}", None
-        return None, float(sum(counts[1::2]))
-    if isinstance(counts, (str, bytes)):
-        rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
-        try:
-            return None, float(mask_util.area(rle))
-        except Exception as e:  # pycocotools raises assorted errors on corrupt strings
-            return f"compressed RLE counts cannot be decoded ({e})", None
-    return f"RLE 'counts' is a {type(counts).__name__}, not a list or a string", None
+        covered, area = sum(counts), sum(counts[1::2])
+    elif isinstance(counts, (str, bytes)):
+        if isinstance(counts, str):
+            counts = counts.encode("ascii") if counts.isascii() else b"\x00"
+        runs = _rle_string_runs(counts)
+        if runs is None:
+            return "compressed RLE 'counts' is not a valid COCO RLE string", None
+        covered, area = int(runs.sum()), int(runs[1::2].sum())
+    else:
+        return f"RLE 'counts' is a {type(counts).__name__}, not a list or a string", None
+    if covered != h * w:
+        return f"RLE counts cover {covered} pixels, the image has {h * w}", None
+    return None, float(area)
 
 
-def _annotation_problem(ann: dict, img: Optional[dict], id_map: dict) -> Optional[tuple]:
-    """(kind, message) of the fault that makes ``ann`` unusable, or None."""
+def _annotation_problem(
+    ann: dict, img: Optional[dict], id_map: dict, category_ids: str
+) -> Optional[tuple]:
+    """(kind, message) of the fault that makes ``ann`` unusable, or None.
+
+    Args:
+        category_ids: the ids of ``id_map``, as messages quote them.
+    """
     if img is None:
-        return "unknown_image", f"image_id {ann.get('image_id')!r} is not in 'images'"
+        return "unknown_image", f"image_id {_short.repr(ann.get('image_id'))} is not in 'images'"
     h, w = img["height"], img["width"]
     if not _is_int(ann.get("category_id")) or ann["category_id"] not in id_map:
         return (
             "unknown_category",
-            f"category_id {ann.get('category_id')!r} is not in 'categories' (ids {sorted(id_map)})",
+            f"category_id {_short.repr(ann.get('category_id'))} is not in 'categories' "
+            f"(ids {category_ids})",
         )
     box = ann.get("bbox")
     if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(_is_number, box))):
-        return "bad_bbox", f"bbox {box!r} is not 4 finite numbers [x, y, width, height]"
+        return "bad_bbox", f"bbox {_short.repr(box)} is not 4 finite numbers [x, y, width, height]"
+    if ann.get("iscrowd", 0) not in (0, 1):
+        return "bad_iscrowd", f"iscrowd {_short.repr(ann['iscrowd'])} is not 0 or 1"
     x, y, bw, bh = box
     if bw < 0 or bh < 0:
         return "bad_bbox", f"bbox {list(box)} has a negative width or height"
@@ -311,15 +472,72 @@ def _annotation_problem(ann: dict, img: Optional[dict], id_map: dict) -> Optiona
         if area == 0:
             return "zero_area_mask", "its RLE mask has no foreground pixel"
         return None
+    if isinstance(segm, _LongArray):
+        return _too_many_points(segm.items // 2)
     if isinstance(segm, list):  # the polygons are checked together, in check_coco_dict
         if not segm:
             return "empty_segmentation", "'segmentation' is an empty list"
+        points = sum(len(p) for p in segm if isinstance(p, (list, tuple))) // 2
+        if points > MAX_POLYGON_POINTS:
+            return _too_many_points(points)
         return None
     return "bad_segmentation", f"'segmentation' is a {type(segm).__name__}, not polygons or RLE"
 
 
+def _too_many_points(points: int) -> Tuple[str, str]:
+    return (
+        "polygon_too_large",
+        f"'segmentation' has {points} polygon points, more than the {MAX_POLYGON_POINTS} allowed "
+        "(it is not rasterised)",
+    )
+
+
+def _fault_id(value):
+    """An id as a fault keeps it: itself when a number or a short string, else shortened."""
+    return (
+        value if _is_int(value) or (type(value) is str and len(value) <= 40) else _short.repr(value)
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _undescribed(kind: str) -> str:
+    """The message of a fault past the first MAX_DESCRIBED_FAULTS (one string per kind)."""
+    return f"{kind} (only the first {MAX_DESCRIBED_FAULTS} faults are described)"
+
+
+class _FaultLog:
+    """Faults of one pass over a file, in file order; past ``MAX_DESCRIBED_FAULTS`` faults, the
+    message is replaced by a shared one naming the kind (the ids are kept)."""
+
+    def __init__(self, json_file: str):
+        self.json_file = json_file
+        self.faults: List[DataFault] = []
+        self.positions = array.array("q")  # index in the file of each fault's entry
+
+    def add(self, position: int, kind: str, message: str, image_id, annotation_id, file_name):
+        if len(self.faults) >= MAX_DESCRIBED_FAULTS:
+            message = _undescribed(kind)
+        fault = DataFault(kind, message, self.json_file, image_id, annotation_id, file_name)
+        self.faults.append(fault)
+        self.positions.append(position)
+
+
+def _in_file_order(*logs: _FaultLog) -> List[DataFault]:
+    """The faults of ``logs`` merged by position; the first MAX_DESCRIBED_FAULTS described."""
+    faults = [fault for log in logs for fault in log.faults]
+    positions = np.concatenate([np.frombuffer(log.positions, np.int64) for log in logs])
+    faults = [faults[i] for i in np.argsort(positions, kind="stable")]
+    for i in range(MAX_DESCRIBED_FAULTS, len(faults)):  # each log described its first ones
+        if faults[i].message != _undescribed(faults[i].kind):
+            faults[i] = replace(faults[i], message=_undescribed(faults[i].kind))
+    return faults
+
+
 def check_coco_dict(
-    data: Dict[str, Any], json_file: str, image_root: Optional[str] = None
+    data: Dict[str, Any],
+    json_file: str,
+    image_root: Optional[str] = None,
+    max_image_pixels: Optional[int] = None,
 ) -> CheckedCOCO:
     """Check a COCO instances dict (see the module docstring for what is checked).
 
@@ -327,40 +545,34 @@ def check_coco_dict(
         data: the loaded JSON (top-level keys already checked by :func:`read_coco_json`).
         json_file: its path, for messages.
         image_root: when given, images whose file is missing there are faults.
+        max_image_pixels: when given, an image entry declaring more pixels is an error.
     Raises:
         DatasetError: the file cannot be used at all.
     """
     thing_classes, id_map = _check_categories(data["categories"], json_file)
-    images = _check_images(data["images"], json_file)
+    images = _check_images(data["images"], json_file, max_image_pixels)
     _check_annotation_ids(data["annotations"], json_file)
 
-    faults: List[DataFault] = []
+    image_faults = _FaultLog(json_file)
     bad_images, bad_annotations = set(), set()
     if image_root is not None:
-        for img_id, img in images.items():
+        for i, (img_id, img) in enumerate(images.items(), start=-len(images)):  # images first
             path = os.path.join(image_root, img["file_name"])
             if not os.path.isfile(path):
-                faults.append(
-                    DataFault(
-                        "missing_image_file",
-                        f"image file {path} not found",
-                        json_file,
-                        image_id=img_id,
-                        file_name=img["file_name"],
-                    )
-                )
+                message = f"image file {path} not found"
+                image_faults.add(i, "missing_image_file", message, img_id, None, img["file_name"])
                 bad_images.add(img_id)
 
-    annotation_faults = []  # (index in the file, fault)
+    checks, polygon_checks = _FaultLog(json_file), _FaultLog(json_file)
+    category_ids = _short.repr(sorted(id_map))
     kept_polygons, areas = {}, {}
     pending, candidates = [], []  # polygon annotations; polygons of the right shape
     for i, ann in enumerate(data["annotations"]):
         img = images.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
         file_name = img["file_name"] if img is not None else None
-        problem = _annotation_problem(ann, img, id_map)
+        problem = _annotation_problem(ann, img, id_map, category_ids)
         if problem is not None:
-            fault = DataFault(*problem, json_file, ann.get("image_id"), ann["id"], file_name)
-            annotation_faults.append((i, fault))
+            checks.add(i, *problem, _fault_id(ann.get("image_id")), _fault_id(ann["id"]), file_name)
             bad_annotations.add(ann["id"])
             continue
         segm = ann["segmentation"]
@@ -373,27 +585,37 @@ def check_coco_dict(
             entries.append((poly, problem, len(candidates) if problem is None else -1))
             if problem is None:
                 candidates.append(poly)
-        pending.append((i, ann, file_name, entries))
+        pending.append((i, ann, img, entries))
 
-    finite, polygon_areas = _polygon_checks(candidates)
-    for i, ann, file_name, entries in pending:
-        good, problems, area = [], [], 0.0
+    usable, polygon_areas, outlines = _polygon_checks(candidates)
+    for i, ann, img, entries in pending:
+        good, problems, area, outline = [], [], 0.0, 0.0
         for poly, problem, k in entries:
-            if problem is None and not finite[k]:
-                problem = "a polygon has non-numeric or non-finite coordinates"
+            if problem is None and not usable[k]:
+                problem = (
+                    "a polygon has non-numeric, non-finite or absurd (beyond "
+                    f"+-{MAX_COORDINATE:.0e}) coordinates"
+                )
             if problem is None:
                 good.append(poly)
                 area += float(polygon_areas[k])
+                outline += float(outlines[k])
             else:
                 problems.append(problem)
 
-        def fault(kind: str, message: str, ann=ann, file_name=file_name, i=i) -> None:
-            annotation_faults.append(
-                (i, DataFault(kind, message, json_file, ann["image_id"], ann["id"], file_name))
-            )
+        def fault(kind: str, message: str, ann=ann, img=img, i=i) -> None:
+            ids = _fault_id(ann["image_id"]), _fault_id(ann["id"])
+            polygon_checks.add(i, kind, message, *ids, img["file_name"])
 
         if not good:
             fault("bad_polygons", f"no usable polygon: {problems[0]}")
+        elif outline > MAX_POLYGON_OUTLINE:
+            fault(
+                "polygon_too_large",
+                f"its polygons' outline is {outline:.0f} pixels long, more than the "
+                f"{MAX_POLYGON_OUTLINE} allowed (points far outside the {img['width']}x"
+                f"{img['height']} image?); it is not rasterised",
+            )
         elif area == 0:
             fault("zero_area_mask", "its polygons enclose no area")
         else:
@@ -404,8 +626,7 @@ def check_coco_dict(
                 kept_polygons[ann["id"]] = good
             continue
         bad_annotations.add(ann["id"])
-    annotation_faults.sort(key=lambda item: item[0])
-    faults += [fault for _, fault in annotation_faults]
+    faults = _in_file_order(image_faults, checks, polygon_checks)
     areas = {k: v for k, v in areas.items() if k not in bad_annotations}
     return CheckedCOCO(
         thing_classes, id_map, faults, bad_images, bad_annotations, kept_polygons, areas
@@ -471,8 +692,9 @@ def _pixel_area(segm, h: int, w: int) -> float:
 def clean_coco_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any]:
     """The COCO dict without the faulty images and annotations (partly bad polygons dropped).
 
-    Annotations without "area" get their mask's pixel count (as pycocotools rasterises it) and
-    those without "iscrowd" get 0: COCO's evaluation needs both (converters often omit them).
+    Annotations without "area" (or whose "area" is not a non-negative number) get their mask's
+    pixel count (as pycocotools rasterises it) and those without "iscrowd" get 0: COCO's
+    evaluation needs both (converters often omit them).
     """
     images = [img for img in data["images"] if img["id"] not in checked.bad_images]
     sizes = {img["id"]: (img["height"], img["width"]) for img in images}
@@ -482,7 +704,7 @@ def clean_coco_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any
             continue
         if ann["id"] in checked.kept_polygons:
             ann = {**ann, "segmentation": checked.kept_polygons[ann["id"]]}
-        if "area" not in ann:
+        if not (_is_number(ann.get("area")) and ann["area"] >= 0):
             ann = {**ann, "area": _pixel_area(ann["segmentation"], *sizes[ann["image_id"]])}
         if "iscrowd" not in ann:
             ann = {**ann, "iscrowd": 0}
@@ -491,15 +713,17 @@ def clean_coco_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any
 
 
 def load_checked_coco(
-    json_file: str, image_root: str, what: str = ""
+    json_file: str, image_root: str, what: str = "", max_image_pixels: Optional[int] = None
 ) -> Tuple[Dict[str, Any], CheckedCOCO, List[Dict[str, Any]]]:
     """Read, check and convert a COCO file: (raw dict, check outcome, dataset dicts).
 
+    Args:
+        what, max_image_pixels: as :func:`read_coco_json` and :func:`check_coco_dict` take them.
     Raises:
         DatasetError: the file cannot be used at all.
     """
     data = read_coco_json(json_file, what)
-    checked = check_coco_dict(data, json_file, image_root)
+    checked = check_coco_dict(data, json_file, image_root, max_image_pixels)
     return data, checked, to_dataset_dicts(data, checked, image_root)
 
 

@@ -163,6 +163,13 @@ class Trainer(DefaultTrainer):
         return leave_signals_to_trainer(loader)  # evaluations during training
 
     @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's evaluation, after checking the test datasets against the config (their
+        class count, their files): also when called from Python, not only via train_net.py."""
+        check_config(cfg, check_weights=False, splits=("TEST",))
+        return super().test(cfg, model, evaluators)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return SOLOCOCOEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
