@@ -39,6 +39,23 @@ def solo_cfg(config_file: Optional[Union[str, Path]] = None, opts: Sequence = ()
     return load_config(str(path if path.is_absolute() else REPO / "configs" / path), opts)
 
 
+# Command-line overrides that make the quickstart config's model tiny, for train_net.py runs.
+TINY_OPTS = [
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.FPN.OUT_CHANNELS", "32",
+    "MODEL.SOLO.INSTANCE_IN_CHANNELS", "32",
+    "MODEL.SOLO.INSTANCE_CHANNELS", "32",
+    "MODEL.SOLO.NUM_KERNELS", "32",
+    "MODEL.SOLO.MASK_IN_CHANNELS", "32",
+    "MODEL.SOLO.MASK_CHANNELS", "32",
+    "SOLVER.IMS_PER_BATCH", "4",
+    "SOLVER.CHECKPOINT_PERIOD", "2",
+    "DATALOADER.NUM_WORKERS", "0",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)",
+    "INPUT.MIN_SIZE_TEST", "128",
+]  # fmt: skip
+
+
 def tiny_cfg() -> CfgNode:
     """A SOLOv2 with an R18-FPN of 32 channels and small heads: fast on CPU."""
     return solo_cfg(

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, TINY_OPTS, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.solver import build_lr_scheduler
 from detectron2.structures import Boxes, Instances
-from test_train_net import TINY_OPTS
 
 from solo_d2.atomic_io import atomic_open, atomic_write_text, remove_stale_temporaries
 from solo_d2.checkpoint import AtomicCheckpointer

@@ -16,9 +16,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, TINY_OPTS, tiny_cfg
 from detectron2.engine import HookBase
-from test_train_net import TINY_OPTS
 from torch.utils.data import DataLoader, Dataset
 
 from solo_d2.data.datasets import register_coco_dataset

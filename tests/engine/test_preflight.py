@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, TINY_OPTS, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
-from test_train_net import TINY_OPTS
 
 from solo_d2.config import ConfigError, check_config, load_config
 from solo_d2.data.datasets import register_coco_dataset

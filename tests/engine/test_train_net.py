@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, TINY_OPTS, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
@@ -15,21 +15,6 @@ from detectron2.modeling import build_model
 from solo_d2.config import ConfigError, check_config, load_config
 from solo_d2.data.shapes import generate_shapes, register_shapes
 from solo_d2.engine import Trainer
-
-TINY_OPTS = [
-    "MODEL.RESNETS.NORM", "BN",
-    "MODEL.FPN.OUT_CHANNELS", "32",
-    "MODEL.SOLO.INSTANCE_IN_CHANNELS", "32",
-    "MODEL.SOLO.INSTANCE_CHANNELS", "32",
-    "MODEL.SOLO.NUM_KERNELS", "32",
-    "MODEL.SOLO.MASK_IN_CHANNELS", "32",
-    "MODEL.SOLO.MASK_CHANNELS", "32",
-    "SOLVER.IMS_PER_BATCH", "4",
-    "SOLVER.CHECKPOINT_PERIOD", "2",
-    "DATALOADER.NUM_WORKERS", "0",
-    "INPUT.MIN_SIZE_TRAIN", "(128,)",
-    "INPUT.MIN_SIZE_TEST", "128",
-]  # fmt: skip
 
 
 def run_train_net(args, tmp_path):
