@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Run a SOLOv2 model on images, a video or a webcam and draw (or save) its instances.
+"""Run a SOLOv2 model on images, a video or a webcam and draw (or save) its instances, or its
+panoptic segmentation when the model is a panoptic one (MODEL.SOLO.PANOPTIC.ENABLED).
 
     python demo/demo.py --input photo.jpg                      # prints "photo.jpg: N instances ..."
     python demo/demo.py --input images/ "more/*.png" --output out/ --json
@@ -9,6 +10,15 @@
         --input img.png --opts MODEL.WEIGHTS output/quickstart/model_final.pth
     python demo/demo.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
         --input img.png --onnx export/model.onnx   # ONNX Runtime (tools/export_model.py)
+    python demo/demo.py --config-file configs/SOLOv2_R50_3x_panoptic.yaml \
+        --input photo.jpg --output out/ --json --opts MODEL.WEIGHTS panoptic_model.pth
+
+Panoptic models: images and video frames are drawn as panoptic segmentations (stuff, then the
+thing segments), and --json adds a "panoptic" record (every segment's pixels as COCO RLE). The
+thing segments are the instances the model's merge kept: those scoring at least
+MODEL.SOLO.PANOPTIC.INSTANCES_CONFIDENCE_THRESH and not mostly hidden by better ones (change it
+with --opts); --confidence-threshold filters only the json's "instances" list, not the segments.
+With --onnx, whose export holds the instance branch only, instances are drawn.
 
 With the default config and no trained weights given, AdelaiDet's published COCO model is
 downloaded. Exit status: 0 on success, 1 when some input image could not be read (each is named
@@ -33,9 +43,12 @@ from detectron2.structures import BoxMode, Instances
 from predictor import (
     BadWeightsError,
     InstanceDrawer,
+    Panoptic,
     SOLOPredictor,
     WeightsUnavailableError,
     class_names,
+    is_panoptic,
+    stuff_class_names,
 )
 from pycocotools import mask as mask_util
 from tqdm import tqdm
@@ -44,6 +57,7 @@ from solo_d2.atomic_io import atomic_write_json
 from solo_d2.config import ConfigError, load_config, merge_config_opts
 from solo_d2.data.images import read_image
 from solo_d2.data.shapes import register_shapes
+from solo_d2.data.shapes_panoptic import register_shapes_panoptic
 from solo_d2.export.exporter import OnnxNotInstalledError
 from solo_d2.export.runtime import ONNXModelError, ONNXRuntimePredictor
 
@@ -84,13 +98,15 @@ def get_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         metavar="SCORE",
-        help="drop instances scoring below this from the visualisations and json (default 0.5)",
+        help="drop instances scoring below this from the visualisations and json (default 0.5); "
+        "panoptic models draw the thing segments their merge kept (instances scoring at least "
+        "MODEL.SOLO.PANOPTIC.INSTANCES_CONFIDENCE_THRESH), which this does not filter",
     )
     parser.add_argument(
         "--json",
         action="store_true",
         help="also write each image's instances (COCO RLE masks) to <stem>.json next to its "
-        "visualisation",
+        'visualisation; for a panoptic model, also its segments ("panoptic")',
     )
     parser.add_argument(
         "--batch-size",
@@ -188,6 +204,53 @@ def instances_to_json(instances: Instances, names: List[str]) -> List[Dict]:
     return records
 
 
+def panoptic_to_json(
+    panoptic: Panoptic, names: List[str], stuff_names: List[str]
+) -> Dict[str, object]:
+    """The "panoptic" record of one image's panoptic segmentation (CPU).
+
+    Args:
+        panoptic: (H, W) int32 segment ids (0: no segment) and segments_info, as the model gives.
+        names: thing class names (``category_id`` of thing segments).
+        stuff_names: stuff class names, 0 being "things" (``category_id`` of stuff segments).
+    Returns:
+        ``{"height", "width", "segments"}``, per segment "id", "isthing", "category_id" (a thing
+        class 0..C-1 or a stuff class 1..K), "category" (its name), "area" (its pixels in the
+        segment map) and "segmentation" (those pixels as COCO RLE, counts a str), plus "score"
+        for things; in the model's order.
+    """
+    seg, segments_info = panoptic
+    ids = seg.numpy()
+    segments = []
+    for info in segments_info:
+        mask = np.asfortranarray(ids == info["id"], dtype=np.uint8)
+        rle = mask_util.encode(mask)
+        rle["counts"] = rle["counts"].decode("ascii")
+        thing = bool(info["isthing"])
+        record = {
+            "id": int(info["id"]),
+            "isthing": thing,
+            "category_id": int(info["category_id"]),
+            "category": (names if thing else stuff_names)[info["category_id"]],
+            "area": int(mask_util.area(rle)),
+            "segmentation": rle,
+        }
+        if thing:
+            record["score"] = float(info["score"])
+        segments.append(record)
+    return {"height": int(ids.shape[0]), "width": int(ids.shape[1]), "segments": segments}
+
+
+def describe(num_instances: int, panoptic: Optional[Panoptic]) -> str:
+    """The count printed for an image: its instances, and its thing and stuff segments when it
+    has a panoptic segmentation."""
+    text = f"{num_instances} instances"
+    if panoptic is not None:
+        things = sum(bool(s["isthing"]) for s in panoptic[1])
+        text += f", {things} thing and {len(panoptic[1]) - things} stuff segments"
+    return text
+
+
 class ImageOutputs:
     """Where the visualisation and json of each input image go."""
 
@@ -242,6 +305,7 @@ def run_on_images(
     predictor = build_predictor(cfg, args)
     drawer = InstanceDrawer.from_config(cfg)
     names = class_names(cfg)
+    stuff_names = stuff_class_names(cfg) if is_panoptic(cfg) else []
     if outputs is not None:
         outputs.create_folder()
     failed = []
@@ -259,13 +323,14 @@ def run_on_images(
             if not batch:
                 continue
             tic = time.perf_counter()
-            predictions = predictor(arrays)
+            predictions = predict(predictor, arrays)
             seconds = (time.perf_counter() - tic) / len(batch)  # a batch's time, shared
-            for path, array, instances in zip(batch, arrays, predictions):
-                instances = filter_by_score(instances, args.confidence_threshold)
-                tqdm.write(f"{path}: {len(instances)} instances in {seconds:.2f} s")
+            for path, array, prediction in zip(batch, arrays, predictions):
+                instances = filter_by_score(prediction["instances"], args.confidence_threshold)
+                panoptic = prediction.get("panoptic_seg")
+                tqdm.write(f"{path}: {describe(len(instances), panoptic)} in {seconds:.2f} s")
                 if outputs is not None:
-                    drawer.save(str(outputs.visualisation_file(path)), array, instances)
+                    drawer.save(str(outputs.visualisation_file(path)), array, instances, panoptic)
                     if args.json:
                         record = {
                             "file_name": path,
@@ -273,6 +338,8 @@ def run_on_images(
                             "width": array.shape[1],
                             "instances": instances_to_json(instances, names),
                         }
+                        if panoptic is not None:
+                            record["panoptic"] = panoptic_to_json(panoptic, names, stuff_names)
                         atomic_write_json(str(outputs.json_file(path)), record)
                 progress.update()
     if failed:
@@ -283,7 +350,23 @@ def run_on_images(
 
 def build_predictor(cfg: CfgNode, args: argparse.Namespace):
     """The PyTorch predictor, or the ONNX Runtime one with --onnx (same call interface)."""
-    return ONNXRuntimePredictor(cfg, args.onnx) if args.onnx else SOLOPredictor(cfg)
+    if not args.onnx:
+        return SOLOPredictor(cfg)
+    if is_panoptic(cfg):
+        print(
+            "warning: the ONNX export holds the instance branch only: instances are drawn, "
+            "no panoptic segmentation",
+            file=sys.stderr,
+        )
+    return ONNXRuntimePredictor(cfg, args.onnx)
+
+
+def predict(predictor, images: List[np.ndarray]) -> List[Dict]:
+    """Per image, {"instances"} and, from a panoptic PyTorch model, "panoptic_seg" (see
+    ``SOLOPredictor.predict``); the ONNX Runtime predictor gives instances only."""
+    if isinstance(predictor, SOLOPredictor):
+        return predictor.predict(images)
+    return [{"instances": instances} for instances in predictor(images)]
 
 
 def to_input_format(frame: np.ndarray, input_format: str) -> np.ndarray:
@@ -292,13 +375,16 @@ def to_input_format(frame: np.ndarray, input_format: str) -> np.ndarray:
 
 
 def predict_frames(capture, predictor, cfg: CfgNode, args: argparse.Namespace, progress):
-    """Yield (image, thresholded Instances) for each frame of an opened cv2.VideoCapture."""
+    """Yield (image, thresholded Instances, panoptic segmentation or None) for each frame of an
+    opened cv2.VideoCapture."""
     while True:
         ok, frame = capture.read()
         if not ok:
             return
         image = to_input_format(frame, cfg.INPUT.FORMAT)
-        yield image, filter_by_score(predictor([image])[0], args.confidence_threshold)
+        prediction = predict(predictor, [image])[0]
+        instances = filter_by_score(prediction["instances"], args.confidence_threshold)
+        yield image, instances, prediction.get("panoptic_seg")
         progress.update()
 
 
@@ -326,9 +412,9 @@ def run_on_video(args: argparse.Namespace, cfg: CfgNode) -> int:
     frames = num_instances = 0
     tic = time.perf_counter()
     with tqdm(total=total, unit="frame", file=sys.stderr) as progress:
-        for image, instances in predict_frames(capture, predictor, cfg, args, progress):
+        for image, instances, panoptic in predict_frames(capture, predictor, cfg, args, progress):
             if writer is not None:
-                writer.write(drawer.draw(image, instances))
+                writer.write(drawer.draw(image, instances, panoptic))
             frames += 1
             num_instances += len(instances)
     capture.release()
@@ -348,8 +434,8 @@ def run_on_webcam(args: argparse.Namespace, cfg: CfgNode) -> int:
     predictor = build_predictor(cfg, args)
     drawer = InstanceDrawer.from_config(cfg)
     with tqdm(unit="frame", file=sys.stderr) as progress:
-        for image, instances in predict_frames(capture, predictor, cfg, args, progress):
-            cv2.imshow(WINDOW_NAME, drawer.draw(image, instances))
+        for image, instances, panoptic in predict_frames(capture, predictor, cfg, args, progress):
+            cv2.imshow(WINDOW_NAME, drawer.draw(image, instances, panoptic))
             if cv2.waitKey(1) == 27:  # Esc
                 break
     capture.release()
@@ -382,6 +468,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(str(e))
 
     register_shapes()  # metadata (class names, colours) of the shapes configs
+    register_shapes_panoptic()  # and of the panoptic shapes config (stuff names too)
     try:
         cfg = setup_cfg(args.config_file, args.opts, warn_untrained=not args.onnx)
     except ConfigError as e:

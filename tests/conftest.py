@@ -1,6 +1,7 @@
 """Shared test helpers: configs, synthetic inputs, tiny models that detect, a training step."""
 
 import copy
+import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -290,3 +291,81 @@ def require_parity_fixture() -> Path:
 def parity_fixture_path() -> Path:
     """The parity fixture's path; the test is skipped without it."""
     return require_parity_fixture()
+
+
+# A tiny COCO panoptic dataset (write_tiny_panoptic): non-contiguous category ids, arbitrary
+# segment ids. Thing classes (contiguous) 0 "square", 1 "bar"; stuff 1 "sky", 2 "ground".
+TINY_PANOPTIC_CATEGORIES = [
+    {"id": 3, "name": "square", "isthing": 1, "color": [220, 20, 60]},
+    {"id": 11, "name": "sky", "isthing": 0, "color": [70, 130, 180]},
+    {"id": 5, "name": "bar", "isthing": 1, "color": [0, 200, 0]},
+    {"id": 20, "name": "ground", "isthing": 0, "color": [140, 100, 40]},
+]
+
+
+def tiny_panoptic_layout(h: int, w: int, i: int) -> Tuple[np.ndarray, list]:
+    """Image ``i``'s (h, w) int64 segment-id map and segments_info (dataset category ids).
+
+    Sky above row h/2, ground below; a 2-pixel void column on the left; a square of side h/3 and
+    a horizontal bar, both things, moving with ``i``; image 1 also has a crowd square.
+    """
+    ids = np.zeros((h, w), dtype=np.int64)
+    sky, ground, square, bar, crowd = 7001 + i, 90210 + i, 4242 + i, 123456 + i, 55 + i
+    ids[: h // 2] = sky
+    ids[h // 2 :] = ground
+    s = h // 3
+    x0 = 4 + 3 * i
+    ids[8 : 8 + s, x0 : x0 + s] = square
+    ids[h - 14 : h - 6, w // 2 : w - 6] = bar
+    segments = [
+        {"id": sky, "category_id": 11, "iscrowd": 0},
+        {"id": ground, "category_id": 20, "iscrowd": 0},
+        {"id": square, "category_id": 3, "iscrowd": 0},
+        {"id": bar, "category_id": 5, "iscrowd": 0},
+    ]
+    if i == 1:
+        ids[h // 2 + 2 : h // 2 + 10, x0 : x0 + 8] = crowd
+        segments.append({"id": crowd, "category_id": 3, "iscrowd": 1})
+    ids[:, :2] = 0
+    for seg in segments:
+        ys, xs = np.nonzero(ids == seg["id"])
+        seg["area"] = int(len(ys))
+        seg["bbox"] = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
+    return ids, segments
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """(H, W) segment ids -> (H, W, 3) uint8 RGB of a COCO panoptic PNG."""
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+
+
+def write_tiny_panoptic(
+    folder: Path, num_images: int = 4, size: Tuple[int, int] = (64, 96)
+) -> Tuple[str, str, str]:
+    """Write a tiny COCO panoptic dataset under ``folder``; return (json, png_dir, image_dir).
+
+    Images are noise whose colour follows the layout (sky blue, ground brown, things red/green),
+    so a tiny model can learn it.
+    """
+    h, w = size
+    image_dir, png_dir = folder / "images", folder / "panoptic"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    png_dir.mkdir(parents=True, exist_ok=True)
+    colors = {c["id"]: c["color"] for c in TINY_PANOPTIC_CATEGORIES}
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(num_images):
+        ids, segments = tiny_panoptic_layout(h, w, i)
+        rgb = rng.integers(0, 40, (h, w, 3)).astype(np.int64)
+        for seg in segments:
+            rgb[ids == seg["id"]] += colors[seg["category_id"]]
+        cv2.imwrite(str(image_dir / f"{i}.png"), rgb.clip(0, 255).astype(np.uint8)[..., ::-1])
+        Image.fromarray(id_to_rgb(ids)).save(png_dir / f"{i}.png")
+        images.append({"id": 100 + i, "file_name": f"{i}.png", "height": h, "width": w})
+        annotations.append(
+            {"image_id": 100 + i, "file_name": f"{i}.png", "segments_info": segments}
+        )
+    data = {"images": images, "annotations": annotations, "categories": TINY_PANOPTIC_CATEGORIES}
+    json_file = folder / "panoptic.json"
+    json_file.write_text(json.dumps(data))
+    return str(json_file), str(png_dir), str(image_dir)

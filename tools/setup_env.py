@@ -12,7 +12,9 @@ Steps (each one is skipped when its result is already there, so a second run tak
    that offer a local ``torch+cpu`` wheel through ``PIP_FIND_LINKS`` would otherwise mix that wheel
    with PyPI's CUDA torchvision, which cannot load; the ``!=...+cpu`` clause excludes it. The
    pair is verified by running ``torchvision.ops.nms``.
-3. The pinned requirements (``requirements.txt``; ``--test`` adds ``requirements-test.txt``).
+3. The pinned requirements (``requirements.txt``; ``--test`` adds ``requirements-test.txt``), then
+   the evaluation packages of ``requirements-nodeps.txt`` without their declared dependencies
+   (their pins contradict ours; the file says why each is safe).
 4. detectron2: from its official GitHub source when GitHub is reachable (compiled C++/CUDA ops),
    else the Python sources of the PyPI wheel ``sal-detectron2==0.7.2`` (sha256-verified; its
    ``tools/`` package and its Python-3.10 ``_C`` library are left out: compiled ops are absent).
@@ -63,9 +65,12 @@ def venv_check(code):
 def stamp_of(test):
     """Hash of everything that decides what gets installed."""
     h = hashlib.sha256()
-    for name in ["tools/setup_env.py", "requirements.txt", "setup.py"] + (
-        ["requirements-test.txt"] if test else []
-    ):
+    for name in [
+        "tools/setup_env.py",
+        "requirements.txt",
+        "requirements-nodeps.txt",
+        "setup.py",
+    ] + (["requirements-test.txt"] if test else []):
         h.update((ROOT / name).read_bytes())
     h.update(f"{TORCH_SPEC}|{TORCHVISION_SPEC}|{D2_GIT_REF}|{sys.version_info[:2]}".encode())
     return h.hexdigest()
@@ -184,6 +189,7 @@ def main():
     ensure_venv()
     ensure_torch()
     pip("-r", ROOT / "requirements.txt")
+    pip("--no-deps", "-r", ROOT / "requirements-nodeps.txt")
     if args.test:
         pip("-r", ROOT / "requirements-test.txt")
     ensure_detectron2()

@@ -76,6 +76,31 @@ def add_solo_config(cfg: CN) -> None:
     # Images per batch of the evaluation loader. Images with the same padded size run through
     # the network together; each image's result is the same as alone.
     _C.TEST.IMS_PER_BATCH = 1
+    # ---- panoptic segmentation (SOLOv2 paper, Sec. 5.3; solo_d2/modeling/panoptic.py) ----------
+    _C.MODEL.SOLO.PANOPTIC = CN()
+    # True: a stuff branch is added, trained on the semantic target of panoptic data
+    # (DATASETS from --dataset NAME=panoptic:...), and inference also returns "sem_seg" and
+    # "panoptic_seg". Things are the instances (MODEL.SOLO.NUM_CLASSES thing classes).
+    _C.MODEL.SOLO.PANOPTIC.ENABLED = False
+    # Stuff categories (COCO: 53). The stuff branch predicts NUM_STUFF_CLASSES + 1 classes:
+    # 0 is "things" (every thing pixel), 1..NUM_STUFF_CLASSES the stuff categories.
+    _C.MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES = 53
+    # Backbone features fused to the stride of the first (as the mask-feature branch: FPN
+    # P2-P5 to 1/4), then classified per pixel.
+    _C.MODEL.SOLO.PANOPTIC.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    _C.MODEL.SOLO.PANOPTIC.CHANNELS = 128  # width of the stuff branch (Panoptic FPN: 128)
+    # Weight of loss_sem_seg (per-pixel cross-entropy at input resolution; Panoptic FPN's COCO
+    # recipe weighs its semantic loss 0.5).
+    _C.MODEL.SOLO.PANOPTIC.LOSS_WEIGHT = 0.5
+    # Merging things and stuff (Panoptic FPN's heuristic; detectron2's
+    # MODEL.PANOPTIC_FPN.COMBINE.* defaults): instances are pasted by descending score...
+    _C.MODEL.SOLO.PANOPTIC.INSTANCES_CONFIDENCE_THRESH = 0.5  # ...down to this score,
+    # ...skipping one whose pixels already taken exceed this fraction of its mask,
+    _C.MODEL.SOLO.PANOPTIC.OVERLAP_THRESH = 0.5
+    # ...then each stuff class fills the pixels left to it if they are at least this many
+    # (pixels of the output resolution).
+    _C.MODEL.SOLO.PANOPTIC.STUFF_AREA_LIMIT = 4096
+
     # ---- speed ---------------------------------------------------------------------------------
     # Store the model's conv weights channels-last (NHWC): same results up to float rounding,
     # faster convolutions on CPU (measured in docs/benchmarks.md).

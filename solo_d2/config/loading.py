@@ -14,6 +14,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..data.shapes import SPLITS as SHAPES_SPLITS
+from ..data.shapes_panoptic import SPLITS as PANOPTIC_SHAPES_SPLITS
 from .defaults import add_solo_config
 
 __all__ = ["ConfigError", "load_config", "merge_config_opts", "check_config"]
@@ -86,6 +87,29 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     return cfg
 
 
+def _check_panoptic(cfg: CfgNode, name: str, key: str) -> None:
+    """A panoptic model's stuff classes against a dataset's; panoptic training data for it."""
+    pc = cfg.MODEL.SOLO.PANOPTIC
+    if not pc.ENABLED:
+        return
+    meta = MetadataCatalog.get(name)
+    if meta.get("evaluator_type", None) != "coco_panoptic_seg":
+        if key == "TRAIN":
+            raise ConfigError(
+                f"MODEL.SOLO.PANOPTIC.ENABLED is True but training dataset {name!r} is not a "
+                "panoptic dataset; register one with --dataset "
+                "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
+            )
+        return
+    stuff = meta.get("stuff_classes", [])[1:]  # stuff_classes[0] is "things"
+    if len(stuff) != pc.NUM_STUFF_CLASSES:
+        raise ConfigError(
+            f"MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES is {pc.NUM_STUFF_CLASSES} but dataset "
+            f"{name!r} (DATASETS.{key}) has {len(stuff)} stuff categories; set "
+            f"MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES {len(stuff)}"
+        )
+
+
 def _resumable(cfg: CfgNode) -> bool:
     return os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
 
@@ -93,16 +117,17 @@ def _resumable(cfg: CfgNode) -> bool:
 def _missing_files(name: str, key: str) -> Optional[ConfigError]:
     """The error for a registered dataset whose ``json_file`` or ``image_root`` is missing (the
     builtin detectron2 datasets are registered whether their files exist or not), or None."""
-    if name in SHAPES_SPLITS:  # generated when first used
+    if name in SHAPES_SPLITS or name in PANOPTIC_SHAPES_SPLITS:  # generated when first used
         return None
     meta = MetadataCatalog.get(name)
     json_file, image_root = meta.get("json_file", None), meta.get("image_root", None)
-    missing = next(
-        (p for p in (json_file, image_root) if isinstance(p, str) and not os.path.exists(p)), None
-    )
+    if meta.get("evaluator_type", None) == "coco_panoptic_seg":  # no instances file needed
+        json_file = meta.get("panoptic_json", None)
+    paths = (json_file, image_root, meta.get("panoptic_root", None))
+    missing = next((p for p in paths if isinstance(p, str) and not os.path.exists(p)), None)
     if missing is None:
         return None
-    what = "annotation file" if missing == json_file else "image folder"
+    what = {json_file: "annotation file", image_root: "image folder"}.get(missing, "PNG folder")
     error = f"dataset {name!r} (DATASETS.{key}): its {what} {os.path.abspath(missing)} is missing"
     root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     inside = os.path.commonpath([os.path.abspath(root), os.path.abspath(missing)])
@@ -137,7 +162,11 @@ def check_config(
       metadata exist (detectron2 registers its builtin datasets, e.g. ``coco_2017_train``, even
       when they are not on disk);
     * ``MODEL.SOLO.NUM_CLASSES`` equals the number of categories of each of them (when its
-      metadata knows ``thing_classes``);
+      metadata knows ``thing_classes``), and a panoptic model's
+      ``MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES`` their stuff categories; a panoptic model trains
+      on panoptic datasets only;
+    * detectron2's builtin COCO panoptic datasets among them that are on disk are re-registered
+      with the project's panoptic convention (:func:`solo_d2.data.panoptic.adopt_builtin_panoptic`);
     * ``INPUT.MAX_IMAGE_PIXELS`` is positive;
     * with ``check_weights``, a local ``MODEL.WEIGHTS`` file exists (URLs and ``scheme://``
       paths are not fetched here); it is not needed when ``resume`` finds a checkpoint.
@@ -145,6 +174,9 @@ def check_config(
     Raises:
         ConfigError: one line naming the key, the value and the fix.
     """
+    from ..data.panoptic import adopt_builtin_panoptic  # data imports config: import on use
+
+    adopt_builtin_panoptic([n for key in splits for n in cfg.DATASETS[key]])
     registered = set(DatasetCatalog.list())
     for key in splits:
         for name in cfg.DATASETS[key]:
@@ -173,6 +205,7 @@ def check_config(
                     f"{name!r} (DATASETS.{key}) has {len(classes)} categories ({shown}); set "
                     f"MODEL.SOLO.NUM_CLASSES {len(classes)}{subset}"
                 )
+            _check_panoptic(cfg, name, key)
     if cfg.INPUT.MAX_IMAGE_PIXELS <= 0:
         raise ConfigError(
             f"INPUT.MAX_IMAGE_PIXELS is {cfg.INPUT.MAX_IMAGE_PIXELS}; it must be a positive "

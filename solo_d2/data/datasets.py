@@ -1,9 +1,14 @@
-"""Register any COCO-format instance segmentation dataset from the command line.
+"""Register datasets from the command line.
 
-``--dataset NAME=ANNOTATIONS.json:IMAGE_DIR`` registers ``NAME`` in Detectron2's ``DatasetCatalog``
-and ``MetadataCatalog`` so that ``DATASETS.TRAIN`` / ``DATASETS.TEST`` can name it. The synthetic
-``shapes_train`` / ``shapes_val`` / ``shapes_val_large`` datasets (see :mod:`solo_d2.data.shapes`)
-are always registered.
+``--dataset SPEC`` registers a dataset in Detectron2's ``DatasetCatalog`` and ``MetadataCatalog``
+so that ``DATASETS.TRAIN`` / ``DATASETS.TEST`` can name it. Three forms (:data:`SPEC_FORMS`):
+
+* ``NAME=ANNOTATIONS.json:IMAGE_DIR``: COCO instance segmentation (this module);
+* ``NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR``: COCO panoptic
+  (:mod:`solo_d2.data.panoptic`);
+* ``NAME=lvis:ANNOTATIONS.json:IMAGE_DIR``: LVIS (:mod:`solo_d2.data.lvis`).
+
+The synthetic shapes datasets (see :mod:`solo_d2.data.shapes`) are always registered.
 """
 
 import argparse
@@ -21,6 +26,9 @@ from .validation import check_coco_dict, load_checked_coco, read_coco_json, summ
 logger = logging.getLogger(__name__)
 
 SPEC_FORM = "NAME=ANNOTATIONS.json:IMAGE_DIR"
+PANOPTIC_SPEC_FORM = "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
+LVIS_SPEC_FORM = "NAME=lvis:ANNOTATIONS.json:IMAGE_DIR"
+SPEC_FORMS = (SPEC_FORM, PANOPTIC_SPEC_FORM, LVIS_SPEC_FORM)
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str, str]:
@@ -120,16 +128,34 @@ def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     return name
 
 
+def register_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """Check and register the dataset of any of the :data:`SPEC_FORMS`; return its name.
+
+    The kind is the prefix after ``NAME=``: ``panoptic:`` and ``lvis:``, else COCO instances.
+    """
+    name, _, rest = spec.partition("=")
+    kind = rest.split(":", 1)[0]
+    if kind == "panoptic":
+        from .panoptic import register_panoptic_dataset
+
+        return register_panoptic_dataset(spec, max_image_pixels)
+    if kind == "lvis":
+        from .lvis import register_lvis_dataset
+
+        return register_lvis_dataset(spec, max_image_pixels)
+    return register_coco_dataset(spec, max_image_pixels)
+
+
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the repeatable ``--dataset NAME=ANNOTATIONS.json:IMAGE_DIR`` option to ``parser``."""
+    """Add the repeatable ``--dataset SPEC`` option (:data:`SPEC_FORMS`) to ``parser``."""
     parser.add_argument(
         "--dataset",
         action="append",
         default=[],
-        metavar=SPEC_FORM,
-        help="register a COCO-format instance segmentation dataset under NAME (repeatable); "
-        "DATASETS.TRAIN / DATASETS.TEST can then name it. The synthetic shapes_train, "
-        "shapes_val and shapes_val_large datasets are always available.",
+        metavar="SPEC",
+        help=f"register a dataset under NAME (repeatable): COCO instances {SPEC_FORM}, COCO "
+        f"panoptic {PANOPTIC_SPEC_FORM} or LVIS {LVIS_SPEC_FORM}; DATASETS.TRAIN / "
+        "DATASETS.TEST can then name it. The synthetic shapes datasets are always available.",
     )
 
 
@@ -148,4 +174,4 @@ def register_datasets_from_args(args: argparse.Namespace) -> list[str]:
     max_pixels = DEFAULT_MAX_IMAGE_PIXELS
     if specs and getattr(args, "config_file", ""):
         max_pixels = load_config(args.config_file, args.opts).INPUT.MAX_IMAGE_PIXELS
-    return [register_coco_dataset(spec, max_pixels) for spec in specs]
+    return [register_dataset(spec, max_pixels) for spec in specs]

@@ -36,7 +36,7 @@ from ..checkpoint import AtomicCheckpointer
 from ..config import check_config
 from ..data.dataset_mapper import SOLODatasetMapper
 from ..data.validation import DatasetError, summarize_faults
-from ..evaluation import SOLOCOCOEvaluator
+from ..evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator, SOLOPanopticEvaluator
 from .hooks import PreemptionHook, leave_signals_to_trainer
 
 __all__ = ["Trainer", "create_ddp_model"]
@@ -171,7 +171,19 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """The evaluation the dataset's ``evaluator_type`` asks for: COCO mask and box AP
+        ("coco", the default), PQ ("coco_panoptic_seg") or LVIS's federated AP ("lvis")."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if kind == "coco_panoptic_seg":
+            if not cfg.MODEL.SOLO.PANOPTIC.ENABLED:
+                raise ValueError(
+                    f"Dataset {dataset_name!r} is a panoptic dataset: evaluating it needs a "
+                    "panoptic model (MODEL.SOLO.PANOPTIC.ENABLED True)"
+                )
+            return SOLOPanopticEvaluator(dataset_name, output_dir=output_folder)
+        if kind == "lvis":
+            return SOLOLVISEvaluator(dataset_name, cfg, output_dir=output_folder)
         return SOLOCOCOEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
 
     def build_hooks(self):

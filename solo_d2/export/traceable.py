@@ -16,6 +16,7 @@ Shape shorthand:
     N: detections
 """
 
+import logging
 from typing import List, Optional, Tuple
 
 import torch
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 
 from ..modeling.heads import SoftMasks
 from ..modeling.postprocessing import matrix_nms
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SOLOExportable", "postprocess_traceable"]
 
@@ -122,7 +125,9 @@ class SOLOExportable(nn.Module):
 
     The results equal ``model([{"image": image}])`` (each image of a batch gives what it gives
     alone: all have the same size, so the same padded canvas). Only Matrix NMS is supported
-    (``MODEL.SOLO.NMS_TYPE: "matrix"``): the greedy mask NMS is a sequential loop.
+    (``MODEL.SOLO.NMS_TYPE: "matrix"``): the greedy mask NMS is a sequential loop. Of a panoptic
+    model only the instances are exported (a warning says so): its stuff branch and the merge of
+    things and stuff are not.
     """
 
     def __init__(self, model: nn.Module, batch_size: Optional[int] = None):
@@ -146,6 +151,11 @@ class SOLOExportable(nn.Module):
             )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be None or >= 1, got {batch_size}")
+        if getattr(model, "stuff_head", None) is not None:
+            logger.warning(
+                "Exporting the instances of a panoptic model: the stuff branch and the "
+                "panoptic merge are not part of the exported graph"
+            )
         self.model = model
         self.batch_size = batch_size
         self.size_divisibility = max(model.backbone.size_divisibility, 1)

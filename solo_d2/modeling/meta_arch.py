@@ -1,8 +1,10 @@
-"""The SOLO-family META_ARCH: backbone + instance head (+ SOLOv2's mask-feature branch).
+"""The SOLO-family META_ARCH: backbone + instance head (+ SOLOv2's mask-feature branch)
+(+ the stuff branch of panoptic models).
 
 One engine for every variant: the same target assignment, losses and post-processing; the
 instance head chosen by ``MODEL.SOLO.HEAD`` (heads.SOLO_HEAD_REGISTRY) says how a grid cell's mask
-is represented and read, in training, inference and export.
+is represented and read, in training, inference and export. With ``MODEL.SOLO.PANOPTIC.ENABLED``
+any variant also segments stuff and merges it with its instances (:mod:`.panoptic`).
 
 Shape shorthand:
     B: images    L: instance levels    S_l: grid size    C: classes    E: kernel length
@@ -31,6 +33,7 @@ from .heads import (
     split_instance_features,
 )
 from .losses import category_loss, dice_loss
+from .panoptic import SOLOStuffHead, combine_things_and_stuff
 from .postprocessing import category_scores, cell_strides, solo_postprocess
 from .targets import assign_grid_targets, mask_target_field
 
@@ -62,6 +65,12 @@ class SOLO(nn.Module):
     for heads predicting masks at several strides, gt_masks_small_s{stride}).
     Output in eval mode: ``[{"instances": Instances}]`` at the requested ("height", "width") size
     with bool pred_masks, pred_boxes (from the masks), scores and int64 pred_classes.
+
+    Panoptic models (a ``stuff_head``) also take "sem_seg" (H, W) int64 targets in training (see
+    SOLODatasetMapper) and return, per image, "sem_seg" ((K + 1, H, W) stuff logits, class 0 =
+    things) and "panoptic_seg" ((H, W) int32 segment ids, segments_info), detectron2's
+    convention: thing segments' category_id is a thing class, stuff segments' a stuff class
+    1..K.
     """
 
     @configurable
@@ -95,6 +104,13 @@ class SOLO(nn.Module):
         max_per_image: int = 100,
         chunk_size: int = 256,
         channels_last: bool = False,
+        # Panoptic segmentation:
+        stuff_head: Optional[SOLOStuffHead] = None,
+        stuff_in_features: Tuple[str, ...] = (),
+        stuff_loss_weight: float = 0.5,
+        panoptic_overlap_threshold: float = 0.5,
+        panoptic_stuff_area_limit: int = 4096,
+        panoptic_score_threshold: float = 0.5,
     ):
         """
         Args:
@@ -119,6 +135,13 @@ class SOLO(nn.Module):
             channels_last: store the 4-D weights channels-last (NHWC): same results up to float
                 rounding, faster convolutions on CPU. ``.to(device)`` and checkpoint loading keep
                 the layout.
+
+            # Panoptic segmentation (all unused without a stuff_head):
+            stuff_head: the stuff branch, or None for an instance segmentation model.
+            stuff_in_features: backbone feature names of the stuff branch.
+            stuff_loss_weight: weight of loss_sem_seg.
+            panoptic_overlap_threshold, panoptic_stuff_area_limit, panoptic_score_threshold:
+                the merge, see :func:`~.panoptic.combine_things_and_stuff`.
         """
         super().__init__()
         self.backbone = backbone
@@ -149,6 +172,14 @@ class SOLO(nn.Module):
             nms_sigma=nms_sigma,
             max_per_image=max_per_image,
             chunk_size=chunk_size,
+        )
+        self.stuff_head = stuff_head
+        self.stuff_in_features = list(stuff_in_features)
+        self.stuff_loss_weight = stuff_loss_weight
+        self.panoptic_args = dict(
+            overlap_threshold=panoptic_overlap_threshold,
+            stuff_area_limit=panoptic_stuff_area_limit,
+            score_threshold=panoptic_score_threshold,
         )
         self.register_load_state_dict_pre_hook(_log_checkpoint_layout)
         if nms_type not in ("matrix", "mask"):
@@ -192,10 +223,21 @@ class SOLO(nn.Module):
                     f"MODEL.SOLO.MASK_IN_FEATURES[0]={mask_feats[0]!r} has stride "
                     f"{shapes[mask_feats[0]].stride}, not the one its name implies"
                 )
+        pc = sc.PANOPTIC
+        stuff_head = None
+        if pc.ENABLED:
+            stuff_features = _check_features(pc, shapes, "", "MODEL.SOLO.PANOPTIC.")
+            stuff_head = SOLOStuffHead(cfg, [shapes[f] for f in stuff_features])
         return {
             "backbone": backbone,
             "ins_head": ins_head,
             "mask_head": mask_head,
+            "stuff_head": stuff_head,
+            "stuff_in_features": pc.IN_FEATURES,
+            "stuff_loss_weight": pc.LOSS_WEIGHT,
+            "panoptic_overlap_threshold": pc.OVERLAP_THRESH,
+            "panoptic_stuff_area_limit": pc.STUFF_AREA_LIMIT,
+            "panoptic_score_threshold": pc.INSTANCES_CONFIDENCE_THRESH,
             "instance_in_features": sc.INSTANCE_IN_FEATURES,
             "mask_in_features": sc.MASK_IN_FEATURES,
             "instance_strides": sc.FPN_INSTANCE_STRIDES,
@@ -240,7 +282,10 @@ class SOLO(nn.Module):
             mask_preds: L tensors, the head's mask predictions (SOLOv2: kernels (B, E, S_l, S_l)).
             mask_feat: (B, E, Hf, Wf) SOLOv2 mask features, None for the other heads.
         """
-        features = self.backbone(images)
+        return self._predict(self.backbone(images))
+
+    def _predict(self, features: Dict[str, Tensor]) -> HeadOutputs:
+        """:meth:`predict` from the backbone's features."""
         ins_feats = split_instance_features([features[f] for f in self.instance_in_features])
         cate_logits, mask_preds = self.ins_head(ins_feats)
         mask_feat = None
@@ -306,8 +351,33 @@ class SOLO(nn.Module):
                 "(use SOLODatasetMapper)"
             )
         gt = [x["instances"].to(self.device) for x in batched_inputs]
-        cate_logits, mask_preds, mask_feat = self.predict(images.tensor)
-        return self.losses(cate_logits, mask_preds, mask_feat, gt, tuple(images.tensor.shape[-2:]))
+        features = self.backbone(images.tensor)
+        cate_logits, mask_preds, mask_feat = self._predict(features)
+        canvas_hw = tuple(images.tensor.shape[-2:])
+        losses = self.losses(cate_logits, mask_preds, mask_feat, gt, canvas_hw)
+        if self.stuff_head is not None:
+            losses["loss_sem_seg"] = self.stuff_loss_weight * self.stuff_head.losses(
+                self.stuff_head([features[f] for f in self.stuff_in_features]),
+                self._semantic_targets(batched_inputs, canvas_hw),
+            )
+        return losses
+
+    def _semantic_targets(self, batched_inputs: List[Dict], canvas_hw: Tuple[int, int]) -> Tensor:
+        """(B, Hc, Wc) int64 "sem_seg" targets padded with the ignore label to the canvas."""
+        if any("sem_seg" not in x for x in batched_inputs):
+            raise ValueError(
+                f"{type(self).__name__} with MODEL.SOLO.PANOPTIC.ENABLED trains on panoptic data: "
+                "every input needs 'sem_seg' (register the data with --dataset "
+                "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR and use SOLODatasetMapper)"
+            )
+        ignore = self.stuff_head.ignore_label
+        out = torch.full(
+            (len(batched_inputs), *canvas_hw), ignore, dtype=torch.int64, device=self.device
+        )
+        for i, x in enumerate(batched_inputs):
+            target = x["sem_seg"].to(self.device)
+            out[i, : target.shape[0], : target.shape[1]] = target
+        return out
 
     def assign_targets(
         self, gt: List[Instances], canvas_hw: Tuple[int, int]
@@ -451,7 +521,21 @@ class SOLO(nn.Module):
 
     def _inference_same_size(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         images = self.preprocess_image(batched_inputs)
-        return self.postprocess(images, self.predict(images.tensor), batched_inputs)
+        features = self.backbone(images.tensor)
+        results = self.postprocess(images, self._predict(features), batched_inputs)
+        if self.stuff_head is not None:
+            logits = self.stuff_head([features[f] for f in self.stuff_in_features])
+            canvas_hw = tuple(images.tensor.shape[-2:])
+            for b, r in enumerate(results):
+                output_hw = r["instances"].image_size
+                sem_seg = self.stuff_head.postprocess(
+                    logits[b], canvas_hw, tuple(images.image_sizes[b]), output_hw
+                )
+                r["sem_seg"] = sem_seg
+                r["panoptic_seg"] = combine_things_and_stuff(
+                    r["instances"], sem_seg.argmax(0), **self.panoptic_args
+                )
+        return results
 
 
 @META_ARCH_REGISTRY.register()
@@ -460,12 +544,12 @@ class SOLOv2(SOLO):
     :class:`SOLO`, its head also chosen by ``MODEL.SOLO.HEAD`` (SOLOv2's by default)."""
 
 
-def _check_features(sc, shapes, branch: str) -> List[str]:
-    key = f"{branch}_IN_FEATURES"
+def _check_features(sc, shapes, branch: str, prefix: str = "MODEL.SOLO.") -> List[str]:
+    key = f"{branch}_IN_FEATURES" if branch else "IN_FEATURES"
     missing = [f for f in sc[key] if f not in shapes]
     if missing:
         raise ValueError(
-            f"MODEL.SOLO.{key} names {missing}, not produced by the backbone "
+            f"{prefix}{key} names {missing}, not produced by the backbone "
             f"(it produces {sorted(shapes)})"
         )
     return list(sc[key])

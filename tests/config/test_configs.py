@@ -84,6 +84,25 @@ def dataset_dict(tmp_path: Path, num_classes: int):
     return {"file_name": str(path), "height": H, "width": W, "image_id": 1, "annotations": annos}
 
 
+def panoptic_dataset_dict(tmp_path: Path, num_classes: int):
+    """:func:`dataset_dict`'s image as panoptic data: the square and the triangle are thing
+    segments, the rest is stuff 1 (top) and stuff 2 (bottom)."""
+    d = dataset_dict(tmp_path, num_classes)
+    ids = np.where(np.arange(H)[:, None] < H // 2, 2001, 2002) * np.ones((1, W), dtype=np.int64)
+    segments = [
+        {"id": 2001, "category_id": 1, "isthing": False},
+        {"id": 2002, "category_id": 2, "isthing": False},
+    ]
+    for k, anno in enumerate(d.pop("annotations")):
+        polygon = np.round(np.array(anno["segmentation"][0]).reshape(-1, 2)).astype(np.int32)
+        mask = cv2.fillPoly(np.zeros((H, W), np.uint8), [polygon], 1).astype(bool)
+        ids[mask] = 1001 + k
+        segments.append({"id": 1001 + k, "category_id": anno["category_id"], "isthing": True})
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "panoptic.png"), rgb[..., ::-1])
+    return {**d, "pan_seg_file_name": str(tmp_path / "panoptic.png"), "segments_info": segments}
+
+
 def make_confident(model):
     """Raise the mask output biases and one class's bias so every inference stage has candidates
     (one class only: every grid cell passes the score threshold, a few thousand candidates)."""
@@ -146,13 +165,16 @@ def test_config_builds_trains_one_step_and_infers(name, tmp_path):
         assert shapes == _TESTED_ARCHITECTURES[key]
         return
 
+    panoptic = cfg.MODEL.SOLO.PANOPTIC.ENABLED
+    assert (model.stuff_head is not None) == panoptic
+    make_dict = panoptic_dataset_dict if panoptic else dataset_dict
     mapper = SOLODatasetMapper(cfg, is_train=True)
-    inputs = [mapper(dataset_dict(tmp_path, cfg.MODEL.SOLO.NUM_CLASSES))]
+    inputs = [mapper(make_dict(tmp_path, cfg.MODEL.SOLO.NUM_CLASSES))]
     assert len(inputs[0]["instances"]) == 2
     model.train()
     with EventStorage():
         losses = model(inputs)
-    assert set(losses) == {"loss_cls", "loss_mask"}
+    assert set(losses) == {"loss_cls", "loss_mask"} | ({"loss_sem_seg"} if panoptic else set())
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_mask"] > 0  # the two objects have positive cells on some level
     sum(losses.values()).backward()
@@ -162,7 +184,7 @@ def test_config_builds_trains_one_step_and_infers(name, tmp_path):
     model.eval()
     make_confident(model)
     test_mapper = SOLODatasetMapper(cfg, is_train=False)
-    x = test_mapper(dataset_dict(tmp_path, cfg.MODEL.SOLO.NUM_CLASSES))
+    x = test_mapper(make_dict(tmp_path, cfg.MODEL.SOLO.NUM_CLASSES))
     with torch.no_grad():
         (out,) = model([{**x, "height": 2 * H, "width": 2 * W}])
     inst = out["instances"]
@@ -170,4 +192,9 @@ def test_config_builds_trains_one_step_and_infers(name, tmp_path):
     assert inst.pred_masks.dtype == torch.bool and inst.pred_masks.shape[1:] == (2 * H, 2 * W)
     assert torch.all(inst.scores[:-1] >= inst.scores[1:])
     assert inst.pred_classes.min() >= 0 and inst.pred_classes.max() < cfg.MODEL.SOLO.NUM_CLASSES
+    if panoptic:
+        seg, segments = out["panoptic_seg"]
+        assert seg.shape == (2 * H, 2 * W)
+        assert out["sem_seg"].shape == (cfg.MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES + 1, 2 * H, 2 * W)
+        assert {int(i) for i in seg.unique()} <= {0} | {s["id"] for s in segments}
     _TESTED_ARCHITECTURES[key] = shapes

@@ -1,0 +1,309 @@
+"""LVIS-format datasets from the command line: ``--dataset NAME=lvis:ANNOTATIONS.json:IMAGE_DIR``.
+
+LVIS (Gupta et al., CVPR 2019, https://www.lvisdataset.org) annotation files are COCO-like, with
+a few additions this module keeps:
+
+* categories carry ``frequency`` ("r" rare: 1-10 training images, "c" common: 11-100, "f"
+  frequent: more than 100) and ``image_count``; their ids need not be contiguous (they are mapped
+  to 0..C-1 by increasing id, as for COCO data);
+* images carry ``neg_category_ids`` (categories verified absent from the image) and
+  ``not_exhaustive_category_ids`` (categories whose instances are not all annotated); both are
+  kept in each dataset dict under those keys, as the file's category ids (as detectron2's
+  ``load_lvis_json`` keeps them), and default to ``[]``;
+* LVIS v1 images have no ``file_name``, only a ``coco_url``
+  (``http://images.cocodataset.org/train2017/000000391895.jpg``): an image is found as
+  ``IMAGE_DIR/file_name``, else as ``IMAGE_DIR/<last component of coco_url>``, else (when only
+  that exists) as ``IMAGE_DIR/<split folder>/<file>`` from the last two components, so
+  ``IMAGE_DIR`` may be a split folder or the COCO root holding ``train2017/`` and ``val2017/``.
+
+The annotations and images get the same checks, faults and messages as COCO data
+(:mod:`solo_d2.data.validation`); LVIS's own fields are checked too (a category without a valid
+``frequency``, negative/not-exhaustive lists that are not lists of known category ids: errors).
+
+The metadata gets ``evaluator_type="lvis"`` (:class:`~solo_d2.evaluation.SOLOLVISEvaluator`
+evaluates it with LVIS's federated rules), ``thing_classes``,
+``thing_dataset_id_to_contiguous_id``, ``json_file``, ``image_root``, ``data_faults``,
+``class_frequency`` ("r" / "c" / "f" per contiguous class) and ``class_image_count`` (detectron2's
+format for its builtin ``lvis_v1_*`` datasets: ``[{"id": category id, "image_count": n}]``, the
+file's ``image_count`` or, where absent, the images annotated with the category in this file).
+
+detectron2's builtin ``lvis_v1_*`` / ``lvis_v0.5_*`` datasets (under ``$DETECTRON2_DATASETS``)
+need nothing from here: their dicts (detectron2's loader) go through the SOLO mapper and their
+``evaluator_type`` is "lvis" already.
+"""
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+from .validation import (
+    CheckedCOCO,
+    DatasetError,
+    check_coco_dict,
+    clean_coco_dict,
+    read_coco_json,
+    summarize_faults,
+    to_dataset_dicts,
+)
+
+__all__ = [
+    "LVIS_SPEC_FORM",
+    "FREQUENCIES",
+    "parse_lvis_spec",
+    "adapt_lvis_dict",
+    "load_checked_lvis",
+    "clean_lvis_dict",
+    "register_lvis_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+LVIS_SPEC_FORM = "NAME=lvis:ANNOTATIONS.json:IMAGE_DIR"
+FREQUENCIES = ("r", "c", "f")  # rare, common, frequent (LVIS's order, and APr / APc / APf's)
+IMAGE_CATEGORY_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
+
+
+def parse_lvis_spec(spec: str) -> Tuple[str, str, str]:
+    """Split ``NAME=lvis:ANNOTATIONS.json:IMAGE_DIR`` into ``(name, json_file, image_dir)``.
+
+    The annotation path may contain ``:`` (the image dir starts after the last one).
+    """
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(
+            f"Bad dataset spec {spec!r}: {reason}; expected the form {LVIS_SPEC_FORM}"
+        )
+
+    name, sep, rest = spec.partition("=")
+    if not sep:
+        raise bad("missing '='")
+    name = name.strip()
+    if not name:
+        raise bad("empty dataset name")
+    if not rest.startswith("lvis:"):
+        raise bad("the part after '=' does not start with 'lvis:'")
+    rest = rest[len("lvis:") :]
+    if ":" not in rest:
+        raise bad("missing ':' between the annotation file and the image directory")
+    json_file, image_dir = rest.rsplit(":", 1)
+    if not json_file:
+        raise bad("empty annotation file")
+    if not image_dir:
+        raise bad("empty image directory")
+    return name, json_file, image_dir
+
+
+def _image_file_name(img: dict, image_root: str) -> Any:
+    """The image's file name under ``image_root`` (see the module docstring), or None."""
+    name = img.get("file_name")
+    if isinstance(name, str) and name:
+        return name
+    url = img.get("coco_url")
+    if not (isinstance(url, str) and url.strip("/")):
+        return None
+    parts = url.rstrip("/").split("/")
+    if len(parts) >= 2 and image_root is not None:
+        in_split = os.path.join(parts[-2], parts[-1])
+        if not os.path.isfile(os.path.join(image_root, parts[-1])) and os.path.isfile(
+            os.path.join(image_root, in_split)
+        ):
+            return in_split
+    return parts[-1]
+
+
+def adapt_lvis_dict(data: Dict[str, Any], json_file: str, image_root: str = None) -> Dict[str, Any]:
+    """The LVIS dict as :func:`~solo_d2.data.validation.check_coco_dict` reads COCO: every image
+    gets a ``file_name`` (from ``coco_url`` when it has none; the others are left to the COCO
+    checks) and the two per-image category lists (``[]`` when absent). ``data`` is not changed.
+
+    Raises:
+        DatasetError: an image has neither ``file_name`` nor ``coco_url``.
+    """
+    images = []
+    for i, img in enumerate(data["images"]):
+        if isinstance(img, dict):
+            name = _image_file_name(img, image_root)
+            if name is None and "file_name" not in img:
+                raise DatasetError(
+                    f"Annotation file {json_file!r}: images[{i}] (id {img.get('id')!r}) has "
+                    "neither a 'file_name' nor a 'coco_url' to find its image file by"
+                )
+            img = {**img, "file_name": img["file_name"] if name is None else name}
+            for key in IMAGE_CATEGORY_LISTS:
+                img.setdefault(key, [])
+        images.append(img)
+    return {**data, "images": images}
+
+
+def _check_lvis_fields(data: Dict[str, Any], checked: CheckedCOCO, json_file: str) -> None:
+    """LVIS's own fields: categories' ``frequency`` and ``image_count``, images' category lists.
+
+    Raises:
+        DatasetError: one line naming the file and the entry.
+    """
+    for c in data["categories"]:
+        freq = c.get("frequency")
+        if freq not in FREQUENCIES:
+            raise DatasetError(
+                f"Annotation file {json_file!r}: category id {c['id']} ({c['name']!r}) has "
+                f"frequency {freq!r}; LVIS categories need a 'frequency' of 'r' (rare), 'c' "
+                "(common) or 'f' (frequent)"
+            )
+        count = c.get("image_count")
+        if count is not None and not (type(count) is int and count >= 0):
+            raise DatasetError(
+                f"Annotation file {json_file!r}: category id {c['id']} ({c['name']!r}) has "
+                f"image_count {count!r}, not a non-negative integer"
+            )
+    known = checked.id_map
+    for img in data["images"]:
+        for key in IMAGE_CATEGORY_LISTS:
+            ids = img[key]
+            if not (isinstance(ids, list) and all(type(k) is int for k in ids)):
+                raise DatasetError(
+                    f"Annotation file {json_file!r}: image id {img['id']!r} has {key} "
+                    f"{str(ids)[:60]}, not a list of category ids"
+                )
+            unknown = sorted(set(k for k in ids if k not in known))
+            if unknown:
+                raise DatasetError(
+                    f"Annotation file {json_file!r}: image id {img['id']!r} lists category ids "
+                    f"{unknown[:5]} in {key}, which are not in 'categories'"
+                )
+
+
+def _read_and_check(
+    json_file: str, image_root: str, what: str, max_image_pixels: int
+) -> Tuple[Dict[str, Any], CheckedCOCO]:
+    data = adapt_lvis_dict(read_coco_json(json_file, what), json_file, image_root)
+    checked = check_coco_dict(data, json_file, image_root, max_image_pixels)
+    _check_lvis_fields(data, checked, json_file)
+    return data, checked
+
+
+def load_checked_lvis(
+    json_file: str, image_root: str, what: str = "", max_image_pixels: int = None
+) -> Tuple[Dict[str, Any], CheckedCOCO, List[Dict[str, Any]]]:
+    """Read, adapt, check and convert an LVIS file: (adapted dict, check outcome, dataset dicts).
+
+    The dataset dicts are those of COCO data plus each image's ``neg_category_ids`` and
+    ``not_exhaustive_category_ids`` (the file's category ids).
+
+    Raises:
+        DatasetError: the file cannot be used at all.
+    """
+    data, checked = _read_and_check(json_file, image_root, what, max_image_pixels)
+    dicts = to_dataset_dicts(data, checked, image_root)
+    lists = {img["id"]: img for img in data["images"]}
+    for record in dicts:
+        img = lists[record["image_id"]]
+        for key in IMAGE_CATEGORY_LISTS:
+            record[key] = list(img[key])
+    return data, checked, dicts
+
+
+def clean_lvis_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any]:
+    """The LVIS ground truth for evaluation: the adapted dict without faulty images and
+    annotations, areas and ``iscrowd`` filled in
+    (:func:`~solo_d2.data.validation.clean_coco_dict`)."""
+    return clean_coco_dict(data, checked)
+
+
+def _class_info(data: Dict[str, Any], checked: CheckedCOCO) -> Tuple[List[str], List[dict]]:
+    """``class_frequency`` and ``class_image_count`` (see the module docstring)."""
+    annotated: Dict[int, set] = {}
+    for ann in data["annotations"]:
+        if ann["id"] not in checked.bad_annotations:
+            annotated.setdefault(ann["category_id"], set()).add(ann["image_id"])
+    by_id = {c["id"]: c for c in data["categories"]}
+    ids = sorted(checked.id_map, key=checked.id_map.get)
+    frequency = [by_id[i]["frequency"] for i in ids]
+    counts = [
+        {
+            "id": i,
+            "image_count": (
+                by_id[i].get("image_count")
+                if by_id[i].get("image_count") is not None
+                else len(annotated.get(i, ()))
+            ),
+        }
+        for i in ids
+    ]
+    return frequency, counts
+
+
+def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list:
+    """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
+    _, checked, dicts = load_checked_lvis(json_file, image_root, max_image_pixels=max_image_pixels)
+    if len(checked.faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
+        logger.warning(
+            f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
+            f"{len(checked.faults)} faults, left out:\n{summarize_faults(checked.faults)}"
+        )
+    return dicts
+
+
+def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """Check and register the LVIS-format dataset of ``spec`` (:data:`LVIS_SPEC_FORM`); return
+    its name.
+
+    As :func:`~solo_d2.data.datasets.register_coco_dataset`: a file that cannot be used raises
+    (``FileNotFoundError`` / ``NotADirectoryError`` for the paths, ``DatasetError`` for the
+    content, one line naming the file); faulty annotations and images are logged, counted and
+    left out; registering a name again with the same files is a no-op, with other files an error.
+    """
+    name, json_str, image_str = parse_lvis_spec(spec)
+    json_file = Path(json_str).expanduser().resolve()
+    image_root = Path(image_str).expanduser().resolve()
+    if not json_file.is_file():
+        raise FileNotFoundError(
+            f"Annotation file {str(json_file)!r} of dataset spec {spec!r} does not exist"
+        )
+    if not image_root.exists():
+        raise FileNotFoundError(
+            f"Image directory {str(image_root)!r} of dataset spec {spec!r} does not exist"
+        )
+    if not image_root.is_dir():
+        raise NotADirectoryError(
+            f"Image directory {str(image_root)!r} of dataset spec {spec!r} is not a directory"
+        )
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        old = (meta.get("json_file", None), meta.get("image_root", None))
+        if old == (str(json_file), str(image_root)) and meta.get("evaluator_type", "") == "lvis":
+            return name
+        raise ValueError(
+            f"Dataset {name!r} is already registered with json_file={old[0]!r}, "
+            f"image_root={old[1]!r}; cannot register it again from spec {spec!r}"
+        )
+    data, checked = _read_and_check(
+        str(json_file), str(image_root), f"(dataset spec {spec!r})", max_image_pixels
+    )
+    if checked.faults:
+        kept = len(data["annotations"]) - len(checked.bad_annotations)
+        logger.warning(
+            f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
+            f"{len(checked.bad_annotations)} of {len(data['annotations'])} annotations and "
+            f"{len(checked.bad_images)} of {len(data['images'])} images ({kept} annotations "
+            f"kept). Set DATASETS.STRICT True to make them errors in training.\n"
+            + summarize_faults(checked.faults)
+        )
+    frequency, image_counts = _class_info(data, checked)
+    loader = partial(_load_dataset, name, str(json_file), str(image_root), max_image_pixels)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(
+        json_file=str(json_file),
+        image_root=str(image_root),
+        evaluator_type="lvis",
+        thing_classes=checked.thing_classes,
+        thing_dataset_id_to_contiguous_id=checked.id_map,
+        class_frequency=frequency,
+        class_image_count=image_counts,
+        data_faults=checked.faults,
+    )
+    return name

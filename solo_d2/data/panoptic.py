@@ -1,0 +1,451 @@
+"""COCO panoptic data: registration from the command line, checks, and the panoptic targets.
+
+``--dataset NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR`` registers a dataset in the
+standard COCO panoptic format (Kirillov et al., "Panoptic Segmentation", CVPR 2019; the COCO 2018
+panoptic task): a JSON with ``images``, ``annotations`` (one per image: the ``file_name`` of a PNG
+in ``PANOPTIC_PNG_DIR`` and its ``segments_info``: ``id``, ``category_id``, ``iscrowd``, ...) and
+``categories`` (``isthing`` 1 or 0). A PNG pixel's segment id is R + 256 G + 256^2 B; 0 is void.
+Category ids need not be contiguous and segment ids are arbitrary positive integers.
+
+The project's convention (metadata, dataset dicts, model outputs), detectron2's "separated"
+panoptic convention:
+
+* things: ``thing_classes`` are the ``isthing`` categories sorted by id, contiguous ids
+  0..K_th-1 (``thing_dataset_id_to_contiguous_id``), the classes of the instance branch;
+* stuff: ``stuff_classes`` are ``["things"]`` followed by the stuff categories sorted by id;
+  contiguous ids 1..K_st (``stuff_dataset_id_to_contiguous_id``); 0 is the "things" class of
+  the semantic target;
+* the semantic target labels stuff pixels with their stuff id, every thing pixel (crowd regions
+  included) 0, and void pixels ``IGNORE_LABEL`` (255), which the loss ignores.
+
+Checks (the style of :mod:`solo_d2.data.validation`): an unusable JSON is an error at
+registration; an image whose annotation, PNG or image file is missing, or whose segments name an
+unknown category or repeat an id, is a fault: left out, counted and named. A PNG of the wrong
+size or with a segment id missing from ``segments_info`` is found when the PNG is read
+(:func:`read_panoptic_png`): the training mapper skips the image with a warning (an error with
+``DATASETS.STRICT``), evaluation stops with the error.
+
+detectron2's builtin ``coco_2017_{train,val}[_100]_panoptic`` (its "standard" convention, one
+contiguous space for all 133 categories) are re-registered with this convention from the same
+files by :func:`adopt_builtin_panoptic`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+
+from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError
+from .validation import (
+    DataFault,
+    DatasetError,
+    _check_images,
+    _is_id,
+    _is_int,
+    read_coco_json,
+    summarize_faults,
+)
+
+__all__ = [
+    "IGNORE_LABEL",
+    "PANOPTIC_SPEC_FORM",
+    "parse_panoptic_spec",
+    "panoptic_metadata",
+    "check_panoptic_dict",
+    "load_panoptic_dicts",
+    "register_panoptic",
+    "register_panoptic_dataset",
+    "adopt_builtin_panoptic",
+    "read_panoptic_png",
+    "rgb_to_id",
+    "panoptic_targets",
+]
+
+logger = logging.getLogger(__name__)
+
+PANOPTIC_SPEC_FORM = "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
+IGNORE_LABEL = 255  # void pixels of the semantic target
+# Metadata marker of a dataset registered with this module's convention.
+_CONVENTION = "solo_d2_panoptic"
+
+
+def parse_panoptic_spec(spec: str) -> tuple[str, str, str, str]:
+    """Split ``NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR`` into its four parts.
+
+    The JSON path may contain ``:`` (the two folders are taken from the right).
+    """
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(
+            f"Bad dataset spec {spec!r}: {reason}; expected the form {PANOPTIC_SPEC_FORM}"
+        )
+
+    name, _, rest = spec.partition("=")
+    name = name.strip()
+    if not name:
+        raise bad("empty dataset name")
+    if not rest.startswith("panoptic:"):
+        raise bad("missing the 'panoptic:' prefix")
+    parts = rest[len("panoptic:") :].rsplit(":", 2)
+    if len(parts) != 3:
+        raise bad("it needs a JSON file, a PNG folder and an image folder separated by ':'")
+    for part, what in zip(parts, ("panoptic JSON file", "PNG folder", "image folder")):
+        if not part:
+            raise bad(f"empty {what}")
+    return name, *parts
+
+
+def _check_panoptic_categories(categories: list, json_file: str) -> tuple[list, list]:
+    """(things, stuff): the category dicts of each kind, sorted by id."""
+    if not categories:
+        raise DatasetError(f"Panoptic file {json_file!r} has no categories")
+    seen = set()
+    for i, c in enumerate(categories):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or "name" not in c:
+            raise DatasetError(
+                f"Panoptic file {json_file!r}: categories[{i}] needs an integer 'id' and a 'name'"
+            )
+        if c.get("isthing") not in (0, 1, True, False):
+            raise DatasetError(
+                f"Panoptic file {json_file!r}: category {c['id']} ({c['name']!r}) has isthing="
+                f"{c.get('isthing')!r}; COCO panoptic categories need 'isthing' 0 or 1"
+            )
+        if c["id"] in seen:
+            raise DatasetError(f"Panoptic file {json_file!r}: category id {c['id']} is used twice")
+        seen.add(c["id"])
+    ordered = sorted(categories, key=lambda c: c["id"])
+    things = [c for c in ordered if c["isthing"]]
+    stuff = [c for c in ordered if not c["isthing"]]
+    if not things:
+        raise DatasetError(f"Panoptic file {json_file!r} has no thing category (isthing 1)")
+    return things, stuff
+
+
+def panoptic_metadata(categories: list[dict]) -> dict[str, Any]:
+    """The metadata of a panoptic dataset with these ``categories`` (see the module docstring).
+
+    Returns:
+        thing_classes, thing_dataset_id_to_contiguous_id, stuff_classes (``"things"`` first),
+        stuff_dataset_id_to_contiguous_id (ids 1..K_st), ignore_label, the marker of this
+        convention, and thing_colors / stuff_colors when every category has a "color".
+    """
+    things, stuff = _check_panoptic_categories(categories, "(categories)")
+    meta = {
+        "thing_classes": [str(c["name"]) for c in things],
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(things)},
+        "stuff_classes": ["things"] + [str(c["name"]) for c in stuff],
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i + 1 for i, c in enumerate(stuff)},
+        "ignore_label": IGNORE_LABEL,
+        _CONVENTION: True,
+    }
+    if all("color" in c for c in categories):
+        meta["thing_colors"] = [list(c["color"]) for c in things]
+        meta["stuff_colors"] = [[0, 0, 0]] + [list(c["color"]) for c in stuff]
+    return meta
+
+
+@dataclass
+class CheckedPanoptic:
+    """Result of :func:`check_panoptic_dict`: the usable images as dataset dicts, the faults."""
+
+    dicts: list[dict]
+    faults: list[DataFault] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def check_panoptic_dict(
+    data: dict[str, Any],
+    json_file: str,
+    png_dir: str,
+    image_dir: str,
+    max_image_pixels: Optional[int] = None,
+) -> CheckedPanoptic:
+    """Check a COCO panoptic dict and convert it to dataset dicts (module docstring: conventions).
+
+    Raises:
+        DatasetError: the file cannot be used at all (categories, image entries, annotations that
+            are not objects).
+    """
+    things, stuff = _check_panoptic_categories(data["categories"], json_file)
+    meta = panoptic_metadata(data["categories"])
+    thing_ids, stuff_ids = (
+        meta["thing_dataset_id_to_contiguous_id"],
+        meta["stuff_dataset_id_to_contiguous_id"],
+    )
+    images = _check_images(data["images"], json_file, max_image_pixels)
+    faults = []
+
+    def fault(kind, message, image_id=None, file_name=None):
+        faults.append(DataFault(kind, message, json_file, image_id, None, file_name))
+
+    by_image = {}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")):
+            raise DatasetError(f"Panoptic file {json_file!r}: annotations[{i}] has no 'image_id'")
+        image_id = ann["image_id"]
+        if image_id not in images:
+            fault("unknown_image", f"annotations[{i}] names image id {image_id!r}, not in images")
+            continue
+        if image_id in by_image:
+            fault("duplicate_annotation", "has two panoptic annotations", image_id)
+            continue
+        by_image[image_id] = ann
+
+    dicts = []
+    for image_id, img in images.items():
+        name = img["file_name"]
+        ann = by_image.get(image_id)
+        if ann is None:
+            fault("no_panoptic_annotation", "has no panoptic annotation", image_id, name)
+            continue
+        png = ann.get("file_name")
+        if not (isinstance(png, str) and png):
+            fault("no_png", "its annotation has no PNG 'file_name'", image_id, name)
+            continue
+        png_path = os.path.join(png_dir, png)
+        if not os.path.isfile(png_path):
+            fault("missing_png", f"its PNG {png_path} does not exist", image_id, name)
+            continue
+        image_path = os.path.join(image_dir, name)
+        if not os.path.isfile(image_path):
+            fault("missing_image", f"image file {image_path} does not exist", image_id, name)
+            continue
+        segments, problem = _convert_segments(ann.get("segments_info"), thing_ids, stuff_ids)
+        if problem:
+            fault("bad_segments", f"{problem} (PNG {png_path})", image_id, name)
+            continue
+        dicts.append(
+            {
+                "file_name": image_path,
+                "image_id": image_id,
+                "height": img["height"],
+                "width": img["width"],
+                "pan_seg_file_name": png_path,
+                "segments_info": segments,
+            }
+        )
+    return CheckedPanoptic(dicts, faults, meta)
+
+
+def _convert_segments(segments, thing_ids: dict, stuff_ids: dict) -> tuple[list, Optional[str]]:
+    """(segments with contiguous category ids and "isthing", None) or ([], the problem)."""
+    if not isinstance(segments, list):
+        return [], "'segments_info' is missing or not a list"
+    out, seen = [], set()
+    for s in segments:
+        if not isinstance(s, dict):
+            return [], f"segments_info has {s!r}, not an object"
+        sid, cid = s.get("id"), s.get("category_id")
+        if not _is_int(sid) or sid <= 0 or sid >= 256**3:
+            return [], f"segment id {sid!r} is not an integer in 1..{256**3 - 1}"
+        if sid in seen:
+            return [], f"segment id {sid} is used twice"
+        seen.add(sid)
+        if cid in thing_ids:
+            isthing, contiguous = True, thing_ids[cid]
+        elif cid in stuff_ids:
+            isthing, contiguous = False, stuff_ids[cid]
+        else:
+            return [], f"segment {sid} has category_id {cid!r}, not in the categories"
+        iscrowd = s.get("iscrowd", 0)
+        if iscrowd not in (0, 1):
+            return [], f"segment {sid} has iscrowd={iscrowd!r}, not 0 or 1"
+        out.append({**s, "category_id": contiguous, "isthing": isthing, "iscrowd": iscrowd})
+    return out, None
+
+
+def load_panoptic_dicts(
+    json_file: str, png_dir: str, image_dir: str, max_image_pixels: Optional[int] = None
+) -> list[dict]:
+    """The checked dataset dicts of a COCO panoptic dataset (faulty images left out)."""
+    data = read_coco_json(json_file)
+    return check_panoptic_dict(data, json_file, png_dir, image_dir, max_image_pixels).dicts
+
+
+def _load_registered(name: str, json_file: str, png_dir: str, image_dir: str, max_pixels: int):
+    checked = check_panoptic_dict(
+        read_coco_json(json_file), json_file, png_dir, image_dir, max_pixels
+    )
+    if len(checked.faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
+        logger.warning(
+            f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
+            f"{len(checked.faults)} faults, left out:\n{summarize_faults(checked.faults)}"
+        )
+    return checked.dicts
+
+
+def register_panoptic(
+    name: str,
+    json_file: str,
+    png_dir: str,
+    image_dir: str,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> str:
+    """Check the files now, then register ``name`` (loaded again, lazily, by DatasetCatalog).
+
+    Metadata: :func:`panoptic_metadata`, ``panoptic_json``, ``panoptic_root``, ``image_root``,
+    ``evaluator_type="coco_panoptic_seg"``, ``data_faults``. Registering a name again with the
+    same files is a no-op; with other files it is an error.
+    """
+    files = (str(json_file), str(png_dir), str(image_dir))
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        old = (meta.get("panoptic_json"), meta.get("panoptic_root"), meta.get("image_root"))
+        if old == files and meta.get(_CONVENTION, False):
+            return name
+        raise ValueError(
+            f"Dataset {name!r} is already registered with panoptic_json={old[0]!r}, "
+            f"panoptic_root={old[1]!r}, image_root={old[2]!r}; cannot register it again with "
+            f"{files}"
+        )
+    data = read_coco_json(files[0], f"(panoptic dataset {name!r})")
+    checked = check_panoptic_dict(data, *files, max_image_pixels)
+    if checked.faults:
+        logger.warning(
+            f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
+            f"{len(data['images']) - len(checked.dicts)} of {len(data['images'])} images. Set "
+            "DATASETS.STRICT True to make them errors in training.\n"
+            + summarize_faults(checked.faults)
+        )
+    DatasetCatalog.register(name, partial(_load_registered, name, *files, max_image_pixels))
+    MetadataCatalog.get(name).set(
+        **checked.metadata,
+        panoptic_json=files[0],
+        panoptic_root=files[1],
+        image_root=files[2],
+        evaluator_type="coco_panoptic_seg",
+        data_faults=checked.faults,
+    )
+    return name
+
+
+def register_panoptic_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """Check and register the dataset of a ``--dataset`` :data:`PANOPTIC_SPEC_FORM` spec."""
+    name, *parts = parse_panoptic_spec(spec)
+    json_file, png_dir, image_dir = (Path(p).expanduser().resolve() for p in parts)
+    if not json_file.is_file():
+        raise FileNotFoundError(
+            f"Panoptic JSON file {str(json_file)!r} of dataset spec {spec!r} does not exist"
+        )
+    for folder, what in ((png_dir, "PNG folder"), (image_dir, "Image folder")):
+        if not folder.is_dir():
+            raise NotADirectoryError(
+                f"{what} {str(folder)!r} of dataset spec {spec!r} "
+                + ("is not a directory" if folder.exists() else "does not exist")
+            )
+    return register_panoptic(name, str(json_file), str(png_dir), str(image_dir), max_image_pixels)
+
+
+def adopt_builtin_panoptic(names: Iterable[str]) -> list[str]:
+    """Re-register detectron2's builtin standard COCO panoptic datasets among ``names`` with this
+    module's convention, from the same files; return the names re-registered.
+
+    detectron2 registers ``coco_2017_*_panoptic`` with one contiguous id space for things and
+    stuff together, ``sem_seg`` targets derived from the instance JSON; the SOLO model needs the
+    separate thing and stuff spaces. Names whose files are not on disk are left alone (the config
+    check reports them).
+    """
+    adopted = []
+    for name in names:
+        if name not in DatasetCatalog.list():
+            continue
+        meta = MetadataCatalog.get(name)
+        if meta.get(_CONVENTION, False) or meta.get("evaluator_type", None) != "coco_panoptic_seg":
+            continue
+        files = [meta.get(k, None) for k in ("panoptic_json", "panoptic_root", "image_root")]
+        if not all(isinstance(f, str) and os.path.exists(f) for f in files):
+            continue
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        register_panoptic(name, *files)
+        adopted.append(name)
+    return adopted
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB panoptic PNG -> (H, W) int64 segment ids R + 256 G + 256^2 B."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def read_panoptic_png(dataset_dict: dict, image_hw: tuple[int, int]) -> np.ndarray:
+    """Read and check the panoptic PNG of ``dataset_dict``.
+
+    Args:
+        dataset_dict: a dict of :func:`load_panoptic_dicts` (pan_seg_file_name, segments_info).
+        image_hw: (H, W) of its image as read.
+    Returns:
+        (H, W, 3) uint8 RGB (augmentations resize it with nearest neighbours; :func:`rgb_to_id`
+        decodes it).
+    Raises:
+        BadImageError: naming the PNG, when it is missing or unreadable, is not RGB, is not the
+            image's size, or holds a segment id that its ``segments_info`` lacks.
+    """
+    path = dataset_dict["pan_seg_file_name"]
+    try:
+        with Image.open(path) as im:
+            if im.size != (image_hw[1], image_hw[0]):
+                raise BadImageError(
+                    path,
+                    f"is a {im.size[0]}x{im.size[1]} panoptic PNG (width x height) but its image "
+                    f"{dataset_dict['file_name']} is {image_hw[1]}x{image_hw[0]}",
+                )
+            rgb = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise BadImageError(path, "panoptic PNG does not exist") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(path, f"panoptic PNG cannot be read ({e})") from None
+    ids = np.unique(rgb_to_id(rgb))
+    known = {s["id"] for s in dataset_dict["segments_info"]}
+    unknown = [int(i) for i in ids if i != 0 and int(i) not in known]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        raise BadImageError(
+            path,
+            f"holds segment ids {shown} that segments_info of image id "
+            f"{dataset_dict.get('image_id')} lacks",
+        )
+    return rgb
+
+
+def panoptic_targets(
+    ids: np.ndarray, segments_info: list[dict], ignore_label: int = IGNORE_LABEL
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Instance and semantic targets of one (augmented) panoptic id map.
+
+    Args:
+        ids: (H, W) int64 segment ids (0 void).
+        segments_info: the image's segments (contiguous "category_id", "isthing", "iscrowd").
+    Returns:
+        masks: (N, H, W) bool, one per non-crowd thing segment with pixels, by segment id.
+        classes: (N,) int64 thing classes.
+        sem_seg: (H, W) int64: stuff pixels their stuff id (1..K_st), thing pixels (crowd
+            included) 0, void and unlisted ids ``ignore_label``.
+    """
+    h, w = ids.shape
+    if not segments_info:
+        empty = np.zeros((0, h, w), dtype=bool)
+        return empty, np.zeros(0, dtype=np.int64), np.full((h, w), ignore_label, dtype=np.int64)
+    seg_ids = np.array([s["id"] for s in segments_info], dtype=np.int64)
+    isthing = np.array([bool(s["isthing"]) for s in segments_info], dtype=bool)
+    crowd = np.array([bool(s.get("iscrowd", 0)) for s in segments_info], dtype=bool)
+    cats = np.array([s["category_id"] for s in segments_info], dtype=np.int64)
+    order = np.argsort(seg_ids)
+    seg_ids, isthing, crowd, cats = seg_ids[order], isthing[order], crowd[order], cats[order]
+    # every pixel's position in the sorted ids; ``found`` is False for void and unlisted ids
+    pos = np.searchsorted(seg_ids, ids).clip(max=len(seg_ids) - 1)
+    found = seg_ids[pos] == ids
+    labels = np.where(isthing, 0, cats)
+    sem_seg = np.where(found, labels[pos], ignore_label).astype(np.int64)
+    keep = np.flatnonzero(isthing & ~crowd)
+    masks = found[None] & (pos[None] == keep[:, None, None])
+    has_pixels = masks.reshape(len(keep), h * w).any(1)
+    return masks[has_pixels], cats[keep][has_pixels], sem_seg

@@ -1,0 +1,228 @@
+"""Evaluation of SOLO-family models on LVIS-format data: federated mask and box AP.
+
+LVIS's rules (Gupta et al., CVPR 2019, §4; the ``lvis`` package's ``LVISEval``): on each image
+only the categories annotated in it or listed in its ``neg_category_ids`` are evaluated (a
+detection of any other category is dropped); a detection of a category in the image's
+``not_exhaustive_category_ids`` that matches no annotation is not a false positive; at most 300
+detections per image (``TEST.DETECTIONS_PER_IMAGE``); AP is also averaged over the rare, common and
+frequent categories (APr, APc, APf).
+
+:class:`SOLOLVISEvaluator` is detectron2's ``LVISEvaluator`` with the project's data checks and
+atomic result files (as :class:`~solo_d2.evaluation.SOLOCOCOEvaluator`), 0 AP when the model
+predicts nothing, and NaN (``null`` in ``evaluation_results.json``) for a frequency group without
+any annotated category in the data (LVISEval reports -1 there).
+
+The ``lvis`` package (PyPI ``lvis`` 0.5.3, the one detectron2 imports) uses ``np.float`` in
+``lvis/eval.py``; numpy removed that alias in 1.24. :func:`install_lvis_numpy_compat` gives
+``lvis.eval`` a numpy namespace that has it, without editing site-packages or numpy itself.
+"""
+
+import builtins
+import copy
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import LVISEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
+
+from ..atomic_io import atomic_write_json, remove_stale_temporaries
+from ..data.lvis import clean_lvis_dict, load_checked_lvis
+from ..data.validation import summarize_faults
+from .coco_evaluation import _finite_or_null, _staging_dir
+
+__all__ = ["SOLOLVISEvaluator", "LVIS_METRICS", "install_lvis_numpy_compat", "evaluate_on_lvis"]
+
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+LVIS_MAX_DETS = 300  # LVIS's official limit of detections per image
+
+
+class _NumpyWithFloat:
+    """numpy, seen through a namespace that also has the ``float`` alias (``np.float`` was the
+    builtin ``float``, i.e. float64 as a dtype) that numpy removed in 1.24."""
+
+    float = builtins.float
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+
+def install_lvis_numpy_compat() -> None:
+    """Make ``lvis.eval`` (lvis 0.5.3) work with numpy >= 1.24: its module-level ``np`` becomes
+    a :class:`_NumpyWithFloat`. Only that module's reference changes (numpy and every other
+    module are untouched); a no-op when numpy still has ``float`` or when it is done already."""
+    import lvis.eval
+
+    if hasattr(lvis.eval.np, "float"):
+        return
+    lvis.eval.np = _NumpyWithFloat()
+
+
+def _lvis_api(dataset: dict):
+    """An ``lvis.LVIS`` index of an in-memory dataset dict (``LVIS()`` only reads files)."""
+    from lvis import LVIS
+
+    api = LVIS.__new__(LVIS)
+    api.logger = logging.getLogger("lvis.lvis")
+    api.dataset = dataset
+    api._create_index()
+    return api
+
+
+def evaluate_on_lvis(
+    lvis_gt, results: List[dict], iou_type: str, max_dets: int = LVIS_MAX_DETS, logger=None
+) -> Dict[str, float]:
+    """Federated LVIS AP of ``results`` (LVIS-format detections, the file's category ids).
+
+    Args:
+        lvis_gt: an ``lvis.LVIS`` of the ground truth.
+        iou_type: "segm" or "bbox".
+        max_dets: detections kept per image (the highest scoring).
+    Returns:
+        {metric: value in percent} for :data:`LVIS_METRICS`; NaN for a frequency group (or area
+        range) without annotated categories; all 0 when ``results`` is empty.
+    """
+    from lvis import LVISEval, LVISResults
+
+    logger = logger or logging.getLogger(__name__)
+    if not results:
+        logger.warning(f"No {iou_type} predictions: LVIS AP is 0")
+        return {m: 0.0 for m in LVIS_METRICS}
+    results = copy.deepcopy(results)
+    if iou_type == "segm":
+        # without "bbox", LVISResults takes each detection's area from its mask (as detectron2)
+        for r in results:
+            r.pop("bbox", None)
+    install_lvis_numpy_compat()
+    dt = LVISResults(lvis_gt, results, max_dets=max_dets)
+    lvis_eval = LVISEval(lvis_gt, dt, iou_type)
+    lvis_eval.params.max_dets = max_dets  # only labels the printout; LVISResults applied it
+    lvis_eval.run()
+    lvis_eval.print_results()
+    raw = lvis_eval.get_results()
+    out = {m: float(raw[m]) * 100 if raw[m] >= 0 else math.nan for m in LVIS_METRICS}
+    logger.info(f"Evaluation results for {iou_type}: \n" + create_small_table(out))
+    return out
+
+
+class SOLOLVISEvaluator(LVISEvaluator):
+    """LVISEvaluator for SOLO: checked ground truth, atomic result files, 0 AP on no prediction.
+
+    * For a dataset registered by :func:`solo_d2.data.lvis.register_lvis_dataset`, the ground
+      truth is the checked annotation file (faulty annotations and images left out, named in the
+      log and in ``<output_dir>/data_faults.json``). detectron2's builtin LVIS datasets are read
+      as they are.
+    * ``instances_predictions.pth``, ``lvis_instances_results.json`` and
+      ``evaluation_results.json`` (NaN as null) are renamed into ``output_dir`` from a staging
+      folder: a killed evaluation leaves the previous files intact.
+    * At most ``cfg.TEST.DETECTIONS_PER_IMAGE`` detections per image are evaluated (LVIS: 300).
+    """
+
+    def __init__(
+        self,
+        dataset_name: str,
+        cfg=None,
+        *,
+        output_dir: Optional[str] = None,
+        distributed: bool = True,
+        max_dets_per_image: Optional[int] = None,
+    ):
+        from lvis import LVIS
+
+        self._logger = logging.getLogger(__name__)
+        self._dataset_name = dataset_name
+        self._tasks = ("segm", "bbox")
+        self._distributed = distributed
+        self._output_dir = output_dir
+        if max_dets_per_image is None:
+            max_dets_per_image = cfg.TEST.DETECTIONS_PER_IMAGE if cfg is not None else LVIS_MAX_DETS
+        self._max_dets_per_image = max_dets_per_image
+        if max_dets_per_image != LVIS_MAX_DETS:
+            self._logger.warning(
+                f"LVIS AP of {dataset_name!r} with {max_dets_per_image} detections per image "
+                f"(TEST.DETECTIONS_PER_IMAGE); LVIS's official AP uses {LVIS_MAX_DETS}"
+            )
+        self._cpu_device = torch.device("cpu")
+        self._metadata = MetadataCatalog.get(dataset_name)
+        self._faults = []
+        if self._metadata.get("data_faults", None) is not None:
+            self._lvis_api = self._checked_ground_truth()
+        else:  # detectron2's builtin LVIS datasets
+            self._lvis_api = LVIS(PathManager.get_local_path(self._metadata.json_file))
+        self._do_evaluation = len(self._lvis_api.get_ann_ids()) > 0
+
+    def _checked_ground_truth(self):
+        json_file = self._metadata.json_file
+        data, checked, _ = load_checked_lvis(json_file, self._metadata.get("image_root", None))
+        self._faults = checked.faults
+        if checked.faults:
+            self._logger.warning(
+                f"Evaluation data {self._dataset_name!r} ({json_file}) has "
+                f"{len(checked.faults)} faults; evaluating without the "
+                f"{len(checked.bad_annotations)} faulty annotations and "
+                f"{len(checked.bad_images)} faulty images:\n" + summarize_faults(checked.faults)
+            )
+        return _lvis_api(clean_lvis_dict(data, checked))
+
+    def _eval_predictions(self, predictions):
+        results = list(itertools.chain(*[p["instances"] for p in predictions]))
+        id_map = self._metadata.get("thing_dataset_id_to_contiguous_id", None)
+        if id_map is not None:
+            to_file_id = {v: k for k, v in id_map.items()}
+            for r in results:
+                r["category_id"] = to_file_id[r["category_id"]]
+        else:  # detectron2's builtin LVIS: ids 1..C
+            for r in results:
+                r["category_id"] += 1
+        if self._output_dir:
+            path = os.path.join(self._output_dir, "lvis_instances_results.json")
+            self._logger.info(f"Saving results to {path}")
+            with PathManager.open(path, "w") as f:
+                json.dump(results, f)
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return
+        for task in self._tasks:
+            self._results[task] = evaluate_on_lvis(
+                self._lvis_api, results, task, self._max_dets_per_image, self._logger
+            )
+
+    def evaluate(self):
+        output_dir = self._output_dir
+        if not output_dir or not comm.is_main_process():
+            return super().evaluate()
+        os.makedirs(output_dir, exist_ok=True)
+        remove_stale_temporaries(output_dir)
+        staging = _staging_dir(output_dir)
+        os.makedirs(staging, exist_ok=True)
+        self._output_dir = staging
+        try:
+            results = super().evaluate()
+            for name in sorted(os.listdir(staging)):
+                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+            if self._faults:
+                atomic_write_json(
+                    os.path.join(output_dir, "data_faults.json"),
+                    [f.to_dict() for f in self._faults],
+                    indent=1,
+                    default=str,
+                )
+            if results:
+                atomic_write_json(
+                    os.path.join(output_dir, "evaluation_results.json"),
+                    _finite_or_null(results),
+                    indent=2,
+                )
+        finally:
+            self._output_dir = output_dir
+            shutil.rmtree(staging, ignore_errors=True)
+        return results

@@ -1,0 +1,82 @@
+"""Panoptic training and evaluation through train_net.py and the Trainer: a ``--dataset
+NAME=panoptic:...`` spec, PQ printed in detectron2's copypaste lines, and the config checks."""
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+from conftest import REPO, TINY_OPTS, write_tiny_panoptic
+
+from solo_d2.config import ConfigError, check_config, load_config
+from solo_d2.data.datasets import register_dataset
+from solo_d2.data.shapes import register_shapes
+from solo_d2.engine import Trainer
+
+CONFIG = REPO / "configs" / "SOLOv2_R18_quickstart_panoptic_shapes.yaml"
+PANOPTIC_OPTS = TINY_OPTS + [
+    "MODEL.SOLO.PANOPTIC.CHANNELS", "32",
+    "MODEL.SOLO.NUM_CLASSES", "2",
+    "MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES", "2",
+    "MODEL.SOLO.PANOPTIC.STUFF_AREA_LIMIT", "10",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_panoptic(tmp_path_factory):
+    return ":".join(write_tiny_panoptic(tmp_path_factory.mktemp("panoptic"), num_images=6))
+
+
+@pytest.mark.e2e
+def test_train_net_trains_and_evaluates_panoptic_data(tiny_panoptic, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(CONFIG),
+            "--dataset", f"tiny_pan=panoptic:{tiny_panoptic}"] + PANOPTIC_OPTS + [
+            "DATASETS.TRAIN", "('tiny_pan',)", "DATASETS.TEST", "('tiny_pan',)",
+            "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100",
+            "OUTPUT_DIR", str(out)]  # fmt: skip
+    res = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-5000:]
+    assert "loss_sem_seg" in log
+    assert "copypaste: Task: panoptic_seg" in log
+    assert "copypaste: PQ,SQ,RQ,PQ_th,SQ_th,RQ_th,PQ_st,SQ_st,RQ_st" in log
+    results = json.loads((out / "inference" / "tiny_pan" / "evaluation_results.json").read_text())
+    assert set(results["panoptic_seg"]) >= {"PQ", "PQ_th", "PQ_st", "SQ", "RQ"}
+    assert all(0 <= v <= 100 for v in results["panoptic_seg"].values() if v is not None)
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert any("loss_sem_seg" in m for m in metrics)
+
+
+def _cfg(train: str, test: str, *opts):
+    cfg = load_config(str(CONFIG), PANOPTIC_OPTS + list(opts))
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), (test,)
+    return cfg
+
+
+def test_panoptic_config_checks(tiny_panoptic):
+    name = register_dataset(f"pan_{uuid.uuid4().hex[:6]}=panoptic:{tiny_panoptic}")
+    register_shapes()
+    check_config(_cfg(name, name), check_weights=False)
+    with pytest.raises(ConfigError) as e:
+        check_config(_cfg(name, name, "MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES", "53"))
+    assert str(e.value) == (
+        f"MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES is 53 but dataset {name!r} (DATASETS.TRAIN) has 2 "
+        "stuff categories; set MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES 2"
+    )
+    with pytest.raises(ConfigError, match="training dataset 'shapes_train' is not a panoptic"):
+        check_config(_cfg("shapes_train", name, "MODEL.SOLO.NUM_CLASSES", "4"))
+    # an instance model cannot be evaluated on panoptic data
+    cfg = _cfg(name, name, "MODEL.SOLO.PANOPTIC.ENABLED", "False")
+    with pytest.raises(ValueError, match="needs a panoptic model"):
+        Trainer.build_evaluator(cfg, name)
+
+
+def test_shapes_panoptic_quickstart_config_is_consistent():
+    register_shapes()
+    cfg = load_config(str(CONFIG))
+    check_config(cfg, check_weights=False)
+    assert cfg.MODEL.SOLO.PANOPTIC.ENABLED
