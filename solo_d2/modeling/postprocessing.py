@@ -44,7 +44,13 @@ def point_nms(heat: Tensor) -> Tensor:
     Returns:
         (B, C, S, S) with suppressed entries set to 0.
     """
-    hmax = F.max_pool2d(heat, 2, stride=1, padding=1)[:, :, :-1, :-1]
+    # the same maximum as max_pool2d(kernel 2, stride 1, padding 1)[:-1, :-1], from shifted
+    # slices: 4x faster on many channels (LVIS's 1203 classes: 157 -> 37 ms, docs/lvis.md)
+    p = F.pad(heat, (1, 0, 1, 0), value=float("-inf"))
+    hmax = torch.maximum(
+        torch.maximum(p[:, :, 1:, 1:], p[:, :, :-1, 1:]),
+        torch.maximum(p[:, :, 1:, :-1], p[:, :, :-1, :-1]),
+    )
     return heat * (hmax == heat).to(heat.dtype)
 
 
@@ -352,23 +358,26 @@ def solo_postprocess(
     scores = cate_scores[cells, labels]
     strides = cell_strides[cells]
 
-    # 1) soft masks, area filter and maskness rescoring, chunk by chunk. When there are no more
-    # candidates than NMS takes (nms_pre), their masks are kept for step 2 instead of computed
-    # again: memory stays within what step 2 would hold anyway.
-    n = len(cells)
-    areas = torch.empty_like(scores)
-    maskness = torch.empty_like(scores)
+    # 1) soft masks, area filter and maskness rescoring, chunk by chunk, once per cell: a cell
+    # above the threshold in several classes (common with LVIS's 1203) has one mask. When there
+    # are no more cells than NMS takes (nms_pre), their masks are kept for step 2 instead of
+    # computed again: memory stays within what step 2 would hold anyway.
+    unique_cells, cell_of = torch.unique_consecutive(cells, return_inverse=True)  # cells sorted
+    n = len(unique_cells)
+    cell_areas = scores.new_empty(n)
+    cell_maskness = torch.empty_like(cell_areas)
     cache = n <= max(nms_pre, chunk_size)
     soft_chunks, hard_chunks = [], []
     for start in range(0, n, chunk_size):
-        soft = soft_masks(cells[start : start + chunk_size])
+        soft = soft_masks(unique_cells[start : start + chunk_size])
         hard, area, soft_sum = _score_masks(soft, mask_threshold)
-        areas[start : start + chunk_size] = area
-        maskness[start : start + chunk_size] = soft_sum / area
+        cell_areas[start : start + chunk_size] = area
+        cell_maskness[start : start + chunk_size] = soft_sum / area
         if cache:
             soft_chunks.append(soft)
             hard_chunks.append(hard)
         del soft, hard
+    areas, maskness = cell_areas[cell_of], cell_maskness[cell_of]
     keep = areas > strides
     if not keep.any():
         return _empty_result(output_hw, device)
@@ -377,8 +386,8 @@ def solo_postprocess(
     selected = keep.nonzero(as_tuple=True)[0][order]
     scores, labels, areas = scores[order], labels[selected], areas[selected]
     if cache:  # soft masks of the final detections are gathered in step 3
-        soft, soft_index = soft_chunks, selected
-        hard = _take_rows(hard_chunks, selected, chunk_size)
+        soft, soft_index = soft_chunks, cell_of[selected]
+        hard = _take_rows(hard_chunks, soft_index, chunk_size)
         del hard_chunks
     else:
         soft, soft_index = soft_masks(cells[selected]), None
