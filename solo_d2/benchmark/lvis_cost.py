@@ -11,9 +11,9 @@ results and their reading are in docs/lvis.md):
 * ``matrix_nms``: Matrix NMS on ``nms_masks`` masks of ``mask_hw`` with labels drawn from C
   classes (its cost is N x N, not C);
 * ``postprocess_dup_k``: ``solo_postprocess`` with ``cells`` cells passing the threshold in k
-  classes each (k = 1 and ``dup``): the soft mask of a cell is computed once per (cell, class)
-  candidate, so a cell that passes in several classes costs several masks. With many similar
-  classes (LVIS has synonyms and near-synonyms) k > 1 becomes likely.
+  classes each (k = 1 and ``dup``): the soft mask of a cell is computed once however many
+  classes it passes in, but Matrix NMS and the final masks see k candidates per cell. With many
+  similar classes (LVIS has synonyms and near-synonyms) k > 1 becomes likely.
 
 Timings are medians (:func:`~solo_d2.benchmark.timing.measure`), with the process's peak memory
 increase during each; weights and features are random (cost does not depend on their values,

@@ -183,9 +183,15 @@ def check_config(
             if name not in registered:
                 close = difflib.get_close_matches(name, sorted(registered), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
+                form = (
+                    f"{name}=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
+                    if cfg.MODEL.SOLO.PANOPTIC.ENABLED
+                    else f"{name}=ANNOTATIONS.json:IMAGE_DIR (LVIS: {name}=lvis:ANNOTATIONS.json"
+                    ":IMAGE_DIR)"
+                )
                 raise ConfigError(
                     f"DATASETS.{key} names dataset {name!r}, which is not registered{hint}; "
-                    f"register it with --dataset {name}=ANNOTATIONS.json:IMAGE_DIR"
+                    f"register it with --dataset {form}"
                 )
             error = _missing_files(name, key)
             if error is not None:

@@ -15,6 +15,7 @@ import argparse
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Any, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -31,22 +32,29 @@ LVIS_SPEC_FORM = "NAME=lvis:ANNOTATIONS.json:IMAGE_DIR"
 SPEC_FORMS = (SPEC_FORM, PANOPTIC_SPEC_FORM, LVIS_SPEC_FORM)
 
 
-def parse_dataset_spec(spec: str) -> tuple[str, str, str]:
-    """Split ``NAME=ANNOTATIONS.json:IMAGE_DIR`` into ``(name, json_file, image_dir)``.
+def parse_dataset_spec(spec: str, kind: str = "", form: str = SPEC_FORM) -> tuple[str, str, str]:
+    """Split ``NAME=[KIND:]ANNOTATIONS.json:IMAGE_DIR`` into ``(name, json_file, image_dir)``.
 
     The name ends at the first ``=``; the image dir starts after the last ``:``, so the
     annotation path may itself contain ``=`` or ``:``.
+
+    Args:
+        kind: the prefix the part after ``=`` must start with ("lvis:"), "" for none.
+        form: the expected form, for the message.
     """
 
     def bad(reason: str) -> ValueError:
-        return ValueError(f"Bad dataset spec {spec!r}: {reason}; expected the form {SPEC_FORM}")
+        return ValueError(f"Bad dataset spec {spec!r}: {reason}; expected the form {form}")
 
-    if "=" not in spec:
+    name, sep, rest = spec.partition("=")
+    if not sep:
         raise bad("missing '='")
-    name, rest = spec.split("=", 1)
     name = name.strip()
     if not name:
         raise bad("empty dataset name")
+    if not rest.startswith(kind):
+        raise bad(f"the part after '=' does not start with {kind!r}")
+    rest = rest[len(kind) :]
     if ":" not in rest:
         raise bad("missing ':' between the annotation file and the image directory")
     json_file, image_dir = rest.rsplit(":", 1)
@@ -68,6 +76,81 @@ def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: 
     return dicts
 
 
+def resolve_spec_paths(
+    spec: str, file: tuple[str, str], folders: Sequence[tuple[str, str]]
+) -> list[str]:
+    """Absolute paths of a dataset spec's annotation file and folders, checked to exist.
+
+    Args:
+        file: (what, path) of the annotation file, e.g. ("Annotation file", "ann.json").
+        folders: (what, path) of each folder, e.g. [("Image directory", "images/")].
+    Returns:
+        the resolved paths, the file first.
+    Raises:
+        FileNotFoundError / NotADirectoryError: one line naming the path, its role and the spec.
+    """
+    what, path = file
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what} {str(resolved)!r} of dataset spec {spec!r} does not exist")
+    paths = [str(resolved)]
+    for what, path in folders:
+        resolved = Path(path).expanduser().resolve()
+        if not resolved.exists():
+            raise FileNotFoundError(
+                f"{what} {str(resolved)!r} of dataset spec {spec!r} does not exist"
+            )
+        if not resolved.is_dir():
+            raise NotADirectoryError(
+                f"{what} {str(resolved)!r} of dataset spec {spec!r} is not a directory"
+            )
+        paths.append(str(resolved))
+    return paths
+
+
+def is_registered_with(name: str, expected: dict[str, Any], source: str) -> bool:
+    """Whether ``name`` is already registered from the same files (registering it again is then
+    a no-op).
+
+    Args:
+        expected: metadata key -> value the registered dataset must have: its files, e.g.
+            {"json_file": ..., "image_root": ...}, and what marks its kind if needed.
+        source: what asks to register it, for the message ("spec '...'").
+    Raises:
+        ValueError: ``name`` is registered with other metadata (files or kind).
+    """
+    if name not in DatasetCatalog.list():
+        return False
+    meta = MetadataCatalog.get(name)
+    old = {key: meta.get(key, None) for key in expected}
+    if old == expected:
+        return True
+    shown = ", ".join(f"{key}={value!r}" for key, value in old.items())
+    raise ValueError(
+        f"Dataset {name!r} is already registered with {shown}; cannot register it again from "
+        f"{source}"
+    )
+
+
+def warn_instance_faults(name: str, json_file: str, data: dict, checked) -> None:
+    """Log the faults a COCO-style check found (annotations and images left out), if any.
+
+    Args:
+        data: the annotation file's content; ``checked``: its :class:`CheckedCOCO`-like result
+            (``faults``, ``bad_annotations``, ``bad_images``).
+    """
+    if not checked.faults:
+        return
+    kept = len(data["annotations"]) - len(checked.bad_annotations)
+    logger.warning(
+        f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
+        f"{len(checked.bad_annotations)} of {len(data['annotations'])} annotations and "
+        f"{len(checked.bad_images)} of {len(data['images'])} images ({kept} annotations "
+        f"kept). Set DATASETS.STRICT True to make them errors in training.\n"
+        + summarize_faults(checked.faults)
+    )
+
+
 def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Check and register the COCO instances dataset described by ``spec``; return its name.
 
@@ -81,41 +164,16 @@ def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     Registering a name again with the same files is a no-op; with other files it is an error.
     """
     name, json_str, image_str = parse_dataset_spec(spec)
-    json_file = Path(json_str).expanduser().resolve()
-    image_root = Path(image_str).expanduser().resolve()
-    if not json_file.is_file():
-        raise FileNotFoundError(
-            f"Annotation file {str(json_file)!r} of dataset spec {spec!r} does not exist"
-        )
-    if not image_root.exists():
-        raise FileNotFoundError(
-            f"Image directory {str(image_root)!r} of dataset spec {spec!r} does not exist"
-        )
-    if not image_root.is_dir():
-        raise NotADirectoryError(
-            f"Image directory {str(image_root)!r} of dataset spec {spec!r} is not a directory"
-        )
-    if name in DatasetCatalog.list():
-        meta = MetadataCatalog.get(name)
-        old = (meta.get("json_file"), meta.get("image_root"))
-        if old == (str(json_file), str(image_root)):
-            return name
-        raise ValueError(
-            f"Dataset {name!r} is already registered with json_file={old[0]!r}, "
-            f"image_root={old[1]!r}; cannot register it again from spec {spec!r}"
-        )
-    data = read_coco_json(str(json_file), f"(dataset spec {spec!r})")
-    checked = check_coco_dict(data, str(json_file), str(image_root), max_image_pixels)
-    if checked.faults:
-        kept = len(data["annotations"]) - len(checked.bad_annotations)
-        logger.warning(
-            f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
-            f"{len(checked.bad_annotations)} of {len(data['annotations'])} annotations and "
-            f"{len(checked.bad_images)} of {len(data['images'])} images ({kept} annotations "
-            f"kept). Set DATASETS.STRICT True to make them errors in training.\n"
-            + summarize_faults(checked.faults)
-        )
-    loader = partial(_load_dataset, name, str(json_file), str(image_root), max_image_pixels)
+    json_file, image_root = resolve_spec_paths(
+        spec, ("Annotation file", json_str), [("Image directory", image_str)]
+    )
+    files = {"json_file": json_file, "image_root": image_root}
+    if is_registered_with(name, files, f"spec {spec!r}"):
+        return name
+    data = read_coco_json(json_file, f"(dataset spec {spec!r})")
+    checked = check_coco_dict(data, json_file, image_root, max_image_pixels)
+    warn_instance_faults(name, json_file, data, checked)
+    loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(
         json_file=str(json_file),

@@ -35,11 +35,17 @@ need nothing from here: their dicts (detectron2's loader) go through the SOLO ma
 import logging
 import os
 from functools import partial
-from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .datasets import (
+    LVIS_SPEC_FORM,
+    is_registered_with,
+    parse_dataset_spec,
+    resolve_spec_paths,
+    warn_instance_faults,
+)
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .validation import (
     CheckedCOCO,
@@ -63,7 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LVIS_SPEC_FORM = "NAME=lvis:ANNOTATIONS.json:IMAGE_DIR"
 FREQUENCIES = ("r", "c", "f")  # rare, common, frequent (LVIS's order, and APr / APc / APf's)
 IMAGE_CATEGORY_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
 
@@ -73,29 +78,7 @@ def parse_lvis_spec(spec: str) -> Tuple[str, str, str]:
 
     The annotation path may contain ``:`` (the image dir starts after the last one).
     """
-
-    def bad(reason: str) -> ValueError:
-        return ValueError(
-            f"Bad dataset spec {spec!r}: {reason}; expected the form {LVIS_SPEC_FORM}"
-        )
-
-    name, sep, rest = spec.partition("=")
-    if not sep:
-        raise bad("missing '='")
-    name = name.strip()
-    if not name:
-        raise bad("empty dataset name")
-    if not rest.startswith("lvis:"):
-        raise bad("the part after '=' does not start with 'lvis:'")
-    rest = rest[len("lvis:") :]
-    if ":" not in rest:
-        raise bad("missing ':' between the annotation file and the image directory")
-    json_file, image_dir = rest.rsplit(":", 1)
-    if not json_file:
-        raise bad("empty annotation file")
-    if not image_dir:
-        raise bad("empty image directory")
-    return name, json_file, image_dir
+    return parse_dataset_spec(spec, "lvis:", LVIS_SPEC_FORM)
 
 
 def _image_file_name(img: dict, image_root: str) -> Any:
@@ -258,47 +241,22 @@ def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     left out; registering a name again with the same files is a no-op, with other files an error.
     """
     name, json_str, image_str = parse_lvis_spec(spec)
-    json_file = Path(json_str).expanduser().resolve()
-    image_root = Path(image_str).expanduser().resolve()
-    if not json_file.is_file():
-        raise FileNotFoundError(
-            f"Annotation file {str(json_file)!r} of dataset spec {spec!r} does not exist"
-        )
-    if not image_root.exists():
-        raise FileNotFoundError(
-            f"Image directory {str(image_root)!r} of dataset spec {spec!r} does not exist"
-        )
-    if not image_root.is_dir():
-        raise NotADirectoryError(
-            f"Image directory {str(image_root)!r} of dataset spec {spec!r} is not a directory"
-        )
-    if name in DatasetCatalog.list():
-        meta = MetadataCatalog.get(name)
-        old = (meta.get("json_file", None), meta.get("image_root", None))
-        if old == (str(json_file), str(image_root)) and meta.get("evaluator_type", "") == "lvis":
-            return name
-        raise ValueError(
-            f"Dataset {name!r} is already registered with json_file={old[0]!r}, "
-            f"image_root={old[1]!r}; cannot register it again from spec {spec!r}"
-        )
-    data, checked = _read_and_check(
-        str(json_file), str(image_root), f"(dataset spec {spec!r})", max_image_pixels
+    json_file, image_root = resolve_spec_paths(
+        spec, ("Annotation file", json_str), [("Image directory", image_str)]
     )
-    if checked.faults:
-        kept = len(data["annotations"]) - len(checked.bad_annotations)
-        logger.warning(
-            f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
-            f"{len(checked.bad_annotations)} of {len(data['annotations'])} annotations and "
-            f"{len(checked.bad_images)} of {len(data['images'])} images ({kept} annotations "
-            f"kept). Set DATASETS.STRICT True to make them errors in training.\n"
-            + summarize_faults(checked.faults)
-        )
+    expected = {"json_file": json_file, "image_root": image_root, "evaluator_type": "lvis"}
+    if is_registered_with(name, expected, f"spec {spec!r}"):
+        return name
+    data, checked = _read_and_check(
+        json_file, image_root, f"(dataset spec {spec!r})", max_image_pixels
+    )
+    warn_instance_faults(name, json_file, data, checked)
     frequency, image_counts = _class_info(data, checked)
-    loader = partial(_load_dataset, name, str(json_file), str(image_root), max_image_pixels)
+    loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(
-        json_file=str(json_file),
-        image_root=str(image_root),
+        json_file=json_file,
+        image_root=image_root,
         evaluator_type="lvis",
         thing_classes=checked.thing_classes,
         thing_dataset_id_to_contiguous_id=checked.id_map,

@@ -36,13 +36,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from .datasets import PANOPTIC_SPEC_FORM, is_registered_with, resolve_spec_paths
 from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError
 from .validation import (
     DataFault,
@@ -71,7 +71,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PANOPTIC_SPEC_FORM = "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
 IGNORE_LABEL = 255  # void pixels of the semantic target
 # Metadata marker of a dataset registered with this module's convention.
 _CONVENTION = "solo_d2_panoptic"
@@ -296,16 +295,9 @@ def register_panoptic(
     same files is a no-op; with other files it is an error.
     """
     files = (str(json_file), str(png_dir), str(image_dir))
-    if name in DatasetCatalog.list():
-        meta = MetadataCatalog.get(name)
-        old = (meta.get("panoptic_json"), meta.get("panoptic_root"), meta.get("image_root"))
-        if old == files and meta.get(_CONVENTION, False):
-            return name
-        raise ValueError(
-            f"Dataset {name!r} is already registered with panoptic_json={old[0]!r}, "
-            f"panoptic_root={old[1]!r}, image_root={old[2]!r}; cannot register it again with "
-            f"{files}"
-        )
+    expected = dict(zip(("panoptic_json", "panoptic_root", "image_root"), files))
+    if is_registered_with(name, {**expected, _CONVENTION: True}, f"files {files}"):
+        return name
     data = read_coco_json(files[0], f"(panoptic dataset {name!r})")
     checked = check_panoptic_dict(data, *files, max_image_pixels)
     if checked.faults:
@@ -318,9 +310,7 @@ def register_panoptic(
     DatasetCatalog.register(name, partial(_load_registered, name, *files, max_image_pixels))
     MetadataCatalog.get(name).set(
         **checked.metadata,
-        panoptic_json=files[0],
-        panoptic_root=files[1],
-        image_root=files[2],
+        **expected,
         evaluator_type="coco_panoptic_seg",
         data_faults=checked.faults,
     )
@@ -329,19 +319,13 @@ def register_panoptic(
 
 def register_panoptic_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Check and register the dataset of a ``--dataset`` :data:`PANOPTIC_SPEC_FORM` spec."""
-    name, *parts = parse_panoptic_spec(spec)
-    json_file, png_dir, image_dir = (Path(p).expanduser().resolve() for p in parts)
-    if not json_file.is_file():
-        raise FileNotFoundError(
-            f"Panoptic JSON file {str(json_file)!r} of dataset spec {spec!r} does not exist"
-        )
-    for folder, what in ((png_dir, "PNG folder"), (image_dir, "Image folder")):
-        if not folder.is_dir():
-            raise NotADirectoryError(
-                f"{what} {str(folder)!r} of dataset spec {spec!r} "
-                + ("is not a directory" if folder.exists() else "does not exist")
-            )
-    return register_panoptic(name, str(json_file), str(png_dir), str(image_dir), max_image_pixels)
+    name, json_file, png_dir, image_dir = parse_panoptic_spec(spec)
+    paths = resolve_spec_paths(
+        spec,
+        ("Panoptic JSON file", json_file),
+        [("PNG directory", png_dir), ("Image directory", image_dir)],
+    )
+    return register_panoptic(name, *paths, max_image_pixels)
 
 
 def adopt_builtin_panoptic(names: Iterable[str]) -> list[str]:

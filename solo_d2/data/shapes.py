@@ -279,9 +279,7 @@ def generate_shapes(
         rng = np.random.default_rng(seed)
         images, annotations = [], []
         for i in range(num_images):
-            short = int(rng.integers(min_size, max_size + 1))
-            long = int(round(short * rng.uniform(1.0, 1.6)))
-            h, w = (short, long) if rng.random() < 0.5 else (long, short)
+            h, w = random_image_size(rng, min_size, max_size)
             empty = i % EMPTY_EVERY == EMPTY_EVERY - 1
             img, layers = _image_layers(rng, h, w, empty, crowd=i % CROWD_EVERY == 1)
             polygons = bool(rng.random() < 0.5)
@@ -300,6 +298,14 @@ def generate_shapes(
         }
         _atomic_write(json_path, json.dumps(coco, separators=(",", ":")).encode("utf-8"))
     return str(json_path)
+
+
+def random_image_size(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, int]:
+    """(h, w) of a generated image: short side in [min_size, max_size], aspect ratio 1-1.6,
+    portrait or landscape with equal odds."""
+    short = int(rng.integers(min_size, max_size + 1))
+    long = int(round(short * rng.uniform(1.0, 1.6)))
+    return (short, long) if rng.random() < 0.5 else (long, short)
 
 
 def _is_cached(json_path: Path, image_dir: Path, info: dict[str, Any]) -> bool:

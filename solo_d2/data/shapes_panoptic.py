@@ -46,6 +46,7 @@ from .shapes import (
     _hsv_to_bgr,
     _image_layers,
     _is_cached,
+    random_image_size,
 )
 
 # Dataset category ids of the thing classes (SHAPES_CLASSES order): deliberately not 1..4.
@@ -312,9 +313,7 @@ def generate_shapes_panoptic(
         rng = np.random.default_rng(seed)
         images, annotations = [], []
         for i in range(num_images):
-            short = int(rng.integers(min_size, max_size + 1))
-            long = int(round(short * rng.uniform(1.0, 1.6)))
-            h, w = (short, long) if rng.random() < 0.5 else (long, short)
+            h, w = random_image_size(rng, min_size, max_size)
             empty = i % EMPTY_EVERY == EMPTY_EVERY - 1
             img, index, segments = _panoptic_image(rng, h, w, empty, i % CROWD_EVERY == 1)
             id_png, segments_info = _encode_segments(rng, index, segments)

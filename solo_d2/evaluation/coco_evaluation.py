@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import shutil
+from typing import Callable, Iterator, Optional, Sequence
 
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -63,35 +64,62 @@ class SOLOCOCOEvaluator(COCOEvaluator):
         return results if coco_eval is not None else {k: 0.0 for k in results}
 
     def evaluate(self, img_ids=None):
-        output_dir = self._output_dir
-        if not output_dir or not comm.is_main_process():
+        if not self._output_dir or not comm.is_main_process():
             return super().evaluate(img_ids)
-        os.makedirs(output_dir, exist_ok=True)
-        remove_stale_temporaries(output_dir)
-        staging = _staging_dir(output_dir)
-        os.makedirs(staging, exist_ok=True)
-        self._output_dir = staging
-        try:
-            results = super().evaluate(img_ids)
-            for name in sorted(os.listdir(staging)):
-                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-            if self._faults:
-                atomic_write_json(
-                    os.path.join(output_dir, "data_faults.json"),
-                    [f.to_dict() for f in self._faults],
-                    indent=1,
-                    default=str,
-                )
-            if results:
-                atomic_write_json(
-                    os.path.join(output_dir, "evaluation_results.json"),
-                    _finite_or_null(results),
-                    indent=2,
-                )
-        finally:
-            self._output_dir = output_dir
-            shutil.rmtree(staging, ignore_errors=True)
-        return results
+        return evaluate_atomically(self, lambda: super(SOLOCOCOEvaluator, self).evaluate(img_ids))
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: Optional[str]) -> Iterator[Optional[str]]:
+    """A staging folder inside ``output_dir`` whose files are renamed into ``output_dir`` when the
+    block succeeds: a killed evaluation leaves the previous files intact. The folder is removed
+    in any case; stale ones of killed runs first. Yields None when ``output_dir`` is empty."""
+    if not output_dir:
+        yield None
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    remove_stale_temporaries(output_dir)
+    staging = _staging_dir(output_dir)
+    os.makedirs(staging, exist_ok=True)
+    try:
+        yield staging
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_evaluation_files(output_dir: str, results: Optional[dict], faults: Sequence) -> None:
+    """``data_faults.json`` (when there are faults) and ``evaluation_results.json`` (NaN as
+    null, when there are results), each written atomically."""
+    if faults:
+        atomic_write_json(
+            os.path.join(output_dir, "data_faults.json"),
+            [f.to_dict() for f in faults],
+            indent=1,
+            default=str,
+        )
+    if results:
+        atomic_write_json(
+            os.path.join(output_dir, "evaluation_results.json"),
+            _finite_or_null(results),
+            indent=2,
+        )
+
+
+def evaluate_atomically(evaluator, evaluate: Callable[[], Optional[dict]]) -> Optional[dict]:
+    """Run ``evaluate`` (a detectron2 evaluator's own, which writes to ``evaluator._output_dir``)
+    with its files staged (:func:`staged_output`), then write the evaluation files of its
+    results and of ``evaluator._faults``."""
+    output_dir = evaluator._output_dir
+    try:
+        with staged_output(output_dir) as staging:
+            evaluator._output_dir = staging
+            results = evaluate()
+    finally:
+        evaluator._output_dir = output_dir
+    write_evaluation_files(output_dir, results, evaluator._faults)
+    return results
 
 
 def _finite_or_null(obj):

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -35,10 +34,9 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
-from ..atomic_io import atomic_write_json, remove_stale_temporaries
 from ..data.lvis import clean_lvis_dict, load_checked_lvis
 from ..data.validation import summarize_faults
-from .coco_evaluation import _finite_or_null, _staging_dir
+from .coco_evaluation import evaluate_atomically
 
 __all__ = ["SOLOLVISEvaluator", "LVIS_METRICS", "install_lvis_numpy_compat", "evaluate_on_lvis"]
 
@@ -197,32 +195,6 @@ class SOLOLVISEvaluator(LVISEvaluator):
             )
 
     def evaluate(self):
-        output_dir = self._output_dir
-        if not output_dir or not comm.is_main_process():
+        if not self._output_dir or not comm.is_main_process():
             return super().evaluate()
-        os.makedirs(output_dir, exist_ok=True)
-        remove_stale_temporaries(output_dir)
-        staging = _staging_dir(output_dir)
-        os.makedirs(staging, exist_ok=True)
-        self._output_dir = staging
-        try:
-            results = super().evaluate()
-            for name in sorted(os.listdir(staging)):
-                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-            if self._faults:
-                atomic_write_json(
-                    os.path.join(output_dir, "data_faults.json"),
-                    [f.to_dict() for f in self._faults],
-                    indent=1,
-                    default=str,
-                )
-            if results:
-                atomic_write_json(
-                    os.path.join(output_dir, "evaluation_results.json"),
-                    _finite_or_null(results),
-                    indent=2,
-                )
-        finally:
-            self._output_dir = output_dir
-            shutil.rmtree(staging, ignore_errors=True)
-        return results
+        return evaluate_atomically(self, super().evaluate)

@@ -35,8 +35,8 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
 
-from ..atomic_io import atomic_write_json, remove_stale_temporaries
-from .coco_evaluation import _finite_or_null, _staging_dir
+from ..atomic_io import atomic_write_json
+from .coco_evaluation import staged_output, write_evaluation_files
 
 __all__ = ["SOLOPanopticEvaluator", "PanopticAPINotInstalledError"]
 
@@ -121,27 +121,11 @@ class SOLOPanopticEvaluator(COCOPanopticEvaluator):
         if not comm.is_main_process():
             return None
 
-        output_dir = self._output_dir
-        staging = None
-        if output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-            remove_stale_temporaries(output_dir)
-            staging = _staging_dir(output_dir)
-            os.makedirs(staging, exist_ok=True)
-        try:
+        with staged_output(self._output_dir) as staging:
             pq_res = self._compute_pq(predictions, staging)
             results = OrderedDict({"panoptic_seg": _detectron2_metrics(pq_res)})
-            if staging:
-                for name in sorted(os.listdir(staging)):
-                    os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-                atomic_write_json(
-                    os.path.join(output_dir, "evaluation_results.json"),
-                    _finite_or_null(results),
-                    indent=2,
-                )
-        finally:
-            if staging:
-                shutil.rmtree(staging, ignore_errors=True)
+        if self._output_dir:
+            write_evaluation_files(self._output_dir, results, faults=[])
         _log_pq_table(pq_res)
         return results
 

@@ -95,9 +95,9 @@ def test_missing_files_of_a_spec_are_named(tmp_path):
     json_file, png_dir, image_dir = write_tiny_panoptic(tmp_path)
     with pytest.raises(FileNotFoundError, match="Panoptic JSON file .*nope.json"):
         register_dataset(f"{_name()}=panoptic:{tmp_path}/nope.json:{png_dir}:{image_dir}")
-    with pytest.raises(NotADirectoryError, match="PNG folder .*no_pngs.* does not exist"):
+    with pytest.raises(FileNotFoundError, match="PNG directory .*no_pngs.* does not exist"):
         register_dataset(f"{_name()}=panoptic:{json_file}:{tmp_path}/no_pngs:{image_dir}")
-    with pytest.raises(NotADirectoryError, match="Image folder .* is not a directory"):
+    with pytest.raises(NotADirectoryError, match="Image directory .* is not a directory"):
         register_dataset(f"{_name()}=panoptic:{json_file}:{png_dir}:{json_file}")
 
 

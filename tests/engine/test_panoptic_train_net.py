@@ -69,6 +69,11 @@ def test_panoptic_config_checks(tiny_panoptic):
     )
     with pytest.raises(ConfigError, match="training dataset 'shapes_train' is not a panoptic"):
         check_config(_cfg("shapes_train", name, "MODEL.SOLO.NUM_CLASSES", "4"))
+    with pytest.raises(ConfigError) as e:  # the hint names the panoptic form of --dataset
+        check_config(_cfg(name, "pan_missing"), check_weights=False)
+    assert str(e.value).endswith(
+        "register it with --dataset pan_missing=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
+    )
     # an instance model cannot be evaluated on panoptic data
     cfg = _cfg(name, name, "MODEL.SOLO.PANOPTIC.ENABLED", "False")
     with pytest.raises(ValueError, match="needs a panoptic model"):

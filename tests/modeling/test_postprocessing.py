@@ -56,6 +56,16 @@ def test_point_nms_ties_and_channels_independent():
         torch.testing.assert_close(out[b, 1], exp1)
 
 
+def test_point_nms_equals_max_pool_reference():
+    """The shifted-slice maximum is bit-identical to the reference implementations'
+    max_pool2d(kernel 2, stride 1, padding 1)[:-1, :-1], on odd sizes, ties and many channels."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 7, 5, 5), (1, 1203, 12, 12), (1, 3, 1, 1)]:
+        heat = (torch.rand(shape, generator=g) * 8).round() / 8  # many ties
+        hmax = torch.nn.functional.max_pool2d(heat, 2, stride=1, padding=1)[:, :, :-1, :-1]
+        assert torch.equal(point_nms(heat), heat * (hmax == heat).float())
+
+
 # --------------------------------------------------------------------------------------------
 # matrix_nms
 # --------------------------------------------------------------------------------------------
@@ -313,6 +323,23 @@ def test_postprocess_constructed_case():
     boxes = r.pred_boxes.tensor
     assert boxes.tolist() == [[32, 0, 64, 64]] + [[0, 0, 32, 64]] * 3
     assert torch.equal(boxes, masks_to_boxes(r.pred_masks))
+
+
+def test_postprocess_one_soft_mask_per_cell():
+    """Cell 0 passes in classes 1 and 2: 6 candidates from 5 cells, 5 soft masks computed for
+    scoring (kept for the final masks, as 5 <= nms_pre), the same detections as before."""
+    cate, kernels, strides, mask_feat = constructed_case()
+    e, hf, wf = mask_feat.shape
+    computed = []
+
+    def soft_masks(cells):
+        computed.extend(cells.tolist())
+        return torch.sigmoid(kernels[cells] @ mask_feat.reshape(e, hf * wf)).reshape(-1, hf, wf)
+
+    r = solo_postprocess(cate, soft_masks, strides, (32, 32), (32, 32), (64, 64), **DEFAULTS)
+    assert computed == [0, 1, 2, 3, 4]
+    assert r.pred_classes.tolist() == [0, 1, 2, 1]
+    assert torch.equal(r.pred_masks[2], LEFT)  # (cell 0, class 2) reads cell 0's mask
 
 
 def test_postprocess_max_per_image_nms_pre_update_threshold():
