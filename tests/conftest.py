@@ -11,7 +11,7 @@ import pytest
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
@@ -369,3 +369,49 @@ def write_tiny_panoptic(
     json_file = folder / "panoptic.json"
     json_file.write_text(json.dumps(data))
     return str(json_file), str(png_dir), str(image_dir)
+
+
+# ---- a hand-built detection dataset (tests/visualization/test_dataset_report.py)
+
+# Five levels with a gap between P4 and P5 (64 < scale < 80 is in no level).
+HAND_RANGES = [[4, 24], [16, 48], [32, 64], [80, 100], [90, 110]]
+HAND_GRIDS = [12, 10, 8, 6, 4]
+HAND_CLASSES = ["a", "b", "c"]
+
+
+def hand_ann(box, category, iscrowd=0, segmentation=True, mode=BoxMode.XYWH_ABS):
+    """A detectron2 annotation of ``box`` with a rectangle polygon (or no segmentation)."""
+    x, y, w, h = box
+    polygon = [[x, y, x + w, y, x + w, y + h, x, y + h]] if segmentation else []
+    return {"bbox": list(box), "bbox_mode": mode, "category_id": category, "iscrowd": iscrowd,
+            "segmentation": polygon}  # fmt: skip
+
+
+def hand_built_dicts():
+    """A hand-built detection dataset (detectron2 dicts) for the dataset statistics, whose numbers
+    tests/visualization/test_dataset_report.py works out by hand: four images; boxes XYWH but
+    L's (XYXY), classes 0 "a", 1 "b", 2 "c" (letters: the objects of the test's docstring)."""
+    image0 = [  # 128 x 128
+        hand_ann([0, 0, 10, 10], 0),  # A
+        hand_ann([2, 2, 8, 8], 0),  # B
+        hand_ann([100, 100, 20, 20], 1),  # C
+        hand_ann([96, 96, 28, 28], 1),  # D
+        hand_ann([50, 50, 3, 3], 2),  # H
+    ]
+    image1 = [  # 128 x 128
+        hand_ann([0, 0, 70, 70], 2),  # E
+        hand_ann([0, 0, 95, 95], 2),  # G
+        hand_ann([0, 0, 120, 120], 2),  # I
+        hand_ann([60, 60, 30, 30], 0),  # J
+        hand_ann([61, 61, 30, 30], 1),  # K
+        hand_ann([0, 0, 50, 50], 0, iscrowd=1),  # crowd: left out
+        hand_ann([0, 0, 40, 40], 0, segmentation=False),  # no segmentation: left out
+        hand_ann([130, 10, 5, 5], 0),  # outside the image: an empty box once clipped, left out
+    ]
+    image2 = [hand_ann([0, 0, 10, 10], 0, mode=BoxMode.XYXY_ABS)]  # L, 64 x 128 (h x w)
+    return [
+        {"height": 128, "width": 128, "annotations": image0},
+        {"height": 128, "width": 128, "annotations": image1},
+        {"height": 64, "width": 128, "annotations": image2},
+        {"height": 128, "width": 128, "annotations": []},
+    ]

@@ -68,7 +68,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=d.weights, help="checkpoint to load (default: random init)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=[s for s in STAGES if s != "levers"],
+        help="default: all but levers",
+    )
     p.add_argument("--size", type=_size, default=d.size, help="inference input HxW")
     for flag in ("nms-size", "train-size"):
         p.add_argument(f"--{flag}", type=_size, default=getattr(d, flag.replace("-", "_")))
@@ -90,7 +96,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="data-loader worker processes")
     p.add_argument("--amp", action="store_true", help="also time training under autocast")
-    p.add_argument("--channels-last", action="store_true", help="model weights in NHWC format")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=d.channels_last,
+        help="MODEL.SOLO.CHANNELS_LAST: conv weights in NHWC format (default: on)",
+    )
     p.add_argument("--no-isolate", action="store_true", help="run every stage in this process")
     p.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides")

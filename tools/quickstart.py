@@ -6,7 +6,8 @@
 
 Writes to ``output/quickstart/`` (or --output-dir): the model (``model_final.pth``), detectron2's
 ``metrics.json`` (losses per iteration), ``quickstart_results.json`` (COCO mask and box AP on
-``shapes_val``), ``loss_curve.png`` and ``demo/`` (visualisations + per-image instance JSON).
+``shapes_val``), ``loss_curve.png`` and ``per_class_ap_shapes_val.png`` (docs/visualization.md)
+and ``demo/`` (visualisations + per-image instance JSON).
 A second run resumes from the last checkpoint instead of training again; ``--fresh`` retrains.
 """
 
@@ -25,29 +26,11 @@ DEMO_CONFIDENCE = 0.3  # demo/demo.py --confidence-threshold for the validation 
 
 
 def loss_curve(metrics_file: Path, out_png: Path):
-    """Plot total/cls/mask loss per iteration; return [(iter, total_loss)] for the log."""
-    rows = []
-    for line in metrics_file.read_text().splitlines():
-        rec = json.loads(line)
-        if "total_loss" in rec:
-            rows.append(rec)
-    if not rows:
-        return []
-    import matplotlib
+    """Write the loss curve (solo_d2.visualization.training_plots, as training does with
+    TEST.SAVE_PLOTS) and return [(iter, total_loss)] for the log."""
+    from solo_d2.visualization.training_plots import plot_loss_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("total_loss", "loss_cls", "loss_mask"):
-        ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], label=key)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (median of 20 iterations)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return [(r["iteration"], r["total_loss"]) for r in rows]
+    return plot_loss_curve(str(metrics_file), str(out_png)).get("total_loss", [])
 
 
 def main():

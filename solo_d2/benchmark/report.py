@@ -15,6 +15,10 @@ _NOTES = (
     "detections",
     "images_per_s",
     "positive_samples",
+    "ratio",
+    "max_score_diff",
+    "min_mask_iou",
+    "max_loss_rel_diff",
 )
 
 
@@ -45,14 +49,14 @@ def format_report(report: Dict) -> str:
         f"machine: {m['cpu']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable), "
         f"{m.get('gpu', 'no GPU used')}; torch {m['torch']}, {m['torch_threads']} threads, "
         f"device {m['device']}, dtype float32"
-        + (", channels-last" if settings["channels_last"] else ""),
+        + (", channels-last" if settings["channels_last"] else ", NCHW"),
         f"config: {settings['config_file']}, weights: {settings['weights'] or 'random init'}",
         f"{'measurement':44s} {'median':>10s} {'min':>10s} {'CPU med.':>10s} {'n':>3s} "
         f"{'peak MB':>8s}  notes",
     ]
     for name, r in measurements(report["results"]):
         notes = [
-            f"{k}={r[k]:.2f}" if isinstance(r[k], float) else f"{k}={r[k]}"
+            f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}"
             for k in _NOTES
             if k in r
         ]

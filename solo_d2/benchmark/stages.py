@@ -15,6 +15,8 @@ Stages (:data:`STAGES`):
 * ``train``: forward+backward of ``train_batch`` images of ``train_size`` with
   ``train_instances`` instances each; the grid assignment of that batch alone
   (``model.assign_targets``), and the per-image target work done in the mapper workers.
+* ``levers``: whole inference and a training step with each speed lever (channels-last,
+  folded FrozenBatchNorm) on and off, interleaved in one process (:mod:`.levers`).
 * ``loader``: data-loader throughput (SOLODatasetMapper, ``workers`` processes) on a generated
   shapes dataset with COCO-like image sizes.
 
@@ -55,6 +57,7 @@ from .inputs import (
     matrix_nms_inputs,
     training_inputs,
 )
+from .levers import bench_levers
 from .timing import measure, summarize, time_fn
 
 __all__ = [
@@ -67,7 +70,15 @@ __all__ = [
     "run_stage_isolated",
 ]
 
-STAGES = ("inference", "throughput", "matrix_nms", "postprocess_memory", "train", "loader")
+STAGES = (
+    "inference",
+    "throughput",
+    "matrix_nms",
+    "postprocess_memory",
+    "train",
+    "loader",
+    "levers",
+)
 
 
 @dataclass
@@ -79,7 +90,7 @@ class BenchmarkSettings:
     device: str = "cpu"
     threads: Optional[int] = None  # torch.set_num_threads (None: torch's default)
     opts: List[str] = field(default_factory=list)  # config overrides, KEY VALUE pairs
-    channels_last: bool = False  # conv weights in NHWC memory format
+    channels_last: bool = True  # MODEL.SOLO.CHANNELS_LAST: conv weights in NHWC memory format
     seed: int = 0
     size: Tuple[int, int] = (800, 1344)  # inference input (h, w)
     batch_sizes: List[int] = field(default_factory=lambda: [1, 2, 4])
@@ -106,24 +117,19 @@ class BenchmarkSettings:
         cfg = load_config(self.config_file, self.opts)
         cfg.MODEL.DEVICE = self.device
         cfg.MODEL.WEIGHTS = self.weights
+        cfg.MODEL.SOLO.CHANNELS_LAST = self.channels_last
         return cfg
 
 
 # ------------------------------------------------------------------------------------------------
 # model
 # ------------------------------------------------------------------------------------------------
-def build_benchmark_model(cfg: CfgNode, seed: int = 0, channels_last: bool = False) -> nn.Module:
-    """The model of ``cfg`` (random weights from ``seed`` unless MODEL.WEIGHTS), in eval mode.
-
-    ``channels_last``: convolution weights in NHWC memory format; convolutions then produce NHWC
-    outputs (faster oneDNN kernels on CPU; results differ from NCHW in float rounding only).
-    """
+def build_benchmark_model(cfg: CfgNode, seed: int = 0) -> nn.Module:
+    """The model of ``cfg`` (random weights from ``seed`` unless MODEL.WEIGHTS), in eval mode."""
     torch.manual_seed(seed)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     return model.eval()
 
 
@@ -159,8 +165,9 @@ def bench_inference(model: nn.Module, s: BenchmarkSettings, device: torch.device
         images = model.preprocess_image(inputs)
         x = images.tensor
         res["preprocess"] = measure(lambda: model.preprocess_image(inputs), **timing)
-        res["backbone_fpn"] = measure(lambda: model.backbone(x), **timing)
-        features = model.backbone(x)
+        backbone = model.inference_backbone()  # what inference runs (FrozenBN folded)
+        res["backbone_fpn"] = measure(lambda: backbone(x), **timing)
+        features = backbone(x)
         ins_feats = [features[f] for f in model.instance_in_features]
         res["instance_branch"] = measure(
             lambda: model.ins_head(split_instance_features(ins_feats)), **timing
@@ -384,10 +391,12 @@ def run_stage(stage: str, s: BenchmarkSettings) -> Dict:
     cfg = s.config()
     if stage == "loader":
         return bench_loader(cfg, s)
-    model = build_benchmark_model(cfg, seed=s.seed, channels_last=s.channels_last)
+    model = build_benchmark_model(cfg, seed=s.seed)
     if stage == "train":
         return bench_train(model, s, device)
     one_class_everywhere(model)
+    if stage == "levers":
+        return bench_levers(model, cfg, s, device)
     if stage == "inference":
         return bench_inference(model, s, device)
     if stage == "throughput":

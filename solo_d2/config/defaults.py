@@ -103,12 +103,24 @@ def add_solo_config(cfg: CN) -> None:
 
     # ---- speed ---------------------------------------------------------------------------------
     # Store the model's conv weights channels-last (NHWC): same results up to float rounding,
-    # faster convolutions on CPU (measured in docs/benchmarks.md).
-    _C.MODEL.SOLO.CHANNELS_LAST = False
+    # faster convolutions on CPU, in inference and training (measured in docs/benchmarks.md).
+    _C.MODEL.SOLO.CHANNELS_LAST = True
+    # At inference, run the backbone through a copy with its FrozenBatchNorm layers folded into
+    # the convs before them (MODEL.RESNETS.NORM "FrozenBN", the default): same results up to
+    # float rounding, one pass over the activations less per conv. Costs a second copy of the
+    # backbone weights in memory (R50-FPN: ~110 MB); False runs the backbone as it is.
+    _C.MODEL.SOLO.FOLD_FROZEN_BN = True
 
     # ---- solver --------------------------------------------------------------------------------
     # "SGD" (detectron2's, the published recipes) or "ADAMW" (BASE_LR, WEIGHT_DECAY as usual).
     _C.SOLVER.OPTIMIZER = "SGD"
+
+    # ---- plots (solo_d2/visualization/training_plots.py, docs/visualization.md) ---------------
+    # True: after each evaluation the Trainer writes per_class_ap_<dataset>.png (mask and box AP
+    # of every class) into OUTPUT_DIR, and after evaluations and at the end of training
+    # loss_curve.png (every logged loss per iteration, from metrics.json). A failed plot only
+    # logs a warning. False: no plots.
+    _C.TEST.SAVE_PLOTS = True
 
     # ---- data checks (solo_d2/data/validation.py, docs/reliability.md) ------------------------
     # False: a training image or annotation that fails the checks (unreadable file, empty or

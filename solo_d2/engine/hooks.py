@@ -1,4 +1,5 @@
-"""Training hooks: stopping cleanly, with a checkpoint, when a cluster preempts the training.
+"""Training hooks: stopping cleanly, with a checkpoint, when a cluster preempts the training;
+plotting the losses (:class:`LossCurveHook`).
 
 Job schedulers end a job with a signal and kill it for good a grace period later: SLURM sends
 SIGTERM on preemption or cancellation (and, with ``--signal=USR1@120``, SIGUSR1 before the time
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 __all__ = [
     "PREEMPTED_EXIT_STATUS",
     "PREEMPTION_SIGNALS",
+    "LossCurveHook",
     "PreemptionHook",
     "TrainingPreempted",
     "leave_signals_to_trainer",
@@ -186,3 +188,42 @@ def leave_signals_to_trainer(loader):
         torch_loader.multiprocessing_context = "fork"
         torch_loader.worker_init_fn = _WorkerInit(torch_loader.worker_init_fn)
     return loader
+
+
+class LossCurveHook(HookBase):
+    """Writes ``loss_curve.png`` (:func:`solo_d2.visualization.training_plots.plot_loss_curve`)
+    into the output folder after every evaluation and at the end of training, main process only.
+
+    Register it after detectron2's ``PeriodicWriter``, so that ``metrics.json`` holds the
+    iteration just logged. An evaluation is recognised by ``trainer._last_eval_results``
+    changing (DefaultTrainer's EvalHook function sets it). A failed plot logs a warning and
+    training goes on.
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self._last_results = None
+
+    def _plot(self) -> None:
+        from ..visualization.training_plots import LOSS_CURVE_FILE, plot_loss_curve
+
+        if not comm.is_main_process():
+            return
+        metrics = os.path.join(self.output_dir, "metrics.json")
+        if not os.path.isfile(metrics):
+            return
+        out = os.path.join(self.output_dir, LOSS_CURVE_FILE)
+        try:
+            if plot_loss_curve(metrics, out):
+                logger.info(f"Loss curve written to {out}")
+        except Exception as e:  # a plot must never stop training
+            logger.warning(f"Could not plot the loss curve {out}: {type(e).__name__}: {e}")
+
+    def after_step(self):
+        results = getattr(self.trainer, "_last_eval_results", None)
+        if results is not None and results is not self._last_results:
+            self._last_results = results
+            self._plot()
+
+    def after_train(self):
+        self._plot()

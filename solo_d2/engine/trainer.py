@@ -8,6 +8,10 @@ Safeguards of :class:`Trainer`:
 * a NaN or infinite loss names the last checkpoint on disk;
 * SIGTERM or SIGUSR1 (a preemption) stops training after the current iteration, with a checkpoint
   of it and exit status 75 (:class:`~solo_d2.engine.hooks.PreemptionHook`).
+
+With ``TEST.SAVE_PLOTS`` (the default), evaluations write ``per_class_ap_<dataset>.png`` and
+training writes ``loss_curve.png`` into ``OUTPUT_DIR``
+(:mod:`solo_d2.visualization.training_plots`); a failed plot logs a warning.
 """
 
 import json
@@ -37,7 +41,7 @@ from ..config import check_config
 from ..data.dataset_mapper import SOLODatasetMapper
 from ..data.validation import DatasetError, summarize_faults
 from ..evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator, SOLOPanopticEvaluator
-from .hooks import PreemptionHook, leave_signals_to_trainer
+from .hooks import LossCurveHook, PreemptionHook, leave_signals_to_trainer
 
 __all__ = ["Trainer", "create_ddp_model"]
 
@@ -105,6 +109,21 @@ def _report_training_faults(cfg: CfgNode, names: Iterable[str]) -> None:
         )
 
 
+def save_ap_charts(output_dir: str, results_per_dataset: dict) -> None:
+    """Write ``per_class_ap_<dataset>.png`` into ``output_dir`` for each dataset whose results
+    have per-class AP (COCO instance evaluation); a failure logs a warning."""
+    from ..visualization.training_plots import per_class_ap_file, plot_per_class_ap
+
+    for name, results in results_per_dataset.items():
+        out = os.path.join(output_dir, per_class_ap_file(name))
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            if plot_per_class_ap(results, out, title=f"Per-class AP on {name}"):
+                logger.info(f"Per-class AP chart written to {out}")
+        except Exception as e:  # a plot must never lose the evaluation results
+            logger.warning(f"Could not plot the per-class AP of {name}: {type(e).__name__}: {e}")
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with SOLO targets in the data loader and COCO segm + bbox evaluation
     (see the module docstring for its safeguards)."""
@@ -167,7 +186,12 @@ class Trainer(DefaultTrainer):
         """detectron2's evaluation, after checking the test datasets against the config (their
         class count, their files): also when called from Python, not only via train_net.py."""
         check_config(cfg, check_weights=False, splits=("TEST",))
-        return super().test(cfg, model, evaluators)
+        results = super().test(cfg, model, evaluators)
+        names = list(cfg.DATASETS.TEST)
+        if cfg.TEST.SAVE_PLOTS and names and comm.is_main_process():
+            # DefaultTrainer.test unwraps the results of a single dataset
+            save_ap_charts(cfg.OUTPUT_DIR, {names[0]: results} if len(names) == 1 else results)
+        return results
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -192,6 +216,8 @@ class Trainer(DefaultTrainer):
         ret = super().build_hooks()
         evaluation = next(i for i, h in enumerate(ret) if isinstance(h, EvalHook))
         ret.insert(evaluation, PreemptionHook())
+        if self.cfg.TEST.SAVE_PLOTS:  # last: after the PeriodicWriter has written metrics.json
+            ret.append(LossCurveHook(self.cfg.OUTPUT_DIR))
         return ret
 
     def resume_or_load(self, resume: bool = True):

@@ -12,11 +12,12 @@ stages the result is detectron2's ResNet exactly.
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
+from detectron2.layers import CNNBlockBase, Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
+from torch import nn
 
 from .dcn import DeformConv
 
@@ -24,6 +25,7 @@ __all__ = [
     "DeformBottleneckBlock",
     "build_solo_resnet_backbone",
     "build_solo_resnet_fpn_backbone",
+    "fold_frozen_batchnorm",
 ]
 
 _BLOCKS_PER_STAGE = {
@@ -165,3 +167,32 @@ def build_solo_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+@torch.no_grad()
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Fold each ``FrozenBatchNorm2d`` that is the ``norm`` of a detectron2 ``Conv2d`` into that
+    conv's weight and bias, in place, for inference: one pass over the activations less per conv.
+
+    ``norm(conv(x)) = conv(x) * s + t`` with ``s = weight / sqrt(running_var + eps)`` and
+    ``t = bias - running_mean * s``, so the conv's weight becomes ``W * s`` (per output channel)
+    and its bias ``b * s + t``; results change by float rounding only. Convolutions with other
+    norms (GN, trainable BN) and deformable convs are left alone. The folded module must not be
+    trained (its convs no longer match the checkpoint's tensors): fold a copy.
+
+    Returns:
+        the number of convs folded.
+    """
+    folded = 0
+    for m in module.modules():
+        if type(m) is not Conv2d or not isinstance(m.norm, FrozenBatchNorm2d):
+            continue
+        bn = m.norm
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        m.weight.mul_(scale.reshape(-1, 1, 1, 1).to(m.weight.dtype))
+        bias = shift if m.bias is None else m.bias * scale + shift
+        m.bias = nn.Parameter(bias.to(m.weight.dtype), requires_grad=False)
+        m.norm = None
+        folded += 1
+    return folded

@@ -359,22 +359,25 @@ def solo_postprocess(
     strides = cell_strides[cells]
 
     # 1) soft masks, area filter and maskness rescoring, chunk by chunk, once per cell: a cell
-    # above the threshold in several classes (common with LVIS's 1203) has one mask. When there
-    # are no more cells than NMS takes (nms_pre), their masks are kept for step 2 instead of
-    # computed again: memory stays within what step 2 would hold anyway.
+    # above the threshold in several classes (common with LVIS's 1203) has one mask. Masks are
+    # kept for the later steps instead of computed again while memory stays within what step 2
+    # would hold anyway (the float masks of nms_pre candidates): the soft masks of up to
+    # nms_pre cells, the binary ones (a quarter of the bytes) of up to 4 * nms_pre.
     unique_cells, cell_of = torch.unique_consecutive(cells, return_inverse=True)  # cells sorted
     n = len(unique_cells)
     cell_areas = scores.new_empty(n)
     cell_maskness = torch.empty_like(cell_areas)
-    cache = n <= max(nms_pre, chunk_size)
+    keep_soft = n <= max(nms_pre, chunk_size)
+    keep_hard = n <= max(4 * nms_pre, chunk_size)
     soft_chunks, hard_chunks = [], []
     for start in range(0, n, chunk_size):
         soft = soft_masks(unique_cells[start : start + chunk_size])
         hard, area, soft_sum = _score_masks(soft, mask_threshold)
         cell_areas[start : start + chunk_size] = area
         cell_maskness[start : start + chunk_size] = soft_sum / area
-        if cache:
+        if keep_soft:
             soft_chunks.append(soft)
+        if keep_hard:
             hard_chunks.append(hard)
         del soft, hard
     areas, maskness = cell_areas[cell_of], cell_maskness[cell_of]
@@ -385,13 +388,12 @@ def solo_postprocess(
     order = torch.argsort(scores, descending=True)[:nms_pre]
     selected = keep.nonzero(as_tuple=True)[0][order]
     scores, labels, areas = scores[order], labels[selected], areas[selected]
-    if cache:  # soft masks of the final detections are gathered in step 3
-        soft, soft_index = soft_chunks, cell_of[selected]
-        hard = _take_rows(hard_chunks, soft_index, chunk_size)
+    if keep_hard:  # soft masks of the final detections: gathered or computed in step 3
+        hard = _take_rows(hard_chunks, cell_of[selected], chunk_size)
         del hard_chunks
     else:
-        soft, soft_index = soft_masks(cells[selected]), None
-        hard = soft > mask_threshold
+        selected_soft = soft_masks(cells[selected])
+        hard = selected_soft > mask_threshold
 
     # 2) NMS
     if nms_type == "matrix":
@@ -407,10 +409,12 @@ def solo_postprocess(
     order = torch.argsort(scores, descending=True)[:max_per_image]
     scores, labels = scores[order], labels[order]
     final = keep.nonzero(as_tuple=True)[0][order]
-    if soft_index is None:
-        soft = soft[final]
+    if keep_soft:
+        soft = _take_rows(soft_chunks, cell_of[selected[final]], chunk_size)
+    elif keep_hard:
+        soft = soft_masks(cells[selected[final]])
     else:
-        soft = _take_rows(soft, soft_index[final], chunk_size)
+        soft = selected_soft[final]
 
     # 3) masks at the output size, boxes from the masks
     masks = resize_masks(soft, canvas_hw, image_hw, output_hw, mask_threshold)

@@ -175,8 +175,13 @@ def test_channels_last_gives_the_same_losses_gradients_and_results():
     """MODEL.SOLO.CHANNELS_LAST only changes the weights' memory layout, also after loading:
     float32 results of other kernels (losses within 1e-4, gradients within 1e-3 of their norm,
     the same detections)."""
-    ref = confident_tiny_model()
-    fast = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST": True})
+    ref = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST": False})
+    fast = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST": True})  # the default
+    assert not any(
+        p.is_contiguous(memory_format=torch.channels_last)
+        for p in ref.parameters()
+        if p.dim() == 4 and p.shape[-1] > 1
+    )
     conv_weights = [p for p in fast.parameters() if p.dim() == 4]
     assert conv_weights and all(
         p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights

@@ -340,6 +340,14 @@ def test_postprocess_one_soft_mask_per_cell():
     assert computed == [0, 1, 2, 3, 4]
     assert r.pred_classes.tolist() == [0, 1, 2, 1]
     assert torch.equal(r.pred_masks[2], LEFT)  # (cell 0, class 2) reads cell 0's mask
+    # nms_pre 2, chunks of 4 < 5 cells <= 4 * 2: binary masks kept, soft ones computed again for the
+    # final detections only: (cell 1, class 0) 0.675 and (cell 0, class 1) 0.6
+    computed.clear()
+    args = {**DEFAULTS, "nms_pre": 2, "chunk_size": 4}
+    r = solo_postprocess(cate, soft_masks, strides, (32, 32), (32, 32), (64, 64), **args)
+    assert computed == [0, 1, 2, 3, 4, 1, 0]
+    assert r.pred_classes.tolist() == [0, 1]
+    assert torch.equal(r.pred_masks[0], RIGHT) and torch.equal(r.pred_masks[1], LEFT)
 
 
 def test_postprocess_max_per_image_nms_pre_update_threshold():
@@ -410,8 +418,8 @@ def test_postprocess_all_filtered_by_area_or_update_threshold():
 
 
 def test_postprocess_chunk_size_invariance():
-    """(iii) ~60 random candidates: chunk_size=1 (masks recomputed for the nms_pre best) and
-    chunk_size=1000 (one chunk) give identical results."""
+    """(iii) ~60 random candidates from 30 cells: chunk_size=1 (masks kept or recomputed) and
+    chunk_size=1000 (one chunk, masks kept) give identical results."""
     g = torch.Generator().manual_seed(0)
     num_cells, num_classes, e = 30, 4, 4
     cate = torch.rand(num_cells, num_classes, generator=g) * 0.2  # about half above 0.1
@@ -419,7 +427,13 @@ def test_postprocess_chunk_size_invariance():
     strides = torch.tensor([8] * 20 + [32] * 10)
     mask_feat = torch.randn(e, 12, 12, generator=g)
     assert 40 <= int((cate > 0.1).sum()) <= 80
-    for kw in (dict(nms_pre=500), dict(nms_pre=20), dict(nms_type="mask", nms_pre=20)):
+    # nms_pre 500: soft masks kept; 20: binary masks kept (<= 4 * 20 cells); 5: none kept
+    for kw in (
+        dict(nms_pre=500),
+        dict(nms_pre=20),
+        dict(nms_pre=5),
+        dict(nms_type="mask", nms_pre=20),
+    ):
         a = run(cate, kernels, strides, mask_feat, (40, 44), (50, 55), chunk_size=1, **kw)
         b = run(cate, kernels, strides, mask_feat, (40, 44), (50, 55), chunk_size=1000, **kw)
         assert len(a) > 1

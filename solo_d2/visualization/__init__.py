@@ -1,0 +1,12 @@
+"""Seeing inside SOLO models and their data (docs/visualization.md).
+
+* :mod:`.features`: one image through a model: SOLOv2's mask-feature channels (the paper's
+  Fig. 5), SOLO / Decoupled SOLO's per-level mask maps, the category grids of every level, and
+  each kept instance's soft mask beside its final mask (``tools/visualize_features.py``).
+* :mod:`.dataset_report`: a dataset's object sizes after the config's resizes against the FPN
+  levels' scale ranges and grids, with warnings where they fit poorly
+  (``tools/analyze_dataset.py``).
+* :mod:`.training_plots`: loss curves and per-class AP charts, written by the Trainer.
+
+Submodules are imported on use (matplotlib is imported only when a chart is drawn).
+"""

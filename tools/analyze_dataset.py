@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Check how a dataset's objects fit a config's FPN levels, scale ranges and grids.
+
+    python tools/analyze_dataset.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
+        --dataset shapes_train
+    python tools/analyze_dataset.py --config-file configs/SOLOv2_R50_3x.yaml \
+        --dataset mydata=annotations.json:images/ --output output/mydata_report
+
+--dataset is a registered name (the shapes datasets, detectron2's builtin ones on disk) or a spec
+of train_net.py --dataset's forms: NAME=ANNOTATIONS.json:IMAGE_DIR (COCO),
+NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR or NAME=lvis:ANNOTATIONS.json:IMAGE_DIR.
+Prints image sizes, instances per image and per class, and where the objects go after the
+config's train and test resizes (per level, below / above / between the ranges, sharing a centre
+cell), then plain-language warnings naming the config keys to change. Writes report.json and
+scale_histogram.png into --output (default output/dataset_report/<name>). Exit status 0, or 2 on
+bad arguments, config or dataset (one "error: ..." line).
+"""
+
+import argparse
+import difflib
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # solo_d2 from this checkout when it is not installed
+
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+
+from solo_d2.atomic_io import atomic_write_json  # noqa: E402
+from solo_d2.config import ConfigError, load_config  # noqa: E402
+from solo_d2.data.datasets import SPEC_FORMS, register_dataset  # noqa: E402
+from solo_d2.data.shapes import register_shapes  # noqa: E402
+from solo_d2.data.shapes_panoptic import register_shapes_panoptic  # noqa: E402
+from solo_d2.visualization.dataset_report import (  # noqa: E402
+    analyze_dataset,
+    format_report,
+    plot_scale_histogram,
+)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--config-file", required=True, metavar="FILE", help="model config")
+    add(
+        "--dataset",
+        required=True,
+        metavar="NAME|SPEC",
+        help=f"a registered dataset name, or a spec: {' or '.join(SPEC_FORMS)}",
+    )
+    add(
+        "--output",
+        metavar="DIR",
+        help="folder for report.json and scale_histogram.png (default "
+        "output/dataset_report/<dataset name>)",
+    )
+    add(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides as KEY VALUE pairs, e.g. INPUT.MIN_SIZE_TEST 1024",
+    )
+    return parser  # fmt: skip
+
+
+def resolve_dataset(arg: str, max_image_pixels: int) -> str:
+    """The dataset name of ``arg``: registered now when it is a spec (NAME=...).
+
+    Raises:
+        ValueError, OSError: a bad spec, missing files, or an unknown name (one line).
+    """
+    register_shapes()
+    register_shapes_panoptic()
+    if "=" in arg:
+        return register_dataset(arg, max_image_pixels)
+    registered = DatasetCatalog.list()
+    if arg not in registered:
+        close = difflib.get_close_matches(arg, registered, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"--dataset {arg!r} is not a registered dataset{hint}; give a spec of the form "
+            f"{SPEC_FORMS[0]}"
+        )
+    return arg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if len(args.opts) % 2:
+        parser.error(f"--opts needs KEY VALUE pairs, got {args.opts}")
+    try:
+        cfg = load_config(args.config_file, args.opts)  # ConfigError: one line on a mistake
+        name = resolve_dataset(args.dataset, cfg.INPUT.MAX_IMAGE_PIXELS)
+        dicts = DatasetCatalog.get(name)  # missing files of a builtin dataset raise here
+        classes = MetadataCatalog.get(name).get("thing_classes", None) or []
+        report = analyze_dataset(cfg, dicts, classes, dataset_name=name)
+    except (ConfigError, ValueError, OSError, AssertionError) as e:  # DatasetError: ValueError
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    out = Path(args.output or ROOT / "output" / "dataset_report" / name)
+    out.mkdir(parents=True, exist_ok=True)
+    scales = report.pop("_scales")
+    report["config_file"] = str(Path(args.config_file).resolve())
+    atomic_write_json(str(out / "report.json"), report, indent=1)
+    plot_scale_histogram({**report, "_scales": scales}, str(out / "scale_histogram.png"))
+    print(format_report(report))
+    print(f"wrote {out / 'report.json'} and {out / 'scale_histogram.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
