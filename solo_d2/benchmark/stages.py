@@ -101,7 +101,7 @@ class BenchmarkSettings:
     train_size: Tuple[int, int] = (640, 832)
     train_batch: int = 2
     train_instances: int = 8
-    amp: bool = False  # also time training under autocast
+    amp: bool = False  # also time inference and training under autocast
     workers: int = 2  # data-loader worker processes
     loader_images: int = 16
     loader_batch: int = 2
@@ -154,6 +154,10 @@ def postprocess(
 # ------------------------------------------------------------------------------------------------
 # stages
 # ------------------------------------------------------------------------------------------------
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def bench_inference(model: nn.Module, s: BenchmarkSettings, device: torch.device) -> Dict:
     """Per-stage latency of one image at ``s.size`` and of the whole ``model(inputs)``."""
     h, w = s.size
@@ -194,6 +198,11 @@ def bench_inference(model: nn.Module, s: BenchmarkSettings, device: torch.device
             res[name]["detections"] = len(postprocess(model, images, outs, inputs)[0])
         res["total"] = measure(lambda: model(inputs), **timing)
         res["total"]["candidates"] = res["postprocess"]["candidates"]
+        if s.amp:  # the whole inference under autocast (float16 on CUDA, bfloat16 on the CPU)
+            with torch.autocast(device.type, dtype=_amp_dtype(device)):
+                res["total_amp"] = measure(lambda: model(inputs), **timing)
+                res["total_amp"]["detections"] = len(model(inputs)[0]["instances"])
+            res["total"]["detections"] = len(model(inputs)[0]["instances"])
     res["input"] = {
         "batch": 1,
         "height": h,
@@ -272,7 +281,7 @@ def bench_train(model: nn.Module, s: BenchmarkSettings, device: torch.device) ->
     h, w = s.train_size
     inputs, masks = training_inputs(model, s.train_batch, h, w, s.train_instances, seed=s.seed)
     inputs = [{"image": x["image"], "instances": x["instances"].to(device)} for x in inputs]
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    amp_dtype = _amp_dtype(device)
     model.train()
     res = {}
 

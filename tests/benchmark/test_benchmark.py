@@ -219,3 +219,15 @@ def test_cli_rejects_bad_size():
         timeout=300,
     )
     assert proc.returncode == 2 and "size must be HxW" in proc.stderr
+
+
+def test_amp_inference_and_training():
+    """--amp (bfloat16 autocast on the CPU, float16 on CUDA): whole inference and a training
+    step timed under autocast too, the losses compared with float32."""
+    settings = BenchmarkSettings(**TINY, amp=True)
+    r = run_stage("inference", settings)
+    _timing_ok(r["total_amp"], repeats=2)
+    assert r["total_amp"]["detections"] >= 0
+    train = run_stage("train", settings)
+    _timing_ok(train["forward_backward_amp"], repeats=1)
+    assert train["amp_check"]["finite"] and train["input"]["amp_dtype"] == "bfloat16"
