@@ -12,8 +12,9 @@ SOLOv2 computes with a small checkpoint in its own key layout:
 * ``train`` (optional): ``batch``, images with ``gt_boxes`` (M, 4) XYXY, ``gt_classes`` (M,) and
   ``gt_masks`` (M, H, W) bool, and AdelaiDet's ``losses`` (``loss_ins``, ``loss_cate``) on it.
 
-Tolerances: scores within :data:`SCORE_TOL`, identical classes in the same order, every mask IoU
-at least :data:`MIN_IOU`, losses within :data:`LOSS_RTOL` relative.
+Tolerances: every detection paired with one of the same class (by mask overlap, not by rank:
+near-equal scores may swap order under float rounding), scores within :data:`SCORE_TOL`, every
+mask IoU at least :data:`MIN_IOU`, losses within :data:`LOSS_RTOL` relative.
 """
 
 import tempfile
@@ -30,6 +31,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from ..config import add_solo_config
+from ..export.compare import MIN_IOU, SCORE_TOL, compare_detections
 from ..modeling.targets import instance_targets
 from .adelaidet import apply_adelaidet_solov2_config
 from .safe_load import SafeCheckpointer
@@ -47,7 +49,7 @@ __all__ = [
     "load_model",
 ]
 
-SCORE_TOL, MIN_IOU, LOSS_RTOL = 1e-3, 0.99, 1e-3
+LOSS_RTOL = 1e-3  # scores and masks: the export tolerances, SCORE_TOL and MIN_IOU
 
 Fixture = Dict[str, Any]
 
@@ -84,6 +86,13 @@ def build_cfg(fixture: Fixture) -> CfgNode:
     cfg.MODEL.PIXEL_MEAN = list(c["pixel_mean"])
     cfg.MODEL.PIXEL_STD = list(c["pixel_std"])
     apply_adelaidet_solov2_config(cfg, c["solov2"])
+    # AdelaiDet's numerics: NCHW weights, FrozenBatchNorm as it is. The speed levers change
+    # float rounding only, but the fixture's rescaled, confident heads amplify it: with both on,
+    # scores move by up to 6.5e-4 here (Intel Xeon), too close to SCORE_TOL to hold on every CPU.
+    # tests/modeling/test_meta_arch.py and test_fold_frozen_bn.py check the levers on inputs far
+    # from the thresholds instead.
+    cfg.MODEL.SOLO.CHANNELS_LAST = False
+    cfg.MODEL.SOLO.FOLD_FROZEN_BN = False
     return cfg
 
 
@@ -105,12 +114,6 @@ def load_model(fixture: Fixture, device: str) -> Tuple[nn.Module, Tuple[List[str
     return model, (sorted(own - set(state)), sorted(set(state) - own))
 
 
-def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two (H, W) bool masks; 1 when both are empty."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 def check_loading(fixture: Fixture, incompatible: Tuple[List[str], List[str]]) -> ParityCheck:
     """Every checkpoint tensor is a model tensor and the other way round."""
     missing, unexpected = incompatible
@@ -122,34 +125,39 @@ def check_loading(fixture: Fixture, incompatible: Tuple[List[str], List[str]]) -
 
 
 def check_inference(model: nn.Module, case: Dict[str, Any], index: int) -> ParityCheck:
-    """The model's detections on one inference case against AdelaiDet's, in order."""
+    """The model's detections on one inference case against AdelaiDet's, paired by class and
+    mask (:func:`~solo_d2.export.compare.compare_detections`): detections of near-equal scores
+    may come in another order, as float rounding decides it."""
     model.eval()
     with torch.no_grad():
         out = model([{"image": case["image"], "height": case["height"], "width": case["width"]}])
     inst = out[0]["instances"].to("cpu")
-    ref_scores, ref_classes = case["scores"].float(), case["pred_classes"].long()
+    ref = Instances((case["height"], case["width"]))
+    ref.scores, ref.pred_classes = case["scores"].float(), case["pred_classes"].long()
+    rles = case["pred_masks_rle"]
+    masks = mask_util.decode(rles) if len(rles) else np.zeros((*ref.image_size, 0), np.uint8)
+    ref.pred_masks = torch.from_numpy(masks.transpose(2, 0, 1).astype(bool))
+    agreement = compare_detections(
+        ref, inst.scores, inst.pred_classes, inst.pred_masks, score_tol=SCORE_TOL, min_iou=MIN_IOU
+    )
     problems = []
-    n = min(len(inst), len(ref_scores))
-    if len(inst) != len(ref_scores):
-        problems.append(f"{len(inst)} instances, reference {len(ref_scores)}")
-    score_err = (inst.scores[:n] - ref_scores[:n]).abs().max().item() if n else 0.0
-    same_classes = bool(torch.equal(inst.pred_classes[:n], ref_classes[:n]))
-    ref_masks = mask_util.decode(case["pred_masks_rle"][:n]) if n else np.zeros((0, 0, 0))
-    ious = [
-        _mask_iou(inst.pred_masks[i].numpy(), ref_masks[:, :, i].astype(bool)) for i in range(n)
-    ]
-    min_iou = min(ious) if ious else 1.0
-    if score_err > SCORE_TOL:
-        problems.append(f"max score error {score_err:.2e} > {SCORE_TOL}")
-    if not same_classes:
+    if len(inst) != len(ref):
+        problems.append(f"{len(inst)} instances, reference {len(ref)}")
+    elif agreement.num_paired != len(ref):
+        problems.append(f"{len(ref) - agreement.num_paired} instances without a partner")
+    if agreement.max_score_diff > SCORE_TOL:
+        problems.append(f"max score error {agreement.max_score_diff:.2e} > {SCORE_TOL}")
+    if not agreement.same_classes:
         problems.append("classes differ")
-    if min_iou < MIN_IOU:
-        problems.append(f"min mask IoU {min_iou:.4f} < {MIN_IOU}")
+    if agreement.min_mask_iou < MIN_IOU:
+        problems.append(f"min mask IoU {agreement.min_mask_iou:.4f} < {MIN_IOU}")
     h, w = case["image"].shape[-2:]
     line = (
         f"inference case {index} ({h}x{w} -> {case['height']}x{case['width']}): "
-        f"{len(inst)} instances, max |dscore| {score_err:.2e}, classes "
-        f"{'identical' if same_classes else 'DIFFER'}, min mask IoU {min_iou:.4f}"
+        f"{len(inst)} instances, {agreement.num_paired} paired, max |dscore| "
+        f"{agreement.max_score_diff:.2e}, classes "
+        f"{'identical' if agreement.same_classes else 'DIFFER'}, min mask IoU "
+        f"{agreement.min_mask_iou:.4f}"
     )
     return ParityCheck(line, problems)
 

@@ -79,6 +79,11 @@ def deform_conv2d(
     if backend not in ("auto", "detectron2", "torchvision"):
         raise ValueError(f"deform_conv2d backend must be auto/detectron2/torchvision: {backend!r}")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    # the kernels expect NCHW strides, size-1 dimensions included: a channels-last 1x1 weight
+    # (MODEL.SOLO.CHANNELS_LAST) passes .contiguous() with strides (C, 1, C, C), and
+    # torchvision's backward then writes its gradient into overlapping memory
+    x, offset, weight = _nchw(x), _nchw(offset), _nchw(weight)
+    mask = None if mask is None else _nchw(mask)
     use_d2 = backend == "detectron2" or (
         backend == "auto" and x.is_cuda and detectron2_deform_ops_available()
     )
@@ -93,6 +98,12 @@ def deform_conv2d(
     return torchvision.ops.deform_conv2d(
         x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
     )
+
+
+def _nchw(t: Tensor) -> Tensor:
+    """``t`` with the standard (row-major) strides in every dimension."""
+    standard = torch.empty(t.shape, device="meta").stride()
+    return t if t.stride() == standard else t.clone(memory_format=torch.contiguous_format)
 
 
 def _detectron2_deform_conv(x, offset, weight, bias, mask, stride, padding, dilation, groups):

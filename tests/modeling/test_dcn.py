@@ -1,6 +1,8 @@
 """Deformable convolution: torchvision path against a naive implementation and hand cases,
 detectron2's compiled path against torchvision where both exist, module layouts, DCN backbone."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,6 +146,25 @@ def test_gradients_reach_offsets_and_weights():
     m(torch.randn(1, 4, 8, 8)).square().sum().backward()
     for p in (m.weight, m.conv_offset.weight, m.conv_offset.bias):
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_channels_last_weights_train_like_nchw(kernel):
+    """MODEL.SOLO.CHANNELS_LAST stores every 4-D weight NHWC; a 1x1 one then has strides
+    (C, 1, C, C), which torchvision's backward cannot write its gradient into. Same outputs and
+    gradients as NCHW weights."""
+    torch.manual_seed(0)
+    ref = DeformConvPack(8, 16, kernel, padding=kernel // 2, modulated=True)
+    torch.nn.init.normal_(ref.conv_offset.weight, std=0.1)
+    fast = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, 6, 7)
+    outs = []
+    for m, inp in ((ref, x), (fast, x.contiguous(memory_format=torch.channels_last))):
+        out = m(inp)
+        out.square().sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_empty_batch_and_bad_backend():
