@@ -309,7 +309,8 @@ class SOLO(nn.Module):
         made again whenever a backbone tensor changed (training step, checkpoint loading, device
         or dtype change); else the backbone itself.
 
-        The copy holds a second set of backbone weights (R50-FPN: about 110 MB).
+        The copy holds a second set of backbone weights (R50-FPN: about 110 MB); a backbone
+        without FrozenBatchNorm is used as it is.
         """
         if not self.fold_frozen_bn:
             return self.backbone
@@ -321,7 +322,8 @@ class SOLO(nn.Module):
         if not self._folded_backbone or self._folded_backbone[1] != state:
             self._folded_backbone.clear()  # free the old copy before making the new one
             folded = copy.deepcopy(self.backbone).eval().requires_grad_(False)
-            fold_frozen_batchnorm(folded)
+            if fold_frozen_batchnorm(folded) == 0:  # no FrozenBN (e.g. BN, GN): no second copy
+                folded = self.backbone
             self._folded_backbone[:] = [folded, state]
         return self._folded_backbone[0]
 

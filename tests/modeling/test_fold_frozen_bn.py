@@ -103,3 +103,10 @@ def test_training_and_autograd_use_the_backbone_itself(grad):
     with torch.no_grad():
         model.predict(x)  # training mode: the real backbone (its FrozenBN included)
     assert bool(model._folded_backbone) == (not grad)
+
+
+def test_a_backbone_without_frozen_bn_is_used_as_it_is():
+    # BN everywhere: nothing frozen (FREEZE_AT 0 turns no stage into FrozenBN), as the quickstart
+    model = confident_tiny_model(**{"MODEL.RESNETS.NORM": "BN", "MODEL.BACKBONE.FREEZE_AT": 0})
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules())
+    assert model.inference_backbone() is model.backbone
