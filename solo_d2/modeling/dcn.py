@@ -102,8 +102,15 @@ def deform_conv2d(
 
 def _nchw(t: Tensor) -> Tensor:
     """``t`` with the standard (row-major) strides in every dimension."""
-    standard = torch.empty(t.shape, device="meta").stride()
-    return t if t.stride() == standard else t.clone(memory_format=torch.contiguous_format)
+    standard, step = [], 1
+    for size in reversed(t.shape):
+        standard.append(step)
+        step *= size
+    return (
+        t
+        if t.stride() == tuple(reversed(standard))
+        else t.clone(memory_format=torch.contiguous_format)
+    )
 
 
 def _detectron2_deform_conv(x, offset, weight, bias, mask, stride, padding, dilation, groups):

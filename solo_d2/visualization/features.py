@@ -218,6 +218,16 @@ def _labelled_tiles(maps: np.ndarray, labels: Sequence[str], tile: int) -> np.nd
     return tiles
 
 
+def _stack_rows(rows: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+    """(h_i, w_i, 3) uint8 images one below the other, left-aligned, ``gap`` white pixels
+    between them and white to the right of the narrower ones."""
+    width = max(r.shape[1] for r in rows)
+    padded = [
+        np.pad(r, ((0, gap), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows
+    ]
+    return np.concatenate(padded)[:-gap]
+
+
 def class_colors(num_classes: int, colors: Optional[Sequence] = None) -> np.ndarray:
     """(C, 3) uint8 RGB: ``colors`` (e.g. metadata thing_colors) where given, else detectron2's
     fixed colour map."""
@@ -276,10 +286,7 @@ def draw_level_masks(
         ]
         rows.append(mosaic(_labelled_tiles(np.clip(maps, 0, 1), labels, tile), per_level))
         offset += s * s
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    title = f"soft masks of each level's {per_level} best cells (0 to 1)"
-    return _header(np.concatenate(rows)[:-4], title)
+    return _header(_stack_rows(rows), f"soft masks of each level's {per_level} best cells (0 to 1)")
 
 
 def draw_decoupled_maps(
@@ -304,10 +311,8 @@ def draw_decoupled_maps(
         for branch, letter in ((0, "X"), (1, "Y")):
             labels = [f"{name} {letter}{j}" for j in pick]
             rows.append(mosaic(_labelled_tiles(probs[branch], labels, tile), per_branch))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     title = "Decoupled SOLO: X_j (columns) and Y_i (rows) maps per level; mask(i,j) = Y_i * X_j"
-    return _header(np.concatenate(rows)[:-4], title)
+    return _header(_stack_rows(rows), title)
 
 
 def draw_category_grids(

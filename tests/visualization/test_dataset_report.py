@@ -153,3 +153,18 @@ def test_panoptic_segments_and_resize_helpers():
     assert train_short_sizes((160, 192), "choice") == [160, 192]
     with pytest.raises(ValueError, match="MIN_SIZE_TRAIN_SAMPLING"):
         train_short_sizes((1,), "uniform")
+
+
+def test_resized_shape_equals_detectron2_resize_shortest_edge():
+    """The vectorised resize gives detectron2's ResizeShortestEdge.get_output_shape on random
+    image sizes, short sides and size limits."""
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    rng = np.random.default_rng(0)
+    h, w = rng.integers(1, 3000, 200), rng.integers(1, 3000, 200)
+    for short, max_size in [(800, 1333), (640, 1000), (160, 352), (512, 512)]:
+        got_h, got_w = resized_shape(h, w, short, max_size)
+        expected = [
+            ResizeShortestEdge.get_output_shape(a, b, short, max_size) for a, b in zip(h, w)
+        ]
+        assert list(zip(got_h.tolist(), got_w.tolist())) == [tuple(e) for e in expected]
