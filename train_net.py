@@ -30,9 +30,10 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from solo_d2.checkpoint import AtomicCheckpointer, load_checkpoint_file
-from solo_d2.config import ConfigError, check_config, load_config
-from solo_d2.data.datasets import add_dataset_arguments, register_datasets_from_args
+from solo_d2.config import ConfigError, load_config
 from solo_d2.engine import Trainer, launch
+from solo_d2.engine.cli import add_dataset_arguments, register_datasets_from_args
+from solo_d2.engine.preflight import check_config
 
 
 def setup(args):

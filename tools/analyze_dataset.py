@@ -30,9 +30,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from solo_d2.atomic_io import atomic_write_json  # noqa: E402
 from solo_d2.config import ConfigError, load_config  # noqa: E402
-from solo_d2.data.datasets import SPEC_FORMS, register_dataset  # noqa: E402
 from solo_d2.data.shapes import register_shapes  # noqa: E402
 from solo_d2.data.shapes_panoptic import register_shapes_panoptic  # noqa: E402
+from solo_d2.engine.cli import SPEC_FORMS, register_dataset  # noqa: E402
 from solo_d2.visualization.dataset_report import (  # noqa: E402
     analyze_dataset,
     format_report,

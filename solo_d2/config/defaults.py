@@ -6,9 +6,10 @@ Backbone deformable convs use detectron2's own keys (``MODEL.RESNETS.DEFORM_ON_P
 
 from detectron2.config import CfgNode as CN
 
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+__all__ = ["add_solo_config", "DEFAULT_MAX_IMAGE_PIXELS"]
 
-__all__ = ["add_solo_config"]
+# Default of INPUT.MAX_IMAGE_PIXELS (solo_d2.data.images): 10000 x 10000, 0.3 GB decoded as RGB.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 
 def add_solo_config(cfg: CN) -> None:

@@ -26,9 +26,10 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.structures import BitMasks, Instances
 
+from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from ..modeling import mask_target_strides
 from ..modeling.targets import extra_mask_targets, instance_targets
-from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, read_image
+from .images import BadImageError, read_image
 from .panoptic import panoptic_targets, read_panoptic_png, rgb_to_id
 
 __all__ = ["SOLODatasetMapper", "check_image_size"]

@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
+
 __all__ = [
     "BadImageError",
     "read_image",
@@ -32,9 +34,6 @@ __all__ = [
     "exif_orientation",
     "DEFAULT_MAX_IMAGE_PIXELS",
 ]
-
-# Default of INPUT.MAX_IMAGE_PIXELS: 10000 x 10000, 0.3 GB decoded as RGB.
-DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
 EXIF_ORIENTATION_TAG = 0x0112
 # EXIF orientations that swap width and height (the rotations by 90 or 270 degrees).

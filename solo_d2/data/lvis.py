@@ -39,14 +39,9 @@ from typing import Any, Dict, List, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .datasets import (
-    LVIS_SPEC_FORM,
-    is_registered_with,
-    parse_dataset_spec,
-    resolve_spec_paths,
-    warn_instance_faults,
-)
-from .images import DEFAULT_MAX_IMAGE_PIXELS
+from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
+from .coco import warn_instance_faults
+from .specs import LVIS_SPEC_FORM, is_registered_with, parse_dataset_spec, resolve_spec_paths
 from .validation import (
     CheckedCOCO,
     DatasetError,
@@ -235,7 +230,7 @@ def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     """Check and register the LVIS-format dataset of ``spec`` (:data:`LVIS_SPEC_FORM`); return
     its name.
 
-    As :func:`~solo_d2.data.datasets.register_coco_dataset`: a file that cannot be used raises
+    As :func:`~solo_d2.data.coco.register_coco_dataset`: a file that cannot be used raises
     (``FileNotFoundError`` / ``NotADirectoryError`` for the paths, ``DatasetError`` for the
     content, one line naming the file); faulty annotations and images are logged, counted and
     left out; registering a name again with the same files is a no-op, with other files an error.

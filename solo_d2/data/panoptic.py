@@ -42,8 +42,9 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from .datasets import PANOPTIC_SPEC_FORM, is_registered_with, resolve_spec_paths
-from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError
+from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
+from .images import BadImageError
+from .specs import PANOPTIC_SPEC_FORM, is_registered_with, resolve_spec_paths
 from .validation import (
     DataFault,
     DatasetError,

@@ -354,6 +354,3 @@ def register_shapes(root: Optional[str] = None) -> None:
             image_root=os.path.join(out_dir, split),
             evaluator_type="coco",
         )
-    from .shapes_panoptic import register_shapes_panoptic  # imported here: it imports this module
-
-    register_shapes_panoptic(root)

@@ -34,6 +34,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from iopath.common.file_io import file_lock
 
+from .panoptic import load_panoptic_dicts, panoptic_metadata
 from .shapes import (
     CROWD_EVERY,
     EMPTY_EVERY,
@@ -337,8 +338,6 @@ def generate_shapes_panoptic(
 
 def _load_split(out_dir: str, split: str, num_images: int, seed: int) -> list[dict]:
     """Generate the split if needed and load it as panoptic dataset dicts."""
-    from .panoptic import load_panoptic_dicts
-
     json_file = generate_shapes_panoptic(out_dir, split, num_images, seed)
     return load_panoptic_dicts(
         json_file, os.path.join(out_dir, f"{split}_panoptic"), os.path.join(out_dir, split)
@@ -353,8 +352,6 @@ def register_shapes_panoptic(root: Optional[str] = None) -> None:
     metadata's ``panoptic_json`` and ``panoptic_root`` (which the panoptic evaluator reads) exist
     only after that. Names that are already registered are left alone.
     """
-    from .panoptic import panoptic_metadata
-
     out_dir = os.path.join(root or _default_root(), "shapes_panoptic")
     for name, (split, num_images, seed) in SPLITS.items():
         if name in DatasetCatalog.list():

@@ -1,7 +1,7 @@
 """Training with detectron2's ``DefaultTrainer``: the SOLO mapper, atomic checkpoints, checked data.
 
 Safeguards of :class:`Trainer`:
-* the config is checked (:func:`solo_d2.config.check_config`) before the model is built;
+* the config is checked (:func:`solo_d2.engine.preflight.check_config`) before the model is built;
 * checkpoints are written atomically (:class:`solo_d2.checkpoint.AtomicCheckpointer`);
 * faulty training data is reported, or refused with ``DATASETS.STRICT``;
 * on resume, ``metrics.json`` is trimmed back to the resumed iteration;
@@ -37,11 +37,11 @@ from torch import nn
 
 from ..atomic_io import atomic_write_json, remove_stale_temporaries
 from ..checkpoint import AtomicCheckpointer
-from ..config import check_config
 from ..data.dataset_mapper import SOLODatasetMapper
 from ..data.validation import DatasetError, summarize_faults
 from ..evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator, SOLOPanopticEvaluator
 from .hooks import LossCurveHook, PreemptionHook, leave_signals_to_trainer
+from .preflight import check_config
 
 __all__ = ["Trainer", "create_ddp_model"]
 

@@ -24,7 +24,7 @@ def _staging_dir(output_dir: str) -> str:
 class SOLOCOCOEvaluator(COCOEvaluator):
     """COCOEvaluator for SOLO: checked ground truth, atomic result files, 0 AP on no prediction.
 
-    * For a dataset registered by :func:`solo_d2.data.datasets.register_coco_dataset`, the ground
+    * For a dataset registered by :func:`solo_d2.data.coco.register_coco_dataset`, the ground
       truth is the checked annotation file: the faulty annotations and images it reports (see
       :mod:`solo_d2.data.validation`) are left out, counted and named in the log and listed in
       ``<output_dir>/data_faults.json``; missing "area" / "iscrowd" fields are filled in.

@@ -183,7 +183,7 @@ def test_trusted_file_converts_to_a_safe_pth(tmp_path):
 
 
 def test_own_training_checkpoint_resumes_weights_only(tmp_path, monkeypatch):
-    from solo_d2.data.datasets import register_coco_dataset
+    from solo_d2.data.coco import register_coco_dataset
     from solo_d2.data.shapes import generate_shapes
     from solo_d2.engine import Trainer
 

@@ -9,13 +9,10 @@ from typing import Iterator
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from solo_d2.data.datasets import (
-    add_dataset_arguments,
-    parse_dataset_spec,
-    register_coco_dataset,
-    register_datasets_from_args,
-)
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.shapes import SHAPES_CLASSES, generate_shapes
+from solo_d2.data.specs import parse_dataset_spec, spec_kind
+from solo_d2.engine.cli import add_dataset_arguments, register_datasets_from_args
 
 FORM = "NAME=ANNOTATIONS.json:IMAGE_DIR"
 
@@ -132,3 +129,10 @@ def test_command_line(
     assert {name, "shapes_train", "shapes_val"} <= set(DatasetCatalog.list())
     with pytest.raises(SystemExit):
         parser.parse_args(["--dataset"])
+
+
+def test_spec_kind() -> None:
+    assert spec_kind("a=ann.json:img") == "coco"
+    assert spec_kind("a=panoptic:p.json:png:img") == "panoptic"
+    assert spec_kind("a=lvis:ann.json:img") == "lvis"
+    assert spec_kind("a=C:/data/ann.json:img") == "coco"  # a drive letter is not a kind

@@ -26,9 +26,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from solo_d2.config import ConfigError, check_config
+from solo_d2.config import ConfigError
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
-from solo_d2.data.datasets import register_coco_dataset, register_datasets_from_args
 from solo_d2.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, image_size, read_image
 from solo_d2.data.validation import (
     MAX_DESCRIBED_FAULTS,
@@ -43,6 +43,8 @@ from solo_d2.data.validation import (
     read_coco_json,
     summarize_faults,
 )
+from solo_d2.engine.cli import register_datasets_from_args
+from solo_d2.engine.preflight import check_config
 
 H, W = 40, 60
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
@@ -411,7 +413,7 @@ def rss():
 """
 MEASURE_DATASET = _CHILD_HEAD + """
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from solo_d2.data.datasets import register_coco_dataset
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.validation import DatasetError
 outcome = {"base_rss": rss()}
 try:

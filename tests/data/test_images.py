@@ -27,8 +27,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
-from solo_d2.data.datasets import register_coco_dataset
 from solo_d2.data.images import BadImageError, image_size, read_image
 from solo_d2.engine import Trainer
 

@@ -13,7 +13,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
-from solo_d2.data.datasets import register_dataset
 from solo_d2.data.images import BadImageError
 from solo_d2.data.panoptic import (
     IGNORE_LABEL,
@@ -22,6 +21,7 @@ from solo_d2.data.panoptic import (
     parse_panoptic_spec,
 )
 from solo_d2.data.validation import DatasetError
+from solo_d2.engine.cli import register_dataset
 
 
 def _name() -> str:

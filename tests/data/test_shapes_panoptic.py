@@ -224,15 +224,19 @@ def test_register_shapes_panoptic(tmp_path: Path) -> None:
     assert any(not any(s["isthing"] for s in d["segments_info"]) for d in dicts)
 
 
-def test_register_shapes_registers_the_panoptic_splits(tmp_path: Path) -> None:
-    pytest.importorskip("solo_d2.data.panoptic")
-    from solo_d2.data.shapes import register_shapes
+def test_entry_points_register_the_panoptic_splits(tmp_path: Path, monkeypatch) -> None:
+    """The entry points' registration (train_net.py, demo, tools) registers both kinds of shapes
+    datasets; ``register_shapes`` itself registers only the instance splits."""
+    import argparse
+
+    from solo_d2.engine.cli import register_datasets_from_args
 
     for name in ("shapes_panoptic_train", "shapes_panoptic_val"):
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-    register_shapes(str(tmp_path))
+    monkeypatch.setenv("SOLO_D2_DATASETS", str(tmp_path))
+    assert register_datasets_from_args(argparse.Namespace(dataset=[])) == []
     for split in ("train", "val"):
         meta = MetadataCatalog.get(f"shapes_panoptic_{split}")
         assert meta.panoptic_json == str(tmp_path / "shapes_panoptic" / f"{split}.json")

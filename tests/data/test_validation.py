@@ -14,8 +14,8 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from PIL import Image
 
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
-from solo_d2.data.datasets import register_coco_dataset
 from solo_d2.data.validation import DatasetError, check_coco_dict, clean_coco_dict
 from solo_d2.engine.trainer import Trainer, _report_training_faults
 

@@ -27,7 +27,7 @@ from detectron2.structures import Boxes, Instances
 from solo_d2.atomic_io import atomic_open, atomic_write_text, remove_stale_temporaries
 from solo_d2.checkpoint import AtomicCheckpointer
 from solo_d2.config import load_config
-from solo_d2.data.datasets import register_coco_dataset
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.shapes import generate_shapes
 from solo_d2.engine.trainer import Trainer, _trim_metrics
 from solo_d2.evaluation import SOLOCOCOEvaluator

@@ -9,10 +9,12 @@ import uuid
 import pytest
 from conftest import REPO, TINY_OPTS, write_tiny_panoptic
 
-from solo_d2.config import ConfigError, check_config, load_config
-from solo_d2.data.datasets import register_dataset
+from solo_d2.config import ConfigError, load_config
 from solo_d2.data.shapes import register_shapes
+from solo_d2.data.shapes_panoptic import register_shapes_panoptic
 from solo_d2.engine import Trainer
+from solo_d2.engine.cli import register_dataset
+from solo_d2.engine.preflight import check_config
 
 CONFIG = REPO / "configs" / "SOLOv2_R18_quickstart_panoptic_shapes.yaml"
 PANOPTIC_OPTS = TINY_OPTS + [
@@ -60,6 +62,7 @@ def _cfg(train: str, test: str, *opts):
 def test_panoptic_config_checks(tiny_panoptic):
     name = register_dataset(f"pan_{uuid.uuid4().hex[:6]}=panoptic:{tiny_panoptic}")
     register_shapes()
+    register_shapes_panoptic()
     check_config(_cfg(name, name), check_weights=False)
     with pytest.raises(ConfigError) as e:
         check_config(_cfg(name, name, "MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES", "53"))
@@ -82,6 +85,7 @@ def test_panoptic_config_checks(tiny_panoptic):
 
 def test_shapes_panoptic_quickstart_config_is_consistent():
     register_shapes()
+    register_shapes_panoptic()
     cfg = load_config(str(CONFIG))
     check_config(cfg, check_weights=False)
     assert cfg.MODEL.SOLO.PANOPTIC.ENABLED

@@ -20,7 +20,7 @@ from conftest import REPO, TINY_OPTS, tiny_cfg
 from detectron2.engine import HookBase
 from torch.utils.data import DataLoader, Dataset
 
-from solo_d2.data.datasets import register_coco_dataset
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.shapes import generate_shapes
 from solo_d2.engine import PREEMPTED_EXIT_STATUS, Trainer, TrainingPreempted
 from solo_d2.engine.hooks import leave_signals_to_trainer

@@ -19,10 +19,11 @@ from conftest import REPO, TINY_OPTS, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
-from solo_d2.config import ConfigError, check_config, load_config
-from solo_d2.data.datasets import register_coco_dataset
+from solo_d2.config import ConfigError, load_config
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.shapes import SHAPES_CLASSES, generate_shapes
 from solo_d2.engine import Trainer
+from solo_d2.engine.preflight import check_config
 
 R50 = REPO / "configs" / "SOLOv2_R50_3x.yaml"
 SHAPES = REPO / "configs" / "SOLOv2_R18_quickstart_shapes.yaml"

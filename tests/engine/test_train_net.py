@@ -12,9 +12,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
-from solo_d2.config import ConfigError, check_config, load_config
+from solo_d2.config import ConfigError, load_config
 from solo_d2.data.shapes import generate_shapes, register_shapes
 from solo_d2.engine import Trainer
+from solo_d2.engine.preflight import check_config
 
 
 def run_train_net(args, tmp_path):
@@ -57,7 +58,7 @@ def test_two_process_cpu_training_resume_and_eval_only(small_shapes, tmp_path):
 
 
 def test_evaluation_of_a_model_that_predicts_nothing(small_shapes, tmp_path):
-    from solo_d2.data.datasets import register_coco_dataset
+    from solo_d2.data.coco import register_coco_dataset
 
     name = register_coco_dataset(small_shapes[1])
     DatasetCatalog.get(name)

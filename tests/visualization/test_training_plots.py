@@ -9,7 +9,7 @@ import cv2
 import pytest
 from conftest import tiny_cfg
 
-from solo_d2.data.datasets import register_coco_dataset
+from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.shapes import generate_shapes
 from solo_d2.engine import Trainer
 from solo_d2.engine.hooks import LossCurveHook

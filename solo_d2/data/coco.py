@@ -1,0 +1,84 @@
+"""COCO instance-segmentation datasets from the command line:
+``--dataset NAME=ANNOTATIONS.json:IMAGE_DIR`` (the form :data:`solo_d2.data.specs.SPEC_FORM`).
+
+The annotation file is checked when the dataset is registered (:mod:`solo_d2.data.validation`);
+the faults found are reported once, and the dataset's loader gives the checked dataset dicts.
+"""
+
+import logging
+from functools import partial
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
+from .specs import is_registered_with, parse_dataset_spec, resolve_spec_paths
+from .validation import check_coco_dict, load_checked_coco, read_coco_json, summarize_faults
+
+__all__ = ["register_coco_dataset", "warn_instance_faults"]
+
+logger = logging.getLogger(__name__)
+
+
+def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list[dict]:
+    """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
+    _, checked, dicts = load_checked_coco(json_file, image_root, max_image_pixels=max_image_pixels)
+    if len(checked.faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
+        logger.warning(
+            f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
+            f"{len(checked.faults)} faults, left out:\n{summarize_faults(checked.faults)}"
+        )
+    return dicts
+
+
+def warn_instance_faults(name: str, json_file: str, data: dict, checked) -> None:
+    """Log the faults a COCO-style check found (annotations and images left out), if any.
+
+    Args:
+        data: the annotation file's content; ``checked``: its :class:`CheckedCOCO`-like result
+            (``faults``, ``bad_annotations``, ``bad_images``).
+    """
+    if not checked.faults:
+        return
+    kept = len(data["annotations"]) - len(checked.bad_annotations)
+    logger.warning(
+        f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
+        f"{len(checked.bad_annotations)} of {len(data['annotations'])} annotations and "
+        f"{len(checked.bad_images)} of {len(data['images'])} images ({kept} annotations "
+        f"kept). Set DATASETS.STRICT True to make them errors in training.\n"
+        + summarize_faults(checked.faults)
+    )
+
+
+def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """Check and register the COCO instances dataset described by ``spec``; return its name.
+
+    The annotation file is checked now (:mod:`solo_d2.data.validation`): a file that cannot be
+    used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels`` pixels,
+    ``INPUT.MAX_IMAGE_PIXELS``, included); faulty annotations and images (missing image files) are
+    logged, counted and named, and left out of the dataset. The metadata gets ``thing_classes``
+    at once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and ``data_faults``,
+    the list of :class:`DataFault`.
+
+    Registering a name again with the same files is a no-op; with other files it is an error.
+    """
+    name, json_str, image_str = parse_dataset_spec(spec)
+    json_file, image_root = resolve_spec_paths(
+        spec, ("Annotation file", json_str), [("Image directory", image_str)]
+    )
+    files = {"json_file": json_file, "image_root": image_root}
+    if is_registered_with(name, files, f"spec {spec!r}"):
+        return name
+    data = read_coco_json(json_file, f"(dataset spec {spec!r})")
+    checked = check_coco_dict(data, json_file, image_root, max_image_pixels)
+    warn_instance_faults(name, json_file, data, checked)
+    loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(
+        json_file=str(json_file),
+        image_root=str(image_root),
+        evaluator_type="coco",
+        thing_classes=checked.thing_classes,
+        thing_dataset_id_to_contiguous_id=checked.id_map,
+        data_faults=checked.faults,
+    )
+    return name
