@@ -3,6 +3,7 @@
 
     python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --num-gpus 8
     python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --eval-only MODEL.WEIGHTS model.pth
+    python train_net.py --config-file SOLOv2_R50_3x ...   # a model zoo name works anywhere
     python train_net.py --config-file ... --dataset mydata_train=ann.json:images/ \
         DATASETS.TRAIN "('mydata_train',)" MODEL.SOLO.NUM_CLASSES 3
 
@@ -33,6 +34,7 @@ from solo_d2.checkpoint import AtomicCheckpointer, load_checkpoint_file
 from solo_d2.config import ConfigError, check_config, load_config
 from solo_d2.data.datasets import add_dataset_arguments, register_datasets_from_args
 from solo_d2.engine import Trainer, launch
+from solo_d2.model_zoo import resolve_config_file
 
 
 def setup(args):
@@ -120,6 +122,7 @@ def invoke_main() -> None:
     args = get_parser().parse_args()
     print("Command Line Args:", args)
     try:
+        args.config_file = resolve_config_file(args.config_file)  # a path, else a zoo name
         preflight(args)
     except (ConfigError, ValueError, OSError) as e:  # DatasetError is a ValueError
         print(f"train_net.py: error: {e}", file=sys.stderr)
