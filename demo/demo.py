@@ -24,8 +24,8 @@ With --onnx, whose export holds the instance branch only, instances are drawn.
 With the default config (the model zoo's SOLOv2_R50_3x) and no trained weights given, AdelaiDet's
 published COCO model is downloaded. Exit status: 0 on success, 1 when some input image could not
 be read (each is named with the reason), 2 on bad arguments, a bad config or unavailable or
-unfitting weights (one "error: ..." line). Visualisations and json files are written atomically (temporary file, then
-rename), so an interrupted run never leaves a truncated output.
+unfitting weights (one "error: ..." line). Visualisations and json files are written atomically
+(temporary file, then rename), so an interrupted run never leaves a truncated output.
 """
 
 import argparse
