@@ -79,14 +79,16 @@ def check_devices(args, cfg) -> None:
 
 
 def preflight(args) -> None:
-    """Check the devices, register the datasets, check the config and read a local MODEL.WEIGHTS
-    file (refused without running anything if it holds more than weights), before any work
-    starts. ``--eval-only`` needs only the ``DATASETS.TEST`` datasets.
+    """Resolve ``--config-file`` (a file, else a model zoo name: ``args.config_file`` becomes its
+    path), check the devices, register the datasets, check the config and read a local
+    MODEL.WEIGHTS file (refused without running anything if it holds more than weights), before
+    any work starts. ``--eval-only`` needs only the ``DATASETS.TEST`` datasets.
 
     Raises:
         ConfigError, ValueError, OSError: with a one-line message (UnsafeCheckpointError is a
             ValueError).
     """
+    args.config_file = resolve_config_file(args.config_file)
     cfg = load_config(args.config_file, args.opts)
     check_devices(args, cfg)
     register_datasets_from_args(args)
@@ -122,7 +124,6 @@ def invoke_main() -> None:
     args = get_parser().parse_args()
     print("Command Line Args:", args)
     try:
-        args.config_file = resolve_config_file(args.config_file)  # a path, else a zoo name
         preflight(args)
     except (ConfigError, ValueError, OSError) as e:  # DatasetError is a ValueError
         print(f"train_net.py: error: {e}", file=sys.stderr)

@@ -215,3 +215,38 @@ def test_official_weights_go_through_the_converter(tmp_path, monkeypatch):
     mtime = Path(cfg.MODEL.WEIGHTS).stat().st_mtime_ns
     model_zoo.get_config(name, trained=True)
     assert Path(cfg.MODEL.WEIGHTS).stat().st_mtime_ns == mtime
+
+
+# ---- the entry points: a file, else a zoo name ----------------------------------------------
+
+
+def load_script(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_net_takes_a_zoo_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # shapes registered under ./datasets, nothing generated
+    train_net = load_script(REPO / "train_net.py", "train_net_script")
+    parser = train_net.get_parser()
+    args = parser.parse_args(["--config-file", QUICKSTART, "--eval-only", "MODEL.DEVICE", "cpu"])
+    train_net.preflight(args)
+    assert args.config_file == model_zoo.get_config_file(QUICKSTART)
+    args = parser.parse_args(["--config-file", "SOLOv2_R18_quickstrat", "--eval-only"])
+    with pytest.raises(ConfigError, match="does not exist and is not a model zoo config name; "):
+        train_net.preflight(args)
+
+
+def test_demo_takes_a_zoo_name(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "demo"))
+    demo = load_script(REPO / "demo" / "demo.py", "demo_script")
+    assert demo.get_parser().parse_args(["--input", "x.jpg"]).config_file == "SOLOv2_R50_3x"
+    cfg = demo.setup_cfg("SOLOv2_R50_3x", ["MODEL.DEVICE", "cpu"])  # the default model
+    assert cfg.MODEL.WEIGHTS == model_zoo.published_checkpoint("SOLOv2_R50_3x").url
+    assert cfg.MODEL.WEIGHTS == demo.COCO_WEIGHTS_URL
+    cfg = demo.setup_cfg(QUICKSTART, ["MODEL.DEVICE", "cpu"], warn_untrained=False)
+    assert cfg.MODEL.SOLO.NUM_CLASSES == 4
+    with pytest.raises(ConfigError, match="close names: SOLOv2_R101_3x"):
+        demo.setup_cfg("SOLOv2_R101_3", [])
