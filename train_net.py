@@ -3,6 +3,7 @@
 
     python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --num-gpus 8
     python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --eval-only MODEL.WEIGHTS model.pth
+    python train_net.py --config-file SOLOv2_R50_3x ...   # a model zoo name works anywhere
     python train_net.py --config-file ... --dataset mydata_train=ann.json:images/ \
         DATASETS.TRAIN "('mydata_train',)" MODEL.SOLO.NUM_CLASSES 3
 
@@ -34,6 +35,7 @@ from solo_d2.config import ConfigError, load_config
 from solo_d2.engine import Trainer, launch
 from solo_d2.engine.cli import add_dataset_arguments, register_datasets_from_args
 from solo_d2.engine.preflight import check_config
+from solo_d2.model_zoo import resolve_config_file
 
 
 def setup(args):
@@ -78,14 +80,16 @@ def check_devices(args, cfg) -> None:
 
 
 def preflight(args) -> None:
-    """Check the devices, register the datasets, check the config and read a local MODEL.WEIGHTS
-    file (refused without running anything if it holds more than weights), before any work
-    starts. ``--eval-only`` needs only the ``DATASETS.TEST`` datasets.
+    """Resolve ``--config-file`` (a file, else a model zoo name: ``args.config_file`` becomes its
+    path), check the devices, register the datasets, check the config and read a local
+    MODEL.WEIGHTS file (refused without running anything if it holds more than weights), before
+    any work starts. ``--eval-only`` needs only the ``DATASETS.TEST`` datasets.
 
     Raises:
         ConfigError, ValueError, OSError: with a one-line message (UnsafeCheckpointError is a
             ValueError).
     """
+    args.config_file = resolve_config_file(args.config_file)
     cfg = load_config(args.config_file, args.opts)
     check_devices(args, cfg)
     register_datasets_from_args(args)

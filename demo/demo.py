@@ -3,6 +3,7 @@
 panoptic segmentation when the model is a panoptic one (MODEL.SOLO.PANOPTIC.ENABLED).
 
     python demo/demo.py --input photo.jpg                      # prints "photo.jpg: N instances ..."
+    python demo/demo.py --config-file SOLOv2_R101_3x --input photo.jpg   # model zoo names work too
     python demo/demo.py --input images/ "more/*.png" --output out/ --json
     python demo/demo.py --input photo.jpg --output drawn.jpg --confidence-threshold 0.3
     python demo/demo.py --video-input clip.mp4 --output out/   # writes out/clip.mp4
@@ -20,11 +21,11 @@ MODEL.SOLO.PANOPTIC.INSTANCES_CONFIDENCE_THRESH and not mostly hidden by better 
 with --opts); --confidence-threshold filters only the json's "instances" list, not the segments.
 With --onnx, whose export holds the instance branch only, instances are drawn.
 
-With the default config and no trained weights given, AdelaiDet's published COCO model is
-downloaded. Exit status: 0 on success, 1 when some input image could not be read (each is named
-with the reason), 2 on bad arguments, a bad config or unavailable or unfitting weights (one
-"error: ..." line). Visualisations and json files are written atomically (temporary file, then
-rename), so an interrupted run never leaves a truncated output.
+With the default config (the model zoo's SOLOv2_R50_3x) and no trained weights given, AdelaiDet's
+published COCO model is downloaded. Exit status: 0 on success, 1 when some input image could not
+be read (each is named with the reason), 2 on bad arguments, a bad config or unavailable or
+unfitting weights (one "error: ..." line). Visualisations and json files are written atomically
+(temporary file, then rename), so an interrupted run never leaves a truncated output.
 """
 
 import argparse
@@ -60,10 +61,12 @@ from solo_d2.data.shapes import register_shapes
 from solo_d2.data.shapes_panoptic import register_shapes_panoptic
 from solo_d2.export.exporter import OnnxNotInstalledError
 from solo_d2.export.runtime import ONNXModelError, ONNXRuntimePredictor
+from solo_d2.model_zoo import published_checkpoint, resolve_config_file
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "SOLOv2_R50_3x.yaml"
-# AdelaiDet's COCO model of DEFAULT_CONFIG, used when no trained weights are given.
-COCO_WEIGHTS_URL = "https://huggingface.co/ZjuCv/AdelaiDet/resolve/main/SOLOv2_R50_3x.pth"
+# the default model: a model zoo config name, and its published COCO weights (AdelaiDet's), used
+# when no trained weights are given
+DEFAULT_CONFIG = "SOLOv2_R50_3x"
+COCO_WEIGHTS_URL = published_checkpoint(DEFAULT_CONFIG, source="adelaidet").url
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 WINDOW_NAME = "SOLOv2"
 
@@ -73,9 +76,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="SOLOv2 demo on images, a video or a webcam")
     parser.add_argument(
         "--config-file",
-        default=str(DEFAULT_CONFIG),
+        default=DEFAULT_CONFIG,
         metavar="FILE",
-        help="model config (default: configs/SOLOv2_R50_3x.yaml of this repository)",
+        help="model config: a file, or a model zoo config name such as SOLOv2_R101_3x (default: "
+        f"{DEFAULT_CONFIG}, with AdelaiDet's COCO weights)",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -132,7 +136,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(config_file: str, opts: List[str], warn_untrained: bool = True) -> CfgNode:
-    """Config from ``config_file`` and ``opts``, with COCO weights for the default recipe.
+    """Config from ``config_file`` (a file, else a model zoo name) and ``opts``, with COCO weights
+    for the default recipe.
 
     When the config is ``SOLOv2_R50_3x.yaml``, its MODEL.WEIGHTS holds no trained model (empty
     or an ImageNet backbone) and ``opts`` sets no MODEL.WEIGHTS, AdelaiDet's COCO model is used.
@@ -140,10 +145,11 @@ def setup_cfg(config_file: str, opts: List[str], warn_untrained: bool = True) ->
     Raises:
         ConfigError: a missing or malformed config file, an unknown key, a value of a wrong type.
     """
+    config_file = resolve_config_file(config_file)
     cfg = load_config(config_file)
     untrained = not cfg.MODEL.WEIGHTS or "ImageNetPretrained" in cfg.MODEL.WEIGHTS
     weights_given = "MODEL.WEIGHTS" in opts[::2]
-    if untrained and not weights_given and Path(config_file).name == DEFAULT_CONFIG.name:
+    if untrained and not weights_given and Path(config_file).stem == DEFAULT_CONFIG:
         cfg.MODEL.WEIGHTS = COCO_WEIGHTS_URL
         cfg.MODEL.SOLO.NUM_CLASSES = 80
         cfg.DATASETS.TEST = ("coco_2017_val",)

@@ -61,7 +61,7 @@ def main():
     train_s = time.perf_counter() - start
 
     demo_dir = out / "demo"
-    # registered by train_net: <repo>/datasets/shapes/val, or under $SOLO_D2_DATASETS
+    # registered by train_net: ./datasets/shapes/val, or under $SOLO_D2_DATASETS
     val_images = MetadataCatalog.get("shapes_val").image_root
     demo_cmd = [
         sys.executable, str(ROOT / "demo" / "demo.py"), "--config-file", str(CONFIG),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Create or reuse the project's virtual environment at ``.venv/`` and install everything.
 
-Run with any Python >= 3.9 (``make quickstart`` / ``make test`` call it for you)::
+Run with any Python >= 3.11 (``make quickstart`` / ``make test`` call it for you)::
 
     python3 tools/setup_env.py [--force]
 
@@ -178,8 +178,11 @@ def main():
     parser.add_argument("--test", action="store_true", help="also install test requirements")
     parser.add_argument("--force", action="store_true", help="re-check every step")
     args = parser.parse_args()
-    if sys.version_info < (3, 9):
-        sys.exit("[setup] ERROR: Python >= 3.9 is required")
+    if sys.version_info < (3, 11):  # numpy 2.4, pillow 13, matplotlib 3.11 (requirements.txt)
+        sys.exit(
+            f"[setup] ERROR: Python >= 3.11 is required (this is {sys.version.split()[0]}): the "
+            "pinned numpy, pillow and matplotlib need it; run with python3.11 or newer"
+        )
 
     stamp_file = VENV / (".solo_d2_setup_test" if args.test else ".solo_d2_setup")
     stamp = stamp_of(args.test)

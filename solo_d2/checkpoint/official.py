@@ -29,10 +29,10 @@ import torch
 from detectron2.config import CfgNode
 
 from ..config import load_config
+from ..model_zoo import configs_dir as model_zoo_configs_dir
 from .safe_load import UnsafeCheckpointError, load_torch_file
 
 __all__ = [
-    "CONFIGS_DIR",
     "RGB_SETTINGS",
     "Conversion",
     "ConversionError",
@@ -48,9 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# configs/ of this checkout (the published configs the converted weights are matched against)
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 # the official models' input convention (torchvision ImageNet backbones, mmdet img_norm_cfg)
 RGB_SETTINGS = {
@@ -348,16 +345,17 @@ def _normalise(v: object) -> object:
 
 
 def matching_configs(
-    settings: Dict[str, object], name: str = "", configs_dir: Path = CONFIGS_DIR
+    settings: Dict[str, object], name: str = "", configs_dir: Optional[Path] = None
 ) -> List[Path]:
-    """Configs in ``configs_dir`` whose values of every inferred architecture key match.
+    """Configs in ``configs_dir`` (default: the model zoo's,
+    :func:`solo_d2.model_zoo.configs_dir`) whose values of every inferred architecture key match.
 
     Ordered: the one named as the checkpoint file (official names: SOLOv2_R50_3x.pth ...) first,
     then published configs before the ``Base-*`` ones.
     """
     arch = {k: v for k, v in settings.items() if k.startswith("MODEL.")}
     matches = []
-    for path in sorted(Path(configs_dir).glob("*.yaml")):
+    for path in sorted(Path(configs_dir or model_zoo_configs_dir()).glob("*.yaml")):
         cfg = load_config(str(path))
         if all(_get(cfg, k) == _normalise(v) for k, v in arch.items()):
             matches.append(path)
@@ -467,12 +465,13 @@ def convert(
     dst: Path,
     config: Optional[Path] = None,
     trust_pickle: bool = False,
-    configs_dir: Path = CONFIGS_DIR,
+    configs_dir: Optional[Path] = None,
     log: Callable[[str], None] = logger.info,
 ) -> Conversion:
     """Convert the official checkpoint ``src`` into ``dst`` and, for a whole model, ``dst`` with
     the suffix ``.yaml``: the config those weights need, ``_BASE_`` ``config`` (by default the
-    first of :func:`matching_configs` in ``configs_dir``). ``log`` receives progress lines.
+    first of :func:`matching_configs` in ``configs_dir``, default the model zoo's configs).
+    ``log`` receives progress lines.
 
     Raises:
         ConversionError: ``src`` cannot be read, a key matches no rule, no config matches, or the
@@ -496,6 +495,7 @@ def convert(
         log("  an ImageNet backbone: configs using it need " + _show(RGB_SETTINGS))
     else:
         if config is None:
+            configs_dir = Path(configs_dir or model_zoo_configs_dir())
             candidates = matching_configs(architecture, src.stem, configs_dir)
             if not candidates:
                 raise ConversionError(

@@ -1,7 +1,7 @@
 """Synthetic "shapes" instance segmentation dataset in COCO format.
 
 Images of textured circles, rectangles, triangles and stars on noisy grey-ish gradient backgrounds
-are generated deterministically from a seed, cached under a datasets folder and registered with
+are generated deterministically from a seed, cached under :func:`datasets_root` and registered with
 Detectron2 as ``shapes_train`` and ``shapes_val``. The data exercises what real datasets contain:
 
 * varied image sizes and aspect ratios (short side ``min_size..max_size``, odd sizes included);
@@ -320,10 +320,11 @@ def _is_cached(json_path: Path, image_dir: Path, info: dict[str, Any]) -> bool:
     )
 
 
-def _default_root() -> str:
-    """``$SOLO_D2_DATASETS`` if set, else the ``datasets`` folder next to the package."""
-    env = os.environ.get("SOLO_D2_DATASETS")
-    return env or str(Path(__file__).resolve().parents[2] / "datasets")
+def datasets_root() -> str:
+    """Where the generated datasets (shapes, shapes_panoptic) go, as an absolute path:
+    ``$SOLO_D2_DATASETS`` if set, else ``./datasets`` of the current working directory. Never
+    inside the installed package."""
+    return os.path.abspath(os.environ.get("SOLO_D2_DATASETS") or "datasets")
 
 
 def _load_split(name: str, out_dir: str, split: str, num_images: int, seed: int) -> list[dict]:
@@ -337,12 +338,13 @@ def register_shapes(root: Optional[str] = None) -> None:
     ``shapes_val_large`` (500, seed 1: ``shapes_val`` and 450 more images).
 
     Files go to ``<root>/shapes/{train,val,val_large}{.json,/}``, ``root`` defaulting to
-    ``$SOLO_D2_DATASETS`` or ``<repo>/datasets``; they are generated on the first
+    :func:`datasets_root` (``$SOLO_D2_DATASETS``, else ``./datasets`` of the current working
+    directory, taken when this is called); they are generated on the first
     ``DatasetCatalog.get`` (so the metadata's ``json_file``, which ``COCOEvaluator`` reads, exists
     only after that; ``DefaultTrainer.test`` builds the loader first). Names that are already
     registered are left alone.
     """
-    out_dir = os.path.join(root or _default_root(), "shapes")
+    out_dir = os.path.join(root or datasets_root(), "shapes")
     for name, (split, num_images, seed) in SPLITS.items():
         if name in DatasetCatalog.list():
             continue

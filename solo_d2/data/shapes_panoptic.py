@@ -43,10 +43,10 @@ from .shapes import (
     SHAPES_CLASSES,
     SHAPES_COLORS,
     _atomic_write,
-    _default_root,
     _hsv_to_bgr,
     _image_layers,
     _is_cached,
+    datasets_root,
     random_image_size,
 )
 
@@ -347,12 +347,13 @@ def _load_split(out_dir: str, split: str, num_images: int, seed: int) -> list[di
 def register_shapes_panoptic(root: Optional[str] = None) -> None:
     """Register ``shapes_panoptic_train`` (200 images) and ``shapes_panoptic_val`` (50).
 
-    Files go to ``<root>/shapes_panoptic/``, ``root`` defaulting to ``$SOLO_D2_DATASETS`` or
-    ``<repo>/datasets``; they are generated on the first ``DatasetCatalog.get``, so the
+    Files go to ``<root>/shapes_panoptic/``, ``root`` defaulting to
+    :func:`~solo_d2.data.shapes.datasets_root` (``$SOLO_D2_DATASETS``, else ``./datasets`` of the
+    current working directory); they are generated on the first ``DatasetCatalog.get``, so the
     metadata's ``panoptic_json`` and ``panoptic_root`` (which the panoptic evaluator reads) exist
     only after that. Names that are already registered are left alone.
     """
-    out_dir = os.path.join(root or _default_root(), "shapes_panoptic")
+    out_dir = os.path.join(root or datasets_root(), "shapes_panoptic")
     for name, (split, num_images, seed) in SPLITS.items():
         if name in DatasetCatalog.list():
             continue
