@@ -41,16 +41,6 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.structures import BoxMode, Instances
-from predictor import (
-    BadWeightsError,
-    InstanceDrawer,
-    Panoptic,
-    SOLOPredictor,
-    WeightsUnavailableError,
-    class_names,
-    is_panoptic,
-    stuff_class_names,
-)
 from pycocotools import mask as mask_util
 from tqdm import tqdm
 
@@ -59,9 +49,17 @@ from solo_d2.config import ConfigError, load_config, merge_config_opts
 from solo_d2.data.images import read_image
 from solo_d2.data.shapes import register_shapes
 from solo_d2.data.shapes_panoptic import register_shapes_panoptic
+from solo_d2.engine import BadWeightsError, SOLOPredictor, WeightsUnavailableError
 from solo_d2.export.exporter import OnnxNotInstalledError
 from solo_d2.export.runtime import ONNXModelError, ONNXRuntimePredictor
 from solo_d2.model_zoo import published_checkpoint, resolve_config_file
+from solo_d2.visualization.drawing import (
+    InstanceDrawer,
+    Panoptic,
+    class_names,
+    is_panoptic,
+    stuff_class_names,
+)
 
 # the default model: a model zoo config name, and its published COCO weights (AdelaiDet's), used
 # when no trained weights are given

@@ -23,21 +23,20 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # solo_d2 from this checkout when it is not installed
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-
-from solo_d2.atomic_io import atomic_write_json  # noqa: E402
-from solo_d2.config import ConfigError, load_config  # noqa: E402
-from solo_d2.data.shapes import register_shapes  # noqa: E402
-from solo_d2.data.shapes_panoptic import register_shapes_panoptic  # noqa: E402
-from solo_d2.engine.cli import SPEC_FORMS, register_dataset  # noqa: E402
-from solo_d2.visualization.dataset_report import (  # noqa: E402
+from solo_d2.atomic_io import atomic_write_json
+from solo_d2.config import ConfigError, load_config
+from solo_d2.data.shapes import register_shapes
+from solo_d2.data.shapes_panoptic import register_shapes_panoptic
+from solo_d2.engine.cli import SPEC_FORMS, register_dataset
+from solo_d2.visualization.dataset_report import (
     analyze_dataset,
     format_report,
     plot_scale_histogram,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_parser() -> argparse.ArgumentParser:

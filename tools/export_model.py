@@ -19,23 +19,18 @@ mask IoU >= 0.99); the exit status is 1 when they differ. ONNX verification need
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from detectron2.config import CfgNode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # solo_d2 from this checkout when it is not installed
-
-from detectron2.config import CfgNode  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-from solo_d2.benchmark.timing import time_fn  # noqa: E402
-from solo_d2.checkpoint import SafeCheckpointer  # noqa: E402
-from solo_d2.config import load_config  # noqa: E402
-from solo_d2.export import (  # noqa: E402
+from solo_d2.config import load_config
+from solo_d2.engine import WeightsUnavailableError, load_model
+from solo_d2.export import (
     DEFORM_CONV_OPSET,
     MIN_OPSET,
     OnnxNotInstalledError,
@@ -49,7 +44,7 @@ from solo_d2.export import (  # noqa: E402
     second_size,
     verify_export,
 )
-from solo_d2.export.runtime import ONNXModelError  # noqa: E402
+from solo_d2.export.runtime import ONNXModelError
 
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
@@ -84,9 +79,8 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_loaded_model(cfg: CfgNode) -> torch.nn.Module:
-    """The config's model in eval mode with MODEL.WEIGHTS loaded (warns when there are none)."""
-    model = build_model(cfg).eval()
+def warn_untrained(cfg: CfgNode) -> None:
+    """Warn when MODEL.WEIGHTS holds no trained model (none, or an ImageNet backbone)."""
     weights = cfg.MODEL.WEIGHTS
     if not weights or "ImageNetPretrained" in weights:
         print(
@@ -94,11 +88,6 @@ def build_loaded_model(cfg: CfgNode) -> torch.nn.Module:
             "initialised heads (pass one with --opts MODEL.WEIGHTS model.pth)",
             file=sys.stderr,
         )
-    if weights:
-        if "://" not in weights and not Path(weights).is_file():
-            raise ValueError(f"MODEL.WEIGHTS {weights}: no such file")
-        SafeCheckpointer(model).load(weights)
-    return model
 
 
 def describe(args: argparse.Namespace, cfg: CfgNode, wrapper: SOLOExportable, opset: int) -> Dict:
@@ -122,10 +111,17 @@ def describe(args: argparse.Namespace, cfg: CfgNode, wrapper: SOLOExportable, op
 
 def print_latency(name: str, fn: Callable[[], object], runs: int, device: torch.device) -> None:
     """Print the median and min wall time of ``runs`` calls of ``fn`` after 2 warm-up calls."""
-    r = time_fn(fn, repeats=runs, warmup=2, device=device)
+    times = []
+    for i in range(2 + runs):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
     print(
-        f"latency {name}: median {1000 * r['median_s']:.1f} ms, "
-        f"min {1000 * r['min_s']:.1f} ms over {runs} runs"
+        f"latency {name}: median {1000 * statistics.median(times):.1f} ms, "
+        f"min {1000 * min(times):.1f} ms over {runs} runs"
     )
 
 
@@ -143,13 +139,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config_file, args.opts)  # ConfigError: one line on a mistake
-        cfg.MODEL.DEVICE = args.device
-        cfg.freeze()
-        model = build_loaded_model(cfg)
+        warn_untrained(cfg)
+        model, cfg = load_model(cfg, device=args.device)
         wrapper = SOLOExportable(model, batch_size=args.batch_size)
         opset = args.opset or min_opset_for(wrapper)
         images = sample_images(cfg, args.sample_image, args.batch_size or 1)
-    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+    except (ValueError, TypeError, WeightsUnavailableError) as e:  # ConfigError, BadWeightsError
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = model.pixel_mean.device

@@ -13,6 +13,7 @@ A second run resumes from the last checkpoint instead of training again; ``--fre
 
 import argparse
 import json
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -45,19 +46,18 @@ def main():
 
     subprocess.run([sys.executable, "-m", "solo_d2.env"], check=True)
     start = time.perf_counter()
-    sys.path.insert(0, str(ROOT))  # train_net.py is a script beside this folder
     from detectron2.data import MetadataCatalog
 
-    import train_net
-
-    train_args = train_net.get_parser().parse_args(
+    # train_net.py is a script, not a module: its functions, without running its command line
+    train_net = runpy.run_path(str(ROOT / "train_net.py"), run_name="solo_train_net")
+    train_args = train_net["get_parser"]().parse_args(
         ["--config-file", str(CONFIG), "--resume", "OUTPUT_DIR", str(out), *args.opts]
     )
-    results = train_net.main(train_args)
+    results = train_net["main"](train_args)
     if not results:  # already trained to MAX_ITER by an earlier run: evaluate only
         train_args.eval_only = True
         train_args.opts += ["MODEL.WEIGHTS", str(out / "model_final.pth")]
-        results = train_net.main(train_args)
+        results = train_net["main"](train_args)
     train_s = time.perf_counter() - start
 
     demo_dir = out / "demo"

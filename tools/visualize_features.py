@@ -21,20 +21,17 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # solo_d2 from this checkout when it is not installed
+import detectron2.data.transforms as T
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
 
-import detectron2.data.transforms as T  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-from solo_d2.atomic_io import atomic_write_json  # noqa: E402
-from solo_d2.checkpoint import SafeCheckpointer  # noqa: E402
-from solo_d2.config import ConfigError, load_config  # noqa: E402
-from solo_d2.data.images import read_image  # noqa: E402
-from solo_d2.data.shapes import register_shapes  # noqa: E402
-from solo_d2.visualization.features import MAX_INSTANCES, write_feature_pictures  # noqa: E402
+from solo_d2.atomic_io import atomic_write_json
+from solo_d2.config import ConfigError, load_config
+from solo_d2.data.images import read_image
+from solo_d2.data.shapes import register_shapes
+from solo_d2.engine import WeightsUnavailableError, load_model
+from solo_d2.visualization.features import MAX_INSTANCES, write_feature_pictures
 
 DEFAULT_OUTPUT = "output/features"
 
@@ -80,13 +77,8 @@ def get_parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
-def load_model(cfg) -> torch.nn.Module:
-    """The config's model in eval mode with MODEL.WEIGHTS loaded (warns when there are none).
-
-    Raises:
-        ValueError: MODEL.WEIGHTS names a missing file or cannot be loaded safely.
-    """
-    model = build_model(cfg).eval()
+def warn_untrained(cfg: CfgNode) -> None:
+    """Warn when MODEL.WEIGHTS holds no trained model (none, or an ImageNet backbone)."""
     weights = cfg.MODEL.WEIGHTS
     if not weights or "ImageNetPretrained" in weights:
         print(
@@ -95,11 +87,6 @@ def load_model(cfg) -> torch.nn.Module:
             "MODEL.WEIGHTS model.pth)",
             file=sys.stderr,
         )
-    if weights:
-        if "://" not in weights and not Path(weights).is_file():
-            raise ValueError(f"MODEL.WEIGHTS {weights}: no such file")
-        SafeCheckpointer(model).load(weights)  # UnsafeCheckpointError is a ValueError
-    return model
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -118,10 +105,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
             print("warning: CUDA is not available, running on the CPU", file=sys.stderr)
             cfg.MODEL.DEVICE = "cpu"
-        cfg.freeze()
         image = read_image(args.input, cfg.INPUT.FORMAT, cfg.INPUT.MAX_IMAGE_PIXELS)
-        model = load_model(cfg)
-    except (ConfigError, ValueError, OSError) as e:  # BadImageError is a ValueError
+        warn_untrained(cfg)
+        model, cfg = load_model(cfg)
+    except (ConfigError, ValueError, OSError, WeightsUnavailableError) as e:
+        # BadImageError and BadWeightsError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     resize = T.ResizeShortestEdge(

@@ -7,9 +7,9 @@
   load as they are.
 * :mod:`.official`: the official SOLO repository (WXinlong/SOLO, mmdetection v1): key conversion
   of its SOLO, Decoupled SOLO and SOLOv2 checkpoints and of torchvision ImageNet backbones.
-* :mod:`.parity`: this implementation's outputs against AdelaiDet's recorded ones.
 
-:mod:`.official` and :mod:`.parity` build models, so they are imported on use, not here.
+:mod:`.official` builds models, so it is imported on use, not here. The parity check against
+AdelaiDet's recorded outputs is a developer harness of the repository (``python -m dev.parity``).
 """
 
 from .adelaidet import (

@@ -18,7 +18,8 @@ once by ``tools/convert_trusted_weights.py`` (unsafe on untrusted files: it read
 pickle), which writes a ``.pth`` of tensors that loads safely.
 
 :class:`SafeCheckpointer` is detectron2's ``DetectionCheckpointer`` with these loaders; the
-trainer's, ``train_net.py --eval-only``'s and the demo's checkpointers derive from it.
+trainer's and ``train_net.py --eval-only``'s checkpointers derive from it, and
+:func:`solo_d2.engine.load_model` loads with it.
 """
 
 import collections

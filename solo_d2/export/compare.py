@@ -18,7 +18,7 @@ from detectron2.structures import Instances
 
 __all__ = ["SCORE_TOL", "MIN_IOU", "Agreement", "compare_detections", "pair_detections"]
 
-# The tolerances of the parity check: the same as against AdelaiDet (tools/check_parity.py).
+# The tolerances of the parity check: the same as against AdelaiDet (``python -m dev.parity``).
 SCORE_TOL, MIN_IOU = 1e-3, 0.99
 # Masks with at least this IoU are taken for the same object when detections are paired.
 _SAME_OBJECT_IOU = 0.5

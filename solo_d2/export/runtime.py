@@ -120,7 +120,7 @@ class ONNXRuntimeModel:
 
 
 class ONNXRuntimePredictor:
-    """The demo's predictor interface (``demo/predictor.py`` ``SOLOPredictor``) on an ONNX model.
+    """The demo's predictor interface (:class:`solo_d2.engine.SOLOPredictor`) on an ONNX model.
 
     Images are resized by ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` of ``cfg`` as for
     the PyTorch model, run through ONNX Runtime one at a time, and the instances come back at each

@@ -7,6 +7,8 @@
   levels' scale ranges and grids, with warnings where they fit poorly
   (``tools/analyze_dataset.py``).
 * :mod:`.training_plots`: loss curves and per-class AP charts, written by the Trainer.
+* :mod:`.drawing`: predictions drawn on their image (instances or a panoptic segmentation, as
+  ``demo/demo.py`` shows them), and the class names of a config's test dataset.
 
 Submodules are imported on use (matplotlib is imported only when a chart is drawn).
 """

@@ -10,7 +10,6 @@ STUFF_AREA_LIMIT 64).
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -24,15 +23,14 @@ from detectron2.data import MetadataCatalog
 from detectron2.structures import Instances
 from pycocotools import mask as mask_util
 
+from solo_d2.engine import SOLOPredictor
+from solo_d2.visualization import drawing
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DEMO_DIR = REPO / "demo"
-if str(DEMO_DIR) not in sys.path:
-    sys.path.insert(0, str(DEMO_DIR))  # demo.py imports its helpers as "predictor"
-_spec = importlib.util.spec_from_file_location("solo_demo_cli", DEMO_DIR / "demo.py")
+_spec = importlib.util.spec_from_file_location("solo_demo_cli", REPO / "demo" / "demo.py")
 demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
-import predictor as demo_predictor  # noqa: E402  (the module demo.py uses)
 
 # Metadata of the test "dataset": project convention, "things" first among the stuff classes.
 META_NAME = "demo_panoptic_test_meta"
@@ -100,7 +98,7 @@ def test_panoptic_image_json_and_drawing(files: Dict[str, Path], tmp_path: Path,
     image = cv2.imread(str(files["image"]))
     if cfg.INPUT.FORMAT == "RGB":
         image = image[:, :, ::-1]
-    predictor = demo_predictor.SOLOPredictor(cfg)
+    predictor = SOLOPredictor(cfg)
     prediction = predictor.predict([image])[0]
     seg, segments_info = prediction["panoptic_seg"]
     assert seg.shape == IMAGE_HW and seg.dtype == torch.int32
@@ -163,13 +161,13 @@ def test_video_frames_drawn_panoptic(
         writer.write(rng.integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8))
     writer.release()
     drawn = []
-    draw = demo_predictor.InstanceDrawer.draw
+    draw = drawing.InstanceDrawer.draw
 
     def spy(self, image, instances, panoptic=None):
         drawn.append(panoptic)
         return draw(self, image, instances, panoptic)
 
-    monkeypatch.setattr(demo_predictor.InstanceDrawer, "draw", spy)
+    monkeypatch.setattr(drawing.InstanceDrawer, "draw", spy)
     args = ["--config-file", str(files["config"]), "--video-input", str(video)]
     args += ["--output", str(tmp_path / "out"), "--opts", "MODEL.WEIGHTS", str(files["weights"])]
     assert demo.main(args) == 0
@@ -191,14 +189,14 @@ def test_large_image_drawn_downscaled(files: Dict[str, Path], monkeypatch) -> No
         {"id": 70000, "isthing": True, "category_id": 0, "area": 10000, "score": 0.9},
     ]
     image = np.full((300, 400, 3), 128, np.uint8)
-    small, small_seg = demo_predictor.fit_panoptic_for_drawing(image, seg, 120 * 160)
+    small, small_seg = drawing.fit_panoptic_for_drawing(image, seg, 120 * 160)
     assert small.shape == (120, 160, 3) and small_seg.shape == (120, 160)
     assert set(small_seg.unique().tolist()) == {0, 7, 70000}
     assert (small_seg[:, 81:] == 7).all() and (small_seg[:, :79] != 7).all()
-    assert demo_predictor.fit_panoptic_for_drawing(image, seg, 300 * 400)[1] is seg
+    assert drawing.fit_panoptic_for_drawing(image, seg, 300 * 400)[1] is seg
 
-    monkeypatch.setattr(demo_predictor, "MAX_DRAW_PIXELS", 120 * 160)
-    drawer = demo_predictor.InstanceDrawer.from_config(demo_cfg(files))
+    monkeypatch.setattr(drawing, "MAX_DRAW_PIXELS", 120 * 160)
+    drawer = drawing.InstanceDrawer.from_config(demo_cfg(files))
     before = [dict(s) for s in segments_info]
     drawn = drawer.draw(image, Instances((300, 400)), (seg, segments_info))
     assert drawn.shape == (120, 160, 3)
@@ -211,16 +209,16 @@ def test_stuff_names(files: Dict[str, Path]) -> None:
     detectron2's standard one, things then stuff), else "stuff <id>"; "things" first."""
     cfg = demo_cfg(files).clone()
     cfg.defrost()
-    assert demo_predictor.stuff_class_names(cfg) == STUFF_NAMES
-    assert demo_predictor.class_names(cfg) == THING_NAMES
+    assert drawing.stuff_class_names(cfg) == STUFF_NAMES
+    assert drawing.class_names(cfg) == THING_NAMES
     cfg.DATASETS.TEST = ()
     generic = ["things", "stuff 1", "stuff 2", "stuff 3"]
-    assert demo_predictor.stuff_class_names(cfg) == generic
+    assert drawing.stuff_class_names(cfg) == generic
     standard = "demo_panoptic_test_standard_meta"
     MetadataCatalog.get(standard).set(stuff_classes=THING_NAMES + STUFF_NAMES[1:])
     cfg.DATASETS.TEST = (standard,)
-    assert demo_predictor.stuff_class_names(cfg) == STUFF_NAMES
+    assert drawing.stuff_class_names(cfg) == STUFF_NAMES
     wrong = "demo_panoptic_test_wrong_meta"
     MetadataCatalog.get(wrong).set(stuff_classes=["things", "sky"])
     cfg.DATASETS.TEST = (wrong,)
-    assert demo_predictor.stuff_class_names(cfg) == generic
+    assert drawing.stuff_class_names(cfg) == generic

@@ -41,6 +41,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
+from dev.parity import load_fixture_model
 from solo_d2.export import (
     DEFORM_CONV_OPSET,
     MIN_OPSET,
@@ -207,8 +208,7 @@ def test_compare_fails_on_each_kind_of_discrepancy():
 def fixture_exports(tmp_path_factory):
     """The fixture's model exported once for the module (skipped without the fixture)."""
     fixture = torch.load(require_parity_fixture(), weights_only=True)
-    model, _ = load_tool("check_parity").load_model(fixture, "cpu")
-    model.eval()
+    model, _ = load_fixture_model(fixture, "cpu")
     out = tmp_path_factory.mktemp("fixture_export")
     wrapper = SOLOExportable(model)
     sample = fixture["inference"][0]["image"].float()[:, :96, :128]  # any size traces the same
@@ -361,9 +361,8 @@ def test_runtime_model_returns_the_pytorch_structure(quick_export):
         )
 
 
-def test_demo_onnx_flag(quick_export, tmp_path, monkeypatch, capsys):
+def test_demo_onnx_flag(quick_export, tmp_path, capsys):
     _, out = quick_export
-    monkeypatch.syspath_prepend(str(REPO / "demo"))  # demo.py imports its predictor module
     spec = importlib.util.spec_from_file_location("solo_demo", REPO / "demo" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_cfg
 from detectron2.modeling import build_model
 
-from solo_d2.benchmark.inputs import inference_inputs, synthetic_image
+from dev.benchmark.inputs import inference_inputs, synthetic_image
 
 
 @pytest.fixture(scope="module")

@@ -460,7 +460,7 @@ def test_int8_intersections_equal_float_products():
 
 
 def test_matrix_nms_bool_and_float_masks_agree():
-    from solo_d2.benchmark.inputs import matrix_nms_inputs
+    from dev.benchmark.inputs import matrix_nms_inputs
 
     labels, masks, areas, scores = matrix_nms_inputs(60, 40, 56, seed=3)
     a = matrix_nms(labels, masks, areas, scores)

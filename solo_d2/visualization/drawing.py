@@ -1,129 +1,39 @@
-"""Inference helpers of the demo: a batched SOLOv2 predictor and a drawing helper (instances, or
-the panoptic segmentation of panoptic models)."""
+"""Drawing predictions on images with detectron2's ``Visualizer``: instances, or the panoptic
+segmentation of panoptic models (the demo's pictures), downscaled first when an image is large;
+and the class names of a config's test dataset.
+"""
 
 import math
 import os
-import socket
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
-import detectron2.data.transforms as T
 import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import Metadata, MetadataCatalog
-from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.colormap import colormap
-from detectron2.utils.file_io import PathManager
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from solo_d2.atomic_io import atomic_write_bytes
-from solo_d2.checkpoint import SafeCheckpointer, UnsafeCheckpointError
+from ..atomic_io import atomic_write_bytes
 
 __all__ = [
-    "WeightsUnavailableError",
-    "BadWeightsError",
-    "resolve_weights",
-    "class_names",
-    "stuff_class_names",
-    "is_panoptic",
-    "SOLOPredictor",
+    "MAX_DRAW_PIXELS",
     "InstanceDrawer",
+    "Panoptic",
+    "class_names",
     "fit_for_drawing",
     "fit_panoptic_for_drawing",
+    "is_panoptic",
+    "stuff_class_names",
 ]
 
-# Seconds a socket operation of a weights download may block before the download fails.
-DOWNLOAD_TIMEOUT_S = 60
 # Images larger than this (4 MP) are drawn downscaled to it: detectron2's Visualizer needs
 # about 100 bytes per pixel (4.4 GB for an 8000 x 6000 photo). The json keeps full-size masks.
 MAX_DRAW_PIXELS = 2560 * 1600
 # A panoptic prediction: (H, W) int32 segment ids (0: no segment) and the segments' info dicts.
 Panoptic = Tuple[torch.Tensor, List[Dict]]
-
-
-class WeightsUnavailableError(RuntimeError):
-    """MODEL.WEIGHTS could not be made a local file: a missing file or a failed download."""
-
-    def __init__(self, path: str, remote: bool, reason: str = ""):
-        """
-        Args:
-            path: the MODEL.WEIGHTS value.
-            remote: whether ``path`` is a URL (or another ``scheme://`` path) to download.
-            reason: why a download failed, on one line.
-        """
-        what = "could not be downloaded from" if remote else "file not found:"
-        super().__init__(f"weights {what} {path}" + (f" ({reason})" if reason else ""))
-        self.path = path
-        self.remote = remote
-        self.reason = reason
-
-
-class BadWeightsError(ValueError):
-    """MODEL.WEIGHTS is a file that cannot be loaded or does not fit the model of the config."""
-
-
-class _ShapeCheckingCheckpointer(SafeCheckpointer):
-    """SafeCheckpointer (it runs no code from the file) that keeps the (key, file shape, model
-    shape) of skipped tensors."""
-
-    incorrect_shapes = ()
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        self.incorrect_shapes = list(incompatible.incorrect_shapes)
-        super()._log_incompatible_keys(incompatible)
-
-
-def load_weights(model: torch.nn.Module, path: str, num_classes: int) -> None:
-    """Load the local checkpoint ``path`` into ``model``; every tensor must fit.
-
-    Raises:
-        BadWeightsError: the file is not a readable checkpoint, it references something other
-            than weights data (refused before anything in it runs), or a tensor has another shape
-            than the model's (the usual cause: MODEL.SOLO.NUM_CLASSES differs from the classes
-            the weights were trained for).
-    """
-    checkpointer = _ShapeCheckingCheckpointer(model)
-    try:
-        checkpointer.load(path)
-    except UnsafeCheckpointError as e:
-        raise BadWeightsError(str(e)) from e
-    except Exception as e:  # torch.load / pickle raise many types on a corrupt file
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise BadWeightsError(f"weights file {path} cannot be loaded: {reason}") from e
-    if checkpointer.incorrect_shapes:
-        key, in_file, in_model = checkpointer.incorrect_shapes[0]
-        raise BadWeightsError(
-            f"weights file {path} does not fit the model of the config: {key} has shape "
-            f"{tuple(in_file)} in the file but {tuple(in_model)} in the model "
-            f"({len(checkpointer.incorrect_shapes)} such tensors); check --config-file and "
-            f"MODEL.SOLO.NUM_CLASSES ({num_classes})"
-        )
-
-
-def resolve_weights(path: str) -> str:
-    """The local file of a MODEL.WEIGHTS value, downloading (and caching) remote ones.
-
-    Local paths are returned as they are; ``https://``, ``detectron2://`` ... paths go through
-    detectron2's PathManager, which caches downloads under ``$FVCORE_CACHE``
-    (``~/.torch/iopath_cache`` by default).
-
-    Raises:
-        WeightsUnavailableError: the file does not exist or the download failed.
-    """
-    remote = "://" in path
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urllib would otherwise wait forever
-    try:
-        local = PathManager.get_local_path(path)
-    except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
-        raise WeightsUnavailableError(path, remote, " ".join(str(e).split())) from e
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-    if not os.path.isfile(local):
-        raise WeightsUnavailableError(path, remote)
-    return local
 
 
 def class_names(cfg: CfgNode) -> List[str]:
@@ -171,73 +81,6 @@ def stuff_class_names(cfg: CfgNode) -> List[str]:
     if known is not None:
         return ["things"] + [str(name) for name in known[1:]]
     return ["things"] + [f"stuff {i}" for i in range(1, num_stuff + 1)]
-
-
-class SOLOPredictor:
-    """Like detectron2's ``DefaultPredictor``, for a list of images at once.
-
-    Builds the model of ``cfg``, loads ``cfg.MODEL.WEIGHTS`` (no weights when it is empty) and
-    runs images resized by ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``. The model groups
-    images by padded size itself, so a batch gives the same results as one image at a time.
-    """
-
-    def __init__(self, cfg: CfgNode):
-        """
-        Raises:
-            WeightsUnavailableError: MODEL.WEIGHTS is a missing file or could not be downloaded
-                (checked before the model is built).
-            BadWeightsError: MODEL.WEIGHTS cannot be loaded or does not fit the model.
-        """
-        self.cfg = cfg.clone()
-        weights = resolve_weights(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
-        self.model = build_model(self.cfg).eval()
-        if weights:
-            load_weights(self.model, weights, cfg.MODEL.SOLO.NUM_CLASSES)
-        self.aug = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        )
-        self.input_format = cfg.INPUT.FORMAT
-        if self.input_format not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
-
-    def __call__(self, images: Sequence[np.ndarray]) -> List[Instances]:
-        """
-        Args:
-            images: (H, W, 3) uint8 images in ``cfg.INPUT.FORMAT`` (what
-                ``detectron2.data.detection_utils.read_image(path, format=cfg.INPUT.FORMAT)``
-                returns).
-        Returns:
-            per image, Instances on the CPU at the image's own size, with pred_masks (N, H, W)
-            bool, pred_boxes, scores and pred_classes.
-        """
-        return [out["instances"] for out in self.predict(images)]
-
-    def predict(self, images: Sequence[np.ndarray]) -> List[Dict]:
-        """Like :meth:`__call__`, with the panoptic segmentation of panoptic models.
-
-        Returns:
-            per image, a dict with "instances" (what :meth:`__call__` returns) and, when the
-            model is panoptic, "panoptic_seg": ((H, W) int32 segment ids on the CPU, 0 for no
-            segment; segments_info), the model's merge of its instances and stuff (see
-            ``solo_d2.modeling.panoptic.combine_things_and_stuff``). The stuff logits
-            ("sem_seg", K + 1 float maps of the image's size) are dropped.
-        """
-        inputs = []
-        for image in images:
-            height, width = image.shape[:2]
-            resized = self.aug.get_transform(image).apply_image(image)
-            tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-            inputs.append({"image": tensor, "height": height, "width": width})
-        with torch.no_grad():
-            outputs = self.model(inputs)
-        results = []
-        for out in outputs:
-            result = {"instances": out["instances"].to("cpu")}
-            if "panoptic_seg" in out:
-                seg, segments_info = out["panoptic_seg"]
-                result["panoptic_seg"] = (seg.to("cpu"), segments_info)
-            results.append(result)
-        return results
 
 
 class InstanceDrawer:

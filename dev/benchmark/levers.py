@@ -19,7 +19,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from ..export.compare import compare_detections
+from solo_d2.export.compare import compare_detections
+
 from .inputs import inference_inputs, training_inputs
 from .timing import summarize, synchronize
 

@@ -2,8 +2,8 @@
 
 :mod:`.timing` measures (medians, CPU time, peak memory) and describes the machine,
 :mod:`.inputs` makes deterministic synthetic inputs, :mod:`.stages` runs the stages
-(``tools/benchmark.py`` is their command line) and :mod:`.report` formats the results. Every figure
-is measured in the run that prints it.
+(``python -m dev.benchmark`` is their command line, :mod:`.__main__`) and :mod:`.report` formats
+the results. Every figure is measured in the run that prints it.
 """
 
 from .report import format_report

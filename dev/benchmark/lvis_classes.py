@@ -1,21 +1,24 @@
-#!/usr/bin/env python3
 """Measure what LVIS's 1203 classes cost SOLOv2's category branch and post-processing on the CPU.
 
-    python tools/benchmark_lvis_classes.py                      # C = 80 and 1203, one thread
-    python tools/benchmark_lvis_classes.py --threads 2 --json out/lvis_cost.json
+From the repository root:
 
-What is measured: :mod:`solo_d2.benchmark.lvis_cost`; results and their reading: docs/lvis.md.
+    python -m dev.benchmark.lvis_classes                        # C = 80 and 1203, one thread
+    python -m dev.benchmark.lvis_classes --threads 2 --json out/lvis_cost.json
+
+What is measured: :mod:`dev.benchmark.lvis_cost`; results and their reading: docs/lvis.md.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from solo_d2.benchmark.lvis_cost import LVISCostSettings, format_lvis_cost, measure_lvis_cost
+from dev.benchmark.lvis_cost import LVISCostSettings, format_lvis_cost, measure_lvis_cost
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dev.benchmark.lvis_classes", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--classes", type=int, nargs="+", default=[80, 1203])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)

@@ -1,5 +1,9 @@
 """Parity with AdelaiDet's SOLOv2 (aim-uofa/AdelaiDet): this implementation against its outputs.
 
+    python -m dev.parity FIXTURE.pt [--device cpu]      # from the repository root
+
+checks a fixture: one line per check, exit status 0 only when every tolerance holds.
+
 A parity fixture (``torch.load(path, weights_only=True)``) is a dict recording what AdelaiDet's
 SOLOv2 computes with a small checkpoint in its own key layout:
 
@@ -17,24 +21,26 @@ near-equal scores may swap order under float rounding), scores within :data:`SCO
 mask IoU at least :data:`MIN_IOU`, losses within :data:`LOSS_RTOL` relative.
 """
 
+import argparse
+import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from ..config import add_solo_config
-from ..export.compare import MIN_IOU, SCORE_TOL, compare_detections
-from ..modeling.targets import instance_targets
-from .adelaidet import apply_adelaidet_solov2_config
-from .safe_load import SafeCheckpointer
+from solo_d2.checkpoint.adelaidet import apply_adelaidet_solov2_config
+from solo_d2.config import add_solo_config
+from solo_d2.engine import load_model
+from solo_d2.export.compare import MIN_IOU, SCORE_TOL, compare_detections
+from solo_d2.modeling.targets import instance_targets
 
 __all__ = [
     "LOSS_RTOL",
@@ -46,7 +52,8 @@ __all__ = [
     "check_inference",
     "check_loading",
     "check_training",
-    "load_model",
+    "load_fixture_model",
+    "main",
 ]
 
 LOSS_RTOL = 1e-3  # scores and masks: the export tolerances, SCORE_TOL and MIN_IOU
@@ -96,20 +103,19 @@ def build_cfg(fixture: Fixture) -> CfgNode:
     return cfg
 
 
-def load_model(fixture: Fixture, device: str) -> Tuple[nn.Module, Tuple[List[str], List[str]]]:
-    """The fixture's model on ``device`` with its checkpoint loaded in float32 through
-    :class:`SafeCheckpointer` (detectron2's checkpointer), and the (missing, unexpected) keys of
-    that load."""
-    cfg = build_cfg(fixture)
-    cfg.MODEL.DEVICE = device
-    model = build_model(cfg)
+def load_fixture_model(
+    fixture: Fixture, device: str
+) -> Tuple[nn.Module, Tuple[List[str], List[str]]]:
+    """The fixture's model on ``device`` (eval mode) with its checkpoint loaded in float32 by
+    :func:`solo_d2.engine.load_model`, and the (missing, unexpected) keys of that load."""
     state = {
         k: v.float() if v.is_floating_point() else v
         for k, v in fixture["checkpoint"]["model"].items()
     }
-    with tempfile.NamedTemporaryFile(suffix=".pth") as f:
-        torch.save({"model": state}, f.name)
-        SafeCheckpointer(model).load(f.name)
+    with tempfile.TemporaryDirectory(prefix="solo_parity_") as tmp:
+        weights = os.path.join(tmp, "adelaidet.pth")
+        torch.save({"model": state}, weights)
+        model, _ = load_model(build_cfg(fixture), weights=weights, device=device)
     own = set(model.state_dict())
     return model, (sorted(own - set(state)), sorted(set(state) - own))
 
@@ -196,9 +202,34 @@ def check_training(model: nn.Module, train: Dict[str, Any]) -> ParityCheck:
 
 def check_fixture(fixture: Fixture, device: str = "cpu") -> List[ParityCheck]:
     """Every check of a fixture: checkpoint loading, each inference case, the training batch."""
-    model, incompatible = load_model(fixture, device)
+    model, incompatible = load_fixture_model(fixture, device)
     checks = [check_loading(fixture, incompatible)]
     checks += [check_inference(model, c, i) for i, c in enumerate(fixture["inference"])]
     if "train" in fixture:
         checks.append(check_training(model, fixture["train"]))
     return checks
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: check a fixture file, print each check; 0 when all pass, else 1."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dev.parity",
+        description="Check this project's SOLOv2 against a parity fixture of AdelaiDet's outputs",
+    )
+    parser.add_argument("fixture", help="parity fixture .pt file")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        fixture = torch.load(args.fixture, weights_only=True)
+    except (OSError, RuntimeError) as e:
+        parser.exit(2, f"error: cannot load fixture {args.fixture}: {' '.join(str(e).split())}\n")
+    checks = check_fixture(fixture, args.device)
+    for check in checks:
+        print(check)
+    passed = sum(c.ok for c in checks)
+    print(f"{'OK' if passed == len(checks) else 'FAILED'}: {passed}/{len(checks)} checks passed")
+    return 0 if passed == len(checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
-"""solo_d2.benchmark at tiny sizes: the structure and sanity of its measurements and report (no
-timed assertions), its synthetic inputs, and tools/benchmark.py as a command."""
+"""dev.benchmark at tiny sizes: the structure and sanity of its measurements and report (no timed
+assertions), its synthetic inputs, and ``python -m dev.benchmark`` as a command."""
 
 import json
 import mmap
@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from solo_d2.benchmark import (
+from dev.benchmark import (
     STAGES,
     BenchmarkSettings,
     PeakMemory,
@@ -18,9 +18,9 @@ from solo_d2.benchmark import (
     machine_info,
     run_stage,
 )
-from solo_d2.benchmark.inputs import candidate_logits, count_candidates, inference_inputs
-from solo_d2.benchmark.report import measurements
-from solo_d2.benchmark.stages import build_benchmark_model, one_class_everywhere, postprocess
+from dev.benchmark.inputs import candidate_logits, count_candidates, inference_inputs
+from dev.benchmark.report import measurements
+from dev.benchmark.stages import build_benchmark_model, one_class_everywhere, postprocess
 from solo_d2.modeling.postprocessing import point_nms
 
 R18 = str(REPO / "configs" / "SOLOv2_R18_quickstart_shapes.yaml")
@@ -198,10 +198,11 @@ def test_cli_isolated_stage_writes_json(tmp_path):
     args = ["--stages", "matrix_nms", "--nms-masks", "6", "--nms-size", "12x16", "--threads", "1"]
     args += ["--nms-repeats", "2", "--json", str(out)]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark.py"), *args],
+        [sys.executable, "-m", "dev.benchmark", *args],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "matrix_nms" in proc.stdout and f"wrote {out}" in proc.stdout
@@ -213,10 +214,11 @@ def test_cli_isolated_stage_writes_json(tmp_path):
 
 def test_cli_rejects_bad_size():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark.py"), "--size", "800by1344"],
+        [sys.executable, "-m", "dev.benchmark", "--size", "800by1344"],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 2 and "size must be HxW" in proc.stderr
 

@@ -1,12 +1,13 @@
-#!/usr/bin/env python3
 """Benchmark solo_d2: per-stage latency, throughput, training step, data loading, peak memory.
 
-    python tools/benchmark.py                                  # every stage, CPU, R50-FPN
-    python tools/benchmark.py --stages matrix_nms postprocess_memory --json out/bench.json
-    python tools/benchmark.py --device cuda --amp              # on a GPU, AMP training too
+From the repository root:
+
+    python -m dev.benchmark                                    # every stage, CPU, R50-FPN
+    python -m dev.benchmark --stages matrix_nms postprocess_memory --json out/bench.json
+    python -m dev.benchmark --device cuda --amp                # on a GPU, AMP training too
 
 Stages (``--stages``; each runs in its own subprocess unless ``--no-isolate``; what each measures:
-:mod:`solo_d2.benchmark.stages`): ``inference`` (batch 1 at ``--size``: backbone+FPN, instance
+:mod:`dev.benchmark.stages`): ``inference`` (batch 1 at ``--size``: backbone+FPN, instance
 branch, mask-feature branch, post-processing with the network's candidates and with
 ``--candidates``, the whole model), ``throughput`` (``--batch-sizes``), ``matrix_nms``
 (``--nms-masks`` masks of ``--nms-size``), ``postprocess_memory`` (``--many-candidates``),
@@ -22,12 +23,11 @@ import argparse
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from solo_d2.benchmark import (
+from dev.benchmark import (
     STAGES,
     BenchmarkSettings,
     format_report,
@@ -35,8 +35,8 @@ from solo_d2.benchmark import (
     run_stage,
     run_stage_isolated,
 )
+from dev.benchmark.stages import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {f.name for f in dataclasses.fields(BenchmarkSettings)}
 
 
@@ -62,7 +62,9 @@ def _positive(text: str) -> int:
 def get_parser() -> argparse.ArgumentParser:
     d = BenchmarkSettings(config_file=str(REPO / "configs" / "SOLOv2_R50_3x.yaml"))
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m dev.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config-file", default=d.config_file)
     p.add_argument("--weights", default=d.weights, help="checkpoint to load (default: random init)")

@@ -1,5 +1,5 @@
-"""AdelaiDet parity (solo_d2.checkpoint.parity, tools/check_parity.py) on the public fixture, and
-direct loading of AdelaiDet's checkpoint layout."""
+"""AdelaiDet parity (dev/parity.py, ``python -m dev.parity``) on the public fixture, and direct
+loading of AdelaiDet's checkpoint layout."""
 
 import subprocess
 import sys
@@ -9,14 +9,15 @@ from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from solo_d2.checkpoint.parity import build_cfg, check_fixture
+from dev.parity import build_cfg, check_fixture
 
 
-def test_check_parity_tool_passes(parity_fixture_path):
+def test_parity_command_passes(parity_fixture_path):
     res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "check_parity.py"), str(parity_fixture_path)],
+        [sys.executable, "-m", "dev.parity", str(parity_fixture_path)],
         capture_output=True,
         text=True,
+        cwd=REPO,
     )
     print(res.stdout, res.stderr)
     assert res.returncode == 0

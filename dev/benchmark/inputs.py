@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from detectron2.structures import BitMasks, Instances
 from torch import Tensor, nn
 
-from ..modeling.postprocessing import point_nms
-from ..modeling.targets import extra_mask_targets, instance_targets
+from solo_d2.modeling.postprocessing import point_nms
+from solo_d2.modeling.targets import extra_mask_targets, instance_targets
 
 __all__ = [
     "candidate_logits",

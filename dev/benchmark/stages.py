@@ -39,16 +39,16 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.modeling import build_model
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from ..checkpoint import SafeCheckpointer
-from ..config import load_config
-from ..modeling.heads import split_instance_features
-from ..modeling.meta_arch import HeadOutputs
-from ..modeling.postprocessing import matrix_nms
+from solo_d2.config import load_config
+from solo_d2.engine import load_model
+from solo_d2.modeling.heads import split_instance_features
+from solo_d2.modeling.meta_arch import HeadOutputs
+from solo_d2.modeling.postprocessing import matrix_nms
+
 from .inputs import (
     candidate_logits,
     count_candidates,
@@ -70,6 +70,9 @@ __all__ = [
     "run_stage_isolated",
 ]
 
+# the repository root: the working directory of isolated stages (``python -m dev.benchmark.child``)
+REPO = Path(__file__).resolve().parents[2]
+
 STAGES = (
     "inference",
     "throughput",
@@ -83,7 +86,8 @@ STAGES = (
 
 @dataclass
 class BenchmarkSettings:
-    """What to benchmark and at which sizes (``tools/benchmark.py`` flags of the same names)."""
+    """What to benchmark and at which sizes (``python -m dev.benchmark`` flags of the same
+    names)."""
 
     config_file: str
     weights: str = ""  # checkpoint to load; "" for random init
@@ -127,10 +131,7 @@ class BenchmarkSettings:
 def build_benchmark_model(cfg: CfgNode, seed: int = 0) -> nn.Module:
     """The model of ``cfg`` (random weights from ``seed`` unless MODEL.WEIGHTS), in eval mode."""
     torch.manual_seed(seed)
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model.eval()
+    return load_model(cfg)[0]
 
 
 def one_class_everywhere(model: nn.Module, class_index: int = 0) -> None:
@@ -338,8 +339,8 @@ def bench_loader(cfg: CfgNode, s: BenchmarkSettings) -> Dict:
     from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
     from detectron2.data.datasets import load_coco_json
 
-    from ..data.dataset_mapper import SOLODatasetMapper
-    from ..data.shapes import SHAPES_CLASSES, generate_shapes
+    from solo_d2.data.dataset_mapper import SOLODatasetMapper
+    from solo_d2.data.shapes import SHAPES_CLASSES, generate_shapes
 
     cfg = cfg.clone()
     res = {}
@@ -414,8 +415,9 @@ def run_stage(stage: str, s: BenchmarkSettings) -> Dict:
 
 
 def run_stage_in_child(stage: str, settings_json: str, out_json: str) -> None:
-    """The child process of :func:`run_stage_isolated`: run ``stage`` and write its results and
-    the load average at its start and end (``_load``) to ``out_json``."""
+    """The child process of :func:`run_stage_isolated` (``python -m dev.benchmark.child``): run
+    ``stage`` and write its results and the load average at its start and end (``_load``) to
+    ``out_json``."""
     with open(settings_json) as f:
         s = BenchmarkSettings(**json.load(f))
     if s.threads:
@@ -429,18 +431,20 @@ def run_stage_in_child(stage: str, settings_json: str, out_json: str) -> None:
 
 def run_stage_isolated(stage: str, s: BenchmarkSettings) -> Dict:
     """Run one stage in a fresh Python process (its own memory high-water mark and no state
-    left by other stages); returns what :func:`run_stage` returns, with ``_load``."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    code = (
-        "import sys; from solo_d2.benchmark.stages import run_stage_in_child as r; r(*sys.argv[1:])"
-    )
+    left by other stages), ``python -m dev.benchmark.child`` in the repository root; returns what
+    :func:`run_stage` returns, with ``_load``."""
+    settings = dataclasses.asdict(s)
+    # the child runs in the repository root: the files named must not depend on this cwd
+    settings["config_file"] = os.path.abspath(s.config_file)
+    if s.weights and "://" not in s.weights:
+        settings["weights"] = os.path.abspath(s.weights)
     with tempfile.TemporaryDirectory(prefix="solo_bench_") as tmp:
-        settings, out = os.path.join(tmp, "settings.json"), os.path.join(tmp, "stage.json")
-        with open(settings, "w") as f:
-            json.dump(dataclasses.asdict(s), f)
-        proc = subprocess.run([sys.executable, "-c", code, stage, settings, out], env=env)
+        settings_json, out = os.path.join(tmp, "settings.json"), os.path.join(tmp, "stage.json")
+        with open(settings_json, "w") as f:
+            json.dump(settings, f)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dev.benchmark.child", stage, settings_json, out], cwd=REPO
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark stage {stage!r} failed (exit {proc.returncode})")
         with open(out) as f:

@@ -1,6 +1,6 @@
 """What 1203 LVIS classes cost a SOLOv2 at inference, against COCO's 80 (CPU or GPU).
 
-Measured for each class count C (``tools/benchmark_lvis_classes.py`` is the command line; the
+Measured for each class count C (``python -m dev.benchmark.lvis_classes`` is the command line; the
 results and their reading are in docs/lvis.md):
 
 * ``cate_pred``: the category branch's last conv (3x3, ``channels`` -> C), the only layer whose
@@ -15,7 +15,7 @@ results and their reading are in docs/lvis.md):
   classes it passes in, but Matrix NMS and the final masks see k candidates per cell. With many
   similar classes (LVIS has synonyms and near-synonyms) k > 1 becomes likely.
 
-Timings are medians (:func:`~solo_d2.benchmark.timing.measure`), with the process's peak memory
+Timings are medians (:func:`~dev.benchmark.timing.measure`), with the process's peak memory
 increase during each; weights and features are random (cost does not depend on their values,
 only on the shapes and the candidates).
 """
@@ -27,7 +27,13 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from ..modeling.postprocessing import category_scores, cell_strides, matrix_nms, solo_postprocess
+from solo_d2.modeling.postprocessing import (
+    category_scores,
+    cell_strides,
+    matrix_nms,
+    solo_postprocess,
+)
+
 from .inputs import matrix_nms_inputs
 from .timing import machine_info, measure
 
