@@ -6,7 +6,7 @@
 IN.pth is one of the official SOLO, Decoupled SOLO, Decoupled SOLO light (DCN), SOLOv2 (DCN,
 light) checkpoints (mmcv format ``{"meta", "state_dict"}``), or a torchvision-style ImageNet
 ResNet/ResNeXt (``conv1.weight``, ``layer1.0...``, ``fc.*``) to initialise a backbone. Every key is
-renamed to this project's layout (the rules: :mod:`solo_d2.checkpoint.official`); a key that
+renamed to this project's layout (the rules: :mod:`solo_d2.model_zoo.official`); a key that
 matches no rule is reported and the conversion fails, writing nothing.
 
 It writes OUT.pth (``{"model": state_dict}``, loadable with MODEL.WEIGHTS) and OUT.yaml, the config
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from solo_d2.checkpoint.official import ConversionError, convert
+from solo_d2.model_zoo.official import ConversionError, convert
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -1,15 +1,15 @@
-"""Checkpoints: kill-safe saving, and loading the checkpoints of other SOLO implementations.
+"""Checkpoints: kill-safe saving, safe loading, and AdelaiDet's config keys.
 
 * :mod:`.safe_load`: loading weights files without running code from them
   (:class:`SafeCheckpointer`, :func:`load_checkpoint_file`).
 * :mod:`.atomic`: :class:`AtomicCheckpointer`, the safe checkpointer with atomic writes.
 * :mod:`.adelaidet`: AdelaiDet's SOLOv2 (aim-uofa/AdelaiDet): its config keys; its checkpoints
   load as they are.
-* :mod:`.official`: the official SOLO repository (WXinlong/SOLO, mmdetection v1): key conversion
-  of its SOLO, Decoupled SOLO and SOLOv2 checkpoints and of torchvision ImageNet backbones.
 
-:mod:`.official` builds models, so it is imported on use, not here. The parity check against
-AdelaiDet's recorded outputs is a developer harness of the repository (``python -m dev.parity``).
+The official SOLO repository's checkpoints are converted by :mod:`solo_d2.model_zoo.official`
+(it builds models and reads the model zoo's configs, a layer above this one). The parity check
+against AdelaiDet's recorded outputs is a developer harness of the repository
+(``python -m dev.parity``).
 """
 
 from .adelaidet import (

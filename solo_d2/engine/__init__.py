@@ -3,7 +3,6 @@ config and weights (:func:`load_model`, :class:`SOLOPredictor`)."""
 
 from .hooks import PREEMPTED_EXIT_STATUS, PreemptionHook, TrainingPreempted
 from .launch import launch
-from .preflight import check_config
 from .predictor import (
     BadWeightsError,
     SOLOPredictor,
@@ -11,6 +10,7 @@ from .predictor import (
     load_model,
     resolve_weights,
 )
+from .preflight import check_config
 from .trainer import Trainer, create_ddp_model
 
 __all__ = [

@@ -11,18 +11,15 @@ top-level ``configs/`` when the wheel is built); a source checkout or an editabl
 the top-level ``configs/`` folder itself.
 """
 
+from .config_files import config_names, configs_dir, get_config_file, resolve_config_file
 from .model_zoo import (
     CHECKPOINTS,
     ChecksumError,
     PublishedCheckpoint,
     checkpoint_file,
-    config_names,
-    configs_dir,
     get,
     get_config,
-    get_config_file,
     published_checkpoint,
-    resolve_config_file,
 )
 
 __all__ = [

@@ -6,44 +6,35 @@ are downloaded through detectron2's ``PathManager`` (iopath's cache: ``$FVCORE_C
 by the weights-only loaders of :mod:`solo_d2.checkpoint` (nothing in them runs).
 """
 
-import difflib
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 from urllib.parse import unquote, urlparse
 
 import torch
 import yaml
 from detectron2.config import CfgNode
-from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
-from ..checkpoint import SafeCheckpointer
 from ..config import ConfigError, load_config, merge_config_opts
+from ..engine.predictor import load_model
+from .config_files import close_names, config_stem, get_config_file
+from .official import convert
 
 __all__ = [
     "CHECKPOINTS",
     "ChecksumError",
     "PublishedCheckpoint",
     "checkpoint_file",
-    "config_names",
-    "configs_dir",
     "get",
     "get_config",
-    "get_config_file",
     "published_checkpoint",
-    "resolve_config_file",
 ]
 
 logger = logging.getLogger(__name__)
-
-# configs/ inside the installed package (copied there when the wheel is built, see setup.py)
-_PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
-# configs/ at the top of a source checkout (also what an editable install reads)
-_CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -51,7 +42,7 @@ class PublishedCheckpoint:
     """One published checkpoint and the config of its model."""
 
     config: str  # config name in this model zoo
-    source: str  # "adelaidet": loads as it is; "official": converted by checkpoint.official
+    source: str  # "adelaidet": loads as it is; "official": converted by model_zoo.official
     url: str
     sha256: Optional[str]  # None: no checksum published, the download is not verified
 
@@ -155,86 +146,6 @@ class ChecksumError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# configs
-# --------------------------------------------------------------------------------------------
-
-
-def configs_dir() -> Path:
-    """The folder of the shipped configs: the package's ``model_zoo/configs`` in an installed
-    wheel, else the top-level ``configs/`` of the source checkout solo_d2 is imported from.
-
-    Raises:
-        FileNotFoundError: neither exists (a broken install).
-    """
-    if _PACKAGE_CONFIGS.is_dir():
-        return _PACKAGE_CONFIGS
-    checkout = _CHECKOUT_ROOT / "configs"
-    if checkout.is_dir() and (_CHECKOUT_ROOT / "setup.py").is_file():
-        return checkout
-    raise FileNotFoundError(
-        f"solo_d2's configs are missing: neither {_PACKAGE_CONFIGS} (installed package) nor "
-        f"{checkout} (source checkout) exists; reinstall solo_d2"
-    )
-
-
-def config_names() -> List[str]:
-    """Every config name of the model zoo ("SOLOv2_R50_3x", ..., the ``Base-*`` ones too)."""
-    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
-
-
-def _stem(name: str) -> str:
-    return name[: -len(".yaml")] if name.endswith(".yaml") else name
-
-
-def _close_names(name: str, names: Sequence[str]) -> List[str]:
-    """Up to three of ``names`` close to ``name``, ignoring case."""
-    by_lower = {n.lower(): n for n in names}
-    close = difflib.get_close_matches(_stem(name).lower(), list(by_lower), n=3, cutoff=0.6)
-    return [by_lower[c] for c in close]
-
-
-def _names_hint(name: str) -> str:
-    close = _close_names(name, config_names())
-    if close:
-        return "close names: " + ", ".join(close)
-    return "solo_d2.model_zoo.config_names() lists them, e.g. SOLOv2_R50_3x"
-
-
-def get_config_file(name: str) -> str:
-    """The path of the config ``name`` ("SOLOv2_R50_3x" or "SOLOv2_R50_3x.yaml").
-
-    Raises:
-        ConfigError: no config has that name (the message names the close ones).
-    """
-    stem = _stem(name)
-    path = configs_dir() / f"{stem}.yaml"
-    if stem and "/" not in stem and "\\" not in stem and path.is_file():
-        return str(path)
-    raise ConfigError(f"{name!r} is not a config of the solo_d2 model zoo; {_names_hint(name)}")
-
-
-def resolve_config_file(name_or_path: str) -> str:
-    """``name_or_path`` when it is a file, else the model zoo config of that name (also for
-    ``configs/NAME.yaml`` given outside a checkout): what ``--config-file`` accepts.
-
-    Raises:
-        ConfigError: neither a file nor a config name (one line, with close names).
-    """
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    path = Path(name_or_path)
-    if name_or_path and (len(path.parts) == 1 or path.parent.name == "configs"):
-        try:
-            return get_config_file(path.name)
-        except ConfigError:
-            pass
-    hint = f"; {_names_hint(path.name)}" if name_or_path else ""
-    raise ConfigError(
-        f"config file {name_or_path} does not exist and is not a model zoo config name{hint}"
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
 
@@ -246,13 +157,13 @@ def published_checkpoint(name: str, source: Optional[str] = None) -> PublishedCh
     Raises:
         ConfigError: no checkpoint of that config (and source) is published.
     """
-    stem = _stem(name)
+    stem = config_stem(name)
     found = [c for c in CHECKPOINTS if c.config == stem and source in (None, c.source)]
     if found:
         return found[0]
     published = sorted({c.config for c in CHECKPOINTS})
     what = f"{stem!r} from {source!r}" if source else repr(stem)
-    close = [] if stem in published else _close_names(stem, published)
+    close = [] if stem in published else close_names(stem, published)
     hint = "close names: " + ", ".join(close) if close else "published: " + ", ".join(published)
     raise ConfigError(f"no published checkpoint of {what}; {hint}")
 
@@ -325,8 +236,6 @@ def _converted_config(src: Path, config_file: str) -> str:
     """The config written by the official converter for the checkpoint ``src`` (converted once,
     next to it: ``<stem>.solo_d2.pth`` and ``<stem>.solo_d2.yaml``, ``_BASE_`` ``config_file``).
     """
-    from ..checkpoint.official import convert  # builds models: imported on use
-
     dst = src.with_name(f"{src.stem}.solo_d2.pth")
     yaml_path = dst.with_suffix(".yaml")
     base = str(Path(config_file).resolve())
@@ -357,7 +266,7 @@ def get_config(
 
     With ``trained=True``, MODEL.WEIGHTS is the published checkpoint (:func:`checkpoint_file`:
     downloaded once, checksum verified). AdelaiDet's checkpoints load as they are; an official
-    one is converted once by :func:`solo_d2.checkpoint.official.convert`, and the config is the
+    one is converted once by :func:`solo_d2.model_zoo.official.convert`, and the config is the
     converter's (the official input convention, RGB with ImageNet mean/std, over ``name``).
 
     Raises:
@@ -383,8 +292,8 @@ def get(
     opts: Sequence[str] = (),
     source: Optional[str] = None,
 ) -> torch.nn.Module:
-    """The model of the config ``name`` (:func:`get_config`), built by detectron2's
-    ``build_model``, in eval mode.
+    """The model of the config ``name`` (:func:`get_config`) in eval mode, built and loaded by
+    :func:`solo_d2.engine.load_model` (weights that do not fit are an error).
 
     Args:
         trained: load the published checkpoint (else the weights are randomly initialised and
@@ -395,11 +304,7 @@ def get(
         source: which published checkpoint ("adelaidet" or "official"); default: the first.
     """
     cfg = get_config(name, trained=trained, opts=opts, source=source)
-    if device is not None:
-        cfg.MODEL.DEVICE = device
-    elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg)
-    if trained:
-        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model.eval()
+    if device is None and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    model, _ = load_model(cfg, weights=None if trained else "", device=device)
+    return model

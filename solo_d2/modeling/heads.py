@@ -29,7 +29,7 @@ mask is represented, and each head is the one place that says how to read it
 Module names: SOLOv2's follow AdelaiDet (``ins_head.cate_tower.{3i}``,
 ``mask_head.convs_all_levels.{l}.conv{j}.0`` ...), so its published checkpoints load unchanged;
 the other variants use the same scheme (``ins_head.mask_tower.{3i}``, ``ins_head.mask_preds.{l}``,
-``mask_tower_x``/``_y``, ``mask_preds_x``/``_y``); solo_d2.checkpoint.official maps the official
+``mask_tower_x``/``_y``, ``mask_preds_x``/``_y``); solo_d2.model_zoo.official maps the official
 SOLO repository's names onto them.
 """
 

@@ -95,7 +95,7 @@ def test_pkl_globals_outside_the_allow_list_are_refused(tmp_path, payload, refus
 
 
 def test_official_converter_refuses_hostile_file_unless_trusted(tmp_path):
-    from solo_d2.checkpoint.official import ConversionError, load_official
+    from solo_d2.model_zoo.official import ConversionError, load_official
 
     path = write_hostile(tmp_path, ".pth")
     with pytest.raises(ConversionError, match=f"global {SYSTEM}. Only if .* --trust-pickle"):

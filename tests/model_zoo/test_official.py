@@ -1,4 +1,4 @@
-"""solo_d2.checkpoint.official (and its command line, tools/convert_official_solo.py) on state
+"""solo_d2.model_zoo.official (and its command line, tools/convert_official_solo.py) on state
 dicts laid out as the official SOLO checkpoints (WXinlong/SOLO, mmdetection v1).
 
 The official state dicts are generated here from the mmdetection-v1 module structure (torchvision
@@ -20,8 +20,8 @@ from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from solo_d2.checkpoint import official as conv
 from solo_d2.config import load_config
+from solo_d2.model_zoo import official as conv
 
 GRIDS = [40, 36, 24, 16, 12]
 _G = torch.Generator().manual_seed(0)

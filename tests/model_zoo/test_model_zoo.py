@@ -14,7 +14,7 @@ from solo_d2 import model_zoo
 from solo_d2.config import ConfigError
 from solo_d2.model_zoo import ChecksumError, PublishedCheckpoint
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 
 # a small R18 model of any head variant (the channels of every branch at 32)
@@ -188,7 +188,7 @@ def test_checksum_mismatch_is_a_one_line_error_naming_the_file(tmp_path, monkeyp
 def official_cases():
     """The official-layout checkpoints that tests/checkpoint/test_official.py builds."""
     spec = importlib.util.spec_from_file_location(
-        "official_cases", REPO / "tests" / "checkpoint" / "test_official.py"
+        "official_cases", REPO / "tests" / "model_zoo" / "test_official.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -239,8 +239,7 @@ def test_train_net_takes_a_zoo_name(tmp_path, monkeypatch):
         train_net.preflight(args)
 
 
-def test_demo_takes_a_zoo_name(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "demo"))
+def test_demo_takes_a_zoo_name():
     demo = load_script(REPO / "demo" / "demo.py", "demo_script")
     assert demo.get_parser().parse_args(["--input", "x.jpg"]).config_file == "SOLOv2_R50_3x"
     cfg = demo.setup_cfg("SOLOv2_R50_3x", ["MODEL.DEVICE", "cpu"])  # the default model

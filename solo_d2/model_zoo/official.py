@@ -28,9 +28,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from detectron2.config import CfgNode
 
+from ..checkpoint.safe_load import UnsafeCheckpointError, load_torch_file
 from ..config import load_config
-from ..model_zoo import configs_dir as model_zoo_configs_dir
-from .safe_load import UnsafeCheckpointError, load_torch_file
+from .config_files import configs_dir as model_zoo_configs_dir
 
 __all__ = [
     "RGB_SETTINGS",
