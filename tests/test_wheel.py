@@ -86,14 +86,10 @@ def test_wheel_contents(wheel):
     shipped = {n.split("/")[-1] for n in names if n.startswith("solo_d2/model_zoo/configs/")}
     assert shipped == {p.name for p in (REPO / "configs").glob("*.yaml")}
     assert "solo_d2/model_zoo/__init__.py" in names
-    assert not [n for n in names if n.startswith(("tests/", "tools/", "dev/", "configs/"))]
-
-
-def test_wheel_has_no_benchmark_package(wheel):
-    # EXPECTED TO FAIL until the branch that moves the benchmark harness out of solo_d2/ is
-    # merged: the benchmark harness is no part of the installed package
-    names = zipfile.ZipFile(wheel).namelist()
-    assert not [n for n in names if n.startswith("solo_d2/benchmark/")]
+    # the developer harnesses (benchmark, AdelaiDet parity) and the repository's folders stay out
+    workshop = ("tests/", "tools/", "dev/", "configs/", "demo/", "solo_d2/benchmark/")
+    assert not [n for n in names if n.startswith(workshop)]
+    assert not [n for n in names if n.endswith("parity.py")]
 
 
 def test_installed_wheel_works_outside_the_checkout(wheel, tmp_path):
