@@ -27,9 +27,9 @@ def test_private_fields_still_exist(owner, field, methods):
     module, name = owner.split(":")
     cls = getattr(importlib.import_module(module), name)
     for method in methods:
-        assert f"self.{field}" in inspect.getsource(getattr(cls, method)), (
-            f"{owner}.{method} no longer uses {field}, which solo_d2/compat.py relies on"
-        )
+        assert f"self.{field}" in inspect.getsource(
+            getattr(cls, method)
+        ), f"{owner}.{method} no longer uses {field}, which solo_d2/compat.py relies on"
 
 
 def test_launch_helpers_have_the_arguments_used():

@@ -120,7 +120,9 @@ def derived_classes(trees: Dict[str, ast.Module]) -> Set[str]:
                 )
     derived = {name for name, bs in bases.items() if any(upstream for _, upstream in bs)}
     while True:
-        more = {n for n, bs in bases.items() if n not in derived and any(b in derived for b, _ in bs)}
+        more = {
+            n for n, bs in bases.items() if n not in derived and any(b in derived for b, _ in bs)
+        }
         if not more:
             return derived
         derived |= more

@@ -5,11 +5,10 @@ import os
 import signal
 
 import torch.multiprocessing as mp
-
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 
-# two private helpers of detectron2's launch: the worker's entry point (process group, local
-# group, device) and the free port of dist_url "auto"
+# two private helpers of detectron2's launch (through solo_d2.compat): the worker's entry point
+# (process group, local group, device) and the free port of dist_url "auto"
 from ..compat import distributed_worker, find_free_port
 from .hooks import PREEMPTED_EXIT_STATUS, PREEMPTION_SIGNALS, TrainingPreempted
 
