@@ -204,9 +204,13 @@ class Trainer(DefaultTrainer):
         an :class:`~solo_d2.checkpoint.AtomicCheckpointer` of the same model, folder and
         checkpointables, which the hooks, ``resume_or_load`` and the preemption then use."""
         plain = self.checkpointer
-        self.checkpointer = AtomicCheckpointer(
-            plain.model, plain.save_dir, save_to_disk=plain.save_to_disk, **plain.checkpointables
-        )
+        if not isinstance(plain, AtomicCheckpointer):
+            self.checkpointer = AtomicCheckpointer(
+                plain.model,
+                plain.save_dir,
+                save_to_disk=plain.save_to_disk,
+                **plain.checkpointables,
+            )
         ret = super().build_hooks()
         evaluation = next(i for i, h in enumerate(ret) if isinstance(h, EvalHook))
         ret.insert(evaluation, PreemptionHook())
