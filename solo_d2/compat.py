@@ -21,11 +21,11 @@ that call ``super().__init__``, public methods, hooks and attributes);
   ``process`` recorded (the evaluator's own ``evaluate`` cannot be restricted to the dataset's
   images).
 
-Upstream version mirrored: detectron2 0.7.2 (PyPI ``sal-detectron2==0.7.2``, the Python sources
-of facebookresearch/detectron2 commit 02b5c4e295e990042a714712c21dc79b731e8833, the commit
-``tools/setup_env.py`` builds). :data:`UPSTREAM_SOURCES` records the sha256 of the source of each
-upstream function relied on here; ``tests/test_compat.py`` fails when one of them changes, so a
-new detectron2 is checked before it is used.
+Upstream version mirrored: detectron2 0.7.2, as installed by ``tools/setup_env.py`` (PyPI
+``sal-detectron2==0.7.2``, its Python sources; from GitHub it builds commit
+02b5c4e295e990042a714712c21dc79b731e8833). :data:`UPSTREAM_SOURCES` records the sha256 of the
+source of each upstream function relied on here; ``tests/test_compat.py`` fails when one of them
+changes, so that a new detectron2 is checked before it is used.
 """
 
 import contextlib
