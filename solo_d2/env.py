@@ -45,9 +45,9 @@ def _detectron2() -> List[Tuple[str, str]]:
         origin = "installed outside tools/setup_env.py"
     rows.append(("detectron2 source", origin))
     try:
-        from detectron2 import _C
+        from .compat import import_compiled_ops
 
-        ops = f"present ({Path(_C.__file__).name})"
+        ops = f"present ({Path(import_compiled_ops().__file__).name})"
     except Exception as e:
         ops = (
             f"ABSENT ({type(e).__name__}): DeformConv, rotated-box ops and the fast COCOeval are "

@@ -28,6 +28,7 @@ import pickle
 import re
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Union
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import torch
@@ -207,18 +208,37 @@ def load_checkpoint_file(path: Union[str, Path], *, trust_pickle: bool = False) 
 
 
 class SafeCheckpointer(DetectionCheckpointer):
-    """detectron2's ``DetectionCheckpointer`` whose loads never run code from the file: ``.pkl``
-    and ``.pyth`` go through :func:`load_checkpoint_file`, other files through
-    :func:`load_torch_file` (detectron2's ``?matching_heuristics=True`` URL query still applies).
+    """detectron2's ``DetectionCheckpointer`` whose loads never run code from the file: every file
+    is read by :func:`load_checkpoint_file`. detectron2's ``?matching_heuristics=True`` URL query
+    still applies (any other query is an error).
 
     Raises (from ``load`` / ``resume_or_load``):
         UnsafeCheckpointError: the file references something other than weights data.
     """
 
-    def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith((".pkl", ".pyth")):
-            return load_checkpoint_file(filename)
-        return super()._load_file(filename)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.query_matching_heuristics = False  # the query of the path being loaded asks for it
 
-    def _torch_load(self, f: str) -> Any:
-        return load_torch_file(f)
+    def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        """detectron2's ``load``, the ``?matching_heuristics=True`` query read here."""
+        parsed = urlparse(path) if path else None
+        if parsed is None or not parsed.query:
+            return super().load(path, *args, **kwargs)
+        queries = parse_qs(parsed.query)
+        heuristics = queries.pop("matching_heuristics", ["False"]) == ["True"]
+        if queries:
+            raise ValueError(f"Unsupported query {queries} in checkpoint path {path}")
+        self.query_matching_heuristics = heuristics
+        try:
+            return super().load(path.rsplit("?", 1)[0], *args, **kwargs)
+        finally:
+            self.query_matching_heuristics = False
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        # fvcore: "Load a checkpoint file. Can be overwritten by subclasses to support different
+        # formats."
+        loaded = load_checkpoint_file(filename)
+        if self.query_matching_heuristics:
+            loaded["matching_heuristics"] = True
+        return loaded

@@ -174,7 +174,7 @@ class SOLODatasetMapper(DatasetMapper):
             self._set_instances(dataset_dict, torch.as_tensor(masks), torch.as_tensor(classes))
             return dataset_dict
         dataset_dict.setdefault("annotations", [])
-        self._transform_annotations(dataset_dict, transforms, image_shape)
+        self._solo_annotations(dataset_dict, transforms, image_shape)
         return dataset_dict
 
     def _bad_annotation(self, dataset_dict: dict, obj: dict, reason: str) -> None:
@@ -186,7 +186,7 @@ class SOLODatasetMapper(DatasetMapper):
             raise ValueError(f"Bad training annotation: {message} (DATASETS.STRICT is on)")
         logger.warning(f"Skipping training annotation: {message}")
 
-    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+    def _solo_annotations(self, dataset_dict, transforms, image_shape):
         annos = []
         for obj in dataset_dict.pop("annotations"):
             if obj.get("iscrowd", 0):

@@ -6,8 +6,9 @@
   :class:`BadImageError`, a ``ValueError`` whose message names the file and says what is wrong;
 * an image of more than ``max_pixels`` pixels (``INPUT.MAX_IMAGE_PIXELS``) is refused from its
   header, before decoding: a small file can declare billions of pixels (a "decompression bomb").
-  This limit replaces PIL's own ``Image.MAX_IMAGE_PIXELS`` guard, which is raised to it when it is
-  lower (PIL would otherwise refuse images the limit allows);
+  This limit replaces PIL's own ``Image.MAX_IMAGE_PIXELS`` guard: while a header is read, PIL's
+  guard is raised to it when it is lower (PIL would otherwise refuse images the limit allows),
+  then restored (:func:`pil_pixel_limit`);
 * 16-bit images (PIL modes "I;16*" and "I") are scaled to 8 bits (value >> 8); detectron2's
   ``Image.convert("RGB")`` clips them instead, turning most of the image white;
 * 32-bit float images (mode "F") are clipped to [0, 255];
@@ -17,10 +18,12 @@
   "LAB", "HSV") is converted to 3-channel RGB; an alpha channel is dropped, as detectron2 does.
 """
 
+import contextlib
 import os
 import re
+import threading
 import warnings
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,6 +36,7 @@ __all__ = [
     "image_size",
     "exif_orientation",
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "pil_pixel_limit",
 ]
 
 EXIF_ORIENTATION_TAG = 0x0112
@@ -58,13 +62,30 @@ def _too_many_pixels(path: str, pixels: str, max_pixels: int) -> BadImageError:
     )
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pil_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Within the block, PIL's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, checked
+    by ``Image.open``) allows at least ``max_pixels`` pixels; the previous value is restored
+    afterwards. The threads of this process that use it take turns."""
+    with _PIL_LIMIT_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        if previous is not None and previous < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
 def _open(path: str, max_pixels: int) -> Image.Image:
     """``Image.open`` (header only) with the failures turned into BadImageError; an image of more
     than ``max_pixels`` pixels is refused."""
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():  # PIL warns above its limit; the check below decides
+        with pil_pixel_limit(max_pixels), warnings.catch_warnings():
+            # PIL warns above its limit; the check below decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except FileNotFoundError:

@@ -195,16 +195,23 @@ class LossCurveHook(HookBase):
     into the output folder after every evaluation and at the end of training, main process only.
 
     Register it after detectron2's ``PeriodicWriter``, so that ``metrics.json`` holds the
-    iteration just logged. An evaluation is recognised by ``trainer._last_eval_results``
-    changing (DefaultTrainer's EvalHook function sets it). A failed plot logs a warning and
-    training goes on.
+    iteration just logged. The evaluations are those of detectron2's ``EvalHook`` with the same
+    ``eval_period`` (``TEST.EVAL_PERIOD``): after each iteration ``i`` with ``i + 1`` a multiple
+    of it, except the last (evaluated after training). A failed plot logs a warning and training
+    goes on.
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, eval_period: int = 0):
+        """
+        Args:
+            output_dir: where ``metrics.json`` is and ``loss_curve.png`` is written.
+            eval_period: ``TEST.EVAL_PERIOD``; 0: plot at the end of training only.
+        """
         self.output_dir = output_dir
-        self._last_results = None
+        self.eval_period = eval_period
 
-    def _plot(self) -> None:
+    def plot(self) -> None:
+        """Write the plot now (main process only; nothing without ``metrics.json``)."""
         from ..visualization.training_plots import LOSS_CURVE_FILE, plot_loss_curve
 
         if not comm.is_main_process():
@@ -220,10 +227,10 @@ class LossCurveHook(HookBase):
             logger.warning(f"Could not plot the loss curve {out}: {type(e).__name__}: {e}")
 
     def after_step(self):
-        results = getattr(self.trainer, "_last_eval_results", None)
-        if results is not None and results is not self._last_results:
-            self._last_results = results
-            self._plot()
+        next_iter = self.trainer.iter + 1
+        evaluated = self.eval_period > 0 and next_iter % self.eval_period == 0
+        if evaluated and next_iter != self.trainer.max_iter:
+            self.plot()
 
     def after_train(self):
-        self._plot()
+        self.plot()

@@ -5,11 +5,11 @@ import os
 import signal
 
 import torch.multiprocessing as mp
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 
-# with two private helpers of detectron2's launch: the worker's entry point (process group, local
-# group, device) and the free port of dist_url "auto"
-from detectron2.engine.launch import DEFAULT_TIMEOUT, _distributed_worker, _find_free_port
-
+# two private helpers of detectron2's launch (through solo_d2.compat): the worker's entry point
+# (process group, local group, device) and the free port of dist_url "auto"
+from ..compat import distributed_worker, find_free_port
 from .hooks import PREEMPTED_EXIT_STATUS, PREEMPTION_SIGNALS, TrainingPreempted
 
 __all__ = ["launch"]
@@ -47,13 +47,13 @@ def launch(
         return main_func(*args)
     if dist_url == "auto":
         assert num_machines == 1, "dist_url=auto not supported in multi-machine jobs."
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     if num_machines > 1 and dist_url.startswith("file://"):
         logging.getLogger(__name__).warning(
             "file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://"
         )
     context = mp.start_processes(
-        _distributed_worker,
+        distributed_worker,
         nprocs=num_gpus_per_machine,
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,

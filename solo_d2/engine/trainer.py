@@ -17,7 +17,6 @@ training writes ``loss_curve.png`` into ``OUTPUT_DIR``
 import json
 import logging
 import os
-import weakref
 from typing import Iterable
 
 import torch
@@ -27,16 +26,16 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.engine import create_ddp_model as _d2_create_ddp_model
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine.hooks import EvalHook
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from ..atomic_io import atomic_write_json, remove_stale_temporaries
 from ..checkpoint import AtomicCheckpointer
+from ..compat import default_trainer_ddp
 from ..data.dataset_mapper import SOLODatasetMapper
 from ..data.validation import DatasetError, summarize_faults
 from ..evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator, SOLOPanopticEvaluator
@@ -57,7 +56,7 @@ def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
     params = next(model.parameters(), None)
     if params is not None and params.device.type == "cpu":
         kwargs.setdefault("device_ids", None)
-    return _d2_create_ddp_model(model, **kwargs)
+    return d2_create_ddp_model(model, **kwargs)
 
 
 def _trim_metrics(path: str, start_iter: int) -> int:
@@ -129,25 +128,12 @@ class Trainer(DefaultTrainer):
     (see the module docstring for its safeguards)."""
 
     def __init__(self, cfg: CfgNode):
-        """``DefaultTrainer.__init__`` with two differences: the model is wrapped by
-        :func:`create_ddp_model` (CPU processes work) and checkpoints are atomic."""
+        """``DefaultTrainer.__init__``, after checking the config; the model is wrapped by
+        :func:`create_ddp_model` (CPU processes work) and checkpoints are atomic (the
+        checkpointer is replaced in :meth:`build_hooks`)."""
         check_config(cfg, check_weights=False)  # before the model is built
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        with default_trainer_ddp(create_ddp_model):
+            super().__init__(cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -212,12 +198,24 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         """detectron2's hooks, and a :class:`~solo_d2.engine.hooks.PreemptionHook` after the
-        checkpointer and before the evaluation (a preempted run stops without evaluating)."""
+        checkpointer and before the evaluation (a preempted run stops without evaluating).
+
+        First ``self.checkpointer`` (``DefaultTrainer.__init__``'s DetectionCheckpointer) becomes
+        an :class:`~solo_d2.checkpoint.AtomicCheckpointer` of the same model, folder and
+        checkpointables, which the hooks, ``resume_or_load`` and the preemption then use."""
+        plain = self.checkpointer
+        if not isinstance(plain, AtomicCheckpointer):
+            self.checkpointer = AtomicCheckpointer(
+                plain.model,
+                plain.save_dir,
+                save_to_disk=plain.save_to_disk,
+                **plain.checkpointables,
+            )
         ret = super().build_hooks()
         evaluation = next(i for i, h in enumerate(ret) if isinstance(h, EvalHook))
         ret.insert(evaluation, PreemptionHook())
         if self.cfg.TEST.SAVE_PLOTS:  # last: after the PeriodicWriter has written metrics.json
-            ret.append(LossCurveHook(self.cfg.OUTPUT_DIR))
+            ret.append(LossCurveHook(self.cfg.OUTPUT_DIR, self.cfg.TEST.EVAL_PERIOD))
         return ret
 
     def resume_or_load(self, resume: bool = True):

@@ -2,19 +2,26 @@
 project's data checks and atomic result files."""
 
 import contextlib
+import logging
 import math
 import os
 import shutil
-from typing import Callable, Iterator, Optional, Sequence
+from collections import OrderedDict
+from typing import Iterator, Optional, Sequence
 
+from detectron2.data import MetadataCatalog
+from detectron2.data.datasets.coco import convert_to_coco_json
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from pycocotools.coco import COCO
 
 from ..atomic_io import TMP_MARKER, atomic_write_json, remove_stale_temporaries
+from ..compat import set_coco_ground_truth
 from ..data.validation import check_coco_dict, clean_coco_dict, read_coco_json, summarize_faults
 
 __all__ = ["SOLOCOCOEvaluator"]
+
+logger = logging.getLogger(__name__)
 
 
 def _staging_dir(output_dir: str) -> str:
@@ -29,26 +36,50 @@ class SOLOCOCOEvaluator(COCOEvaluator):
       :mod:`solo_d2.data.validation`) are left out, counted and named in the log and listed in
       ``<output_dir>/data_faults.json``; missing "area" / "iscrowd" fields are filled in.
     * ``instances_predictions.pth``, ``coco_instances_results.json`` and the metrics
-      (``evaluation_results.json``, NaN written as null) are written to a staging folder, then
-      each is renamed into ``output_dir``: a killed evaluation leaves the previous files intact.
+      (``evaluation_results.json``, NaN written as null) are written to a staging folder (the
+      ``output_dir`` detectron2's evaluator is given), then each is renamed into ``output_dir``:
+      a killed evaluation leaves the previous files intact.
     * When the model predicts nothing on any image, AP is reported as 0, not NaN.
     """
 
-    def __init__(self, dataset_name: str, *args, **kwargs):
-        super().__init__(dataset_name, *args, **kwargs)
-        self._dataset_name = dataset_name
-        self._faults = []
-        if self._metadata.get("data_faults", None) is not None:
-            self._use_checked_ground_truth()
+    def __init__(
+        self,
+        dataset_name: str,
+        tasks=None,
+        distributed: bool = True,
+        output_dir: Optional[str] = None,
+        **kwargs,
+    ):
+        """Arguments of detectron2's ``COCOEvaluator``."""
+        self.dataset_name = dataset_name
+        self.output_dir = output_dir
+        self.distributed = distributed
+        self.faults = []
+        self.num_detections = 0
+        metadata = MetadataCatalog.get(dataset_name)
+        if output_dir and not hasattr(metadata, "json_file"):
+            # as detectron2 does, but into output_dir itself rather than the staging folder
+            os.makedirs(output_dir, exist_ok=True)
+            cache = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
+            convert_to_coco_json(
+                dataset_name, cache, allow_cached=kwargs.get("allow_cached_coco", True)
+            )
+            metadata.json_file = cache
+        staging = _staging_dir(output_dir) if output_dir and comm.is_main_process() else output_dir
+        super().__init__(dataset_name, tasks, distributed, staging, **kwargs)
+        if metadata.get("data_faults", None) is not None:
+            set_coco_ground_truth(self, self.checked_ground_truth(metadata))
 
-    def _use_checked_ground_truth(self) -> None:
-        json_file = self._metadata.json_file
+    def checked_ground_truth(self, metadata) -> COCO:
+        """The dataset's annotation file without its faulty annotations and images; sets
+        ``self.faults``."""
+        json_file = metadata.json_file
         data = read_coco_json(json_file)
-        checked = check_coco_dict(data, json_file, self._metadata.get("image_root", None))
-        self._faults = checked.faults
+        checked = check_coco_dict(data, json_file, metadata.get("image_root", None))
+        self.faults = checked.faults
         if checked.faults:
-            self._logger.warning(
-                f"Evaluation data {self._dataset_name!r} ({json_file}) has "
+            logger.warning(
+                f"Evaluation data {self.dataset_name!r} ({json_file}) has "
                 f"{len(checked.faults)} faults; evaluating without the "
                 f"{len(checked.bad_annotations)} faulty annotations and "
                 f"{len(checked.bad_images)} faulty images:\n" + summarize_faults(checked.faults)
@@ -57,16 +88,31 @@ class SOLOCOCOEvaluator(COCOEvaluator):
         coco.dataset = clean_coco_dict(data, checked)
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             coco.createIndex()
-        self._coco_api = coco
+        return coco
 
-    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
-        results = super()._derive_coco_results(coco_eval, iou_type, class_names)
-        return results if coco_eval is not None else {k: 0.0 for k in results}
+    def reset(self):
+        super().reset()
+        self.num_detections = 0
+
+    def process(self, inputs, outputs):
+        super().process(inputs, outputs)
+        self.num_detections += sum(len(o["instances"]) for o in outputs if "instances" in o)
 
     def evaluate(self, img_ids=None):
-        if not self._output_dir or not comm.is_main_process():
-            return super().evaluate(img_ids)
-        return evaluate_atomically(self, lambda: super(SOLOCOCOEvaluator, self).evaluate(img_ids))
+        detections = self.num_detections
+        if self.distributed:
+            detections = sum(comm.all_gather(detections))
+        if not self.output_dir or not comm.is_main_process():
+            results = super().evaluate(img_ids)
+        else:
+            with staged_output(self.output_dir) as staging:
+                assert staging == _staging_dir(self.output_dir)
+                results = super().evaluate(img_ids)
+        if results and detections == 0:  # detectron2 reports NaN without any prediction
+            results = OrderedDict((task, {k: 0.0 for k in res}) for task, res in results.items())
+        if self.output_dir and comm.is_main_process():
+            write_evaluation_files(self.output_dir, results, self.faults)
+        return results
 
 
 @contextlib.contextmanager
@@ -105,21 +151,6 @@ def write_evaluation_files(output_dir: str, results: Optional[dict], faults: Seq
             _finite_or_null(results),
             indent=2,
         )
-
-
-def evaluate_atomically(evaluator, evaluate: Callable[[], Optional[dict]]) -> Optional[dict]:
-    """Run ``evaluate`` (a detectron2 evaluator's own, which writes to ``evaluator._output_dir``)
-    with its files staged (:func:`staged_output`), then write the evaluation files of its
-    results and of ``evaluator._faults``."""
-    output_dir = evaluator._output_dir
-    try:
-        with staged_output(output_dir) as staging:
-            evaluator._output_dir = staging
-            results = evaluate()
-    finally:
-        evaluator._output_dir = output_dir
-    write_evaluation_files(output_dir, results, evaluator._faults)
-    return results
 
 
 def _finite_or_null(obj):

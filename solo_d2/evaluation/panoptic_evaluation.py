@@ -29,13 +29,14 @@ import tempfile
 from collections import OrderedDict
 from typing import Optional
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOPanopticEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
 
 from ..atomic_io import atomic_write_json
+from ..compat import panoptic_predictions
 from .coco_evaluation import staged_output, write_evaluation_files
 
 __all__ = ["SOLOPanopticEvaluator", "PanopticAPINotInstalledError"]
@@ -91,8 +92,10 @@ class SOLOPanopticEvaluator(COCOPanopticEvaluator):
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None):
         _import_panopticapi()
         super().__init__(dataset_name, output_dir)
-        self._dataset_name = dataset_name
-        self._image_ids = None
+        self.dataset_name = dataset_name
+        self.output_dir = output_dir
+        self.metadata = MetadataCatalog.get(dataset_name)
+        self.image_ids = None
 
     def process(self, inputs, outputs):
         """Record the predictions of a batch (see ``COCOPanopticEvaluator.process``).
@@ -108,44 +111,44 @@ class SOLOPanopticEvaluator(COCOPanopticEvaluator):
             plain_outputs.append({**output, "panoptic_seg": (seg, segments_info)})
         super().process(inputs, plain_outputs)
 
-    def _dataset_image_ids(self) -> list:
+    def dataset_image_ids(self) -> list:
         """The image ids of the registered dataset, in its order (loaded once)."""
-        if self._image_ids is None:
-            ids = [d["image_id"] for d in DatasetCatalog.get(self._dataset_name)]
-            self._image_ids = list(dict.fromkeys(ids))
-        return self._image_ids
+        if self.image_ids is None:
+            ids = [d["image_id"] for d in DatasetCatalog.get(self.dataset_name)]
+            self.image_ids = list(dict.fromkeys(ids))
+        return self.image_ids
 
     def evaluate(self):
         comm.synchronize()
-        predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
+        predictions = list(itertools.chain(*comm.gather(panoptic_predictions(self), dst=0)))
         if not comm.is_main_process():
             return None
 
-        with staged_output(self._output_dir) as staging:
-            pq_res = self._compute_pq(predictions, staging)
+        with staged_output(self.output_dir) as staging:
+            pq_res = self.compute_pq(predictions, staging)
             results = OrderedDict({"panoptic_seg": _detectron2_metrics(pq_res)})
-        if self._output_dir:
-            write_evaluation_files(self._output_dir, results, faults=[])
+        if self.output_dir:
+            write_evaluation_files(self.output_dir, results, faults=[])
         _log_pq_table(pq_res)
         return results
 
-    def _compute_pq(self, predictions: list, json_dir: Optional[str]) -> dict:
+    def compute_pq(self, predictions: list, json_dir: Optional[str]) -> dict:
         """panopticapi's PQ of ``predictions`` on the dataset's images: {"All" / "Things" /
         "Stuff": {"pq", "sq", "rq", "n"}}. Writes ``predictions.json`` to ``json_dir``."""
-        gt_json = PathManager.get_local_path(self._metadata.panoptic_json)
-        gt_folder = PathManager.get_local_path(self._metadata.panoptic_root)
+        gt_json = PathManager.get_local_path(self.metadata.panoptic_json)
+        gt_folder = PathManager.get_local_path(self.metadata.panoptic_root)
         with open(gt_json) as f:
             gt = json.load(f)
-        image_ids = self._dataset_image_ids()
+        image_ids = self.dataset_image_ids()
         id_set = set(image_ids)
         gt_annotations = {
             a.get("image_id"): a for a in gt["annotations"] if a.get("image_id") in id_set
         }
         pred_annotations = {p["image_id"]: p for p in predictions if p["image_id"] in id_set}
-        self._check_coverage(image_ids, gt_annotations, pred_annotations, gt_json)
+        self.check_coverage(image_ids, gt_annotations, pred_annotations, gt_json)
         n_ignored = len({p["image_id"] for p in predictions} - id_set)
         logger.info(
-            f"Evaluating PQ of {self._dataset_name!r} on its {len(image_ids)} images "
+            f"Evaluating PQ of {self.dataset_name!r} on its {len(image_ids)} images "
             f"({len(gt['annotations'])} in {gt_json})"
             + (f"; ignoring the predictions of {n_ignored} other images" if n_ignored else "")
         )
@@ -182,12 +185,12 @@ class SOLOPanopticEvaluator(COCOPanopticEvaluator):
                 pq_res[group] = {"pq": value, "sq": value, "rq": value, "n": 0}
                 if exists:
                     logger.warning(
-                        f"PQ of {self._dataset_name!r}: no {group.lower()} segment in the ground "
+                        f"PQ of {self.dataset_name!r}: no {group.lower()} segment in the ground "
                         f"truth or the predictions; {group} PQ, SQ and RQ reported as 0"
                     )
         return pq_res
 
-    def _check_coverage(self, image_ids, gt_annotations, pred_annotations, gt_json) -> None:
+    def check_coverage(self, image_ids, gt_annotations, pred_annotations, gt_json) -> None:
         for what, found, where in (
             ("ground truth", gt_annotations, f"the panoptic JSON {gt_json}"),
             ("prediction", pred_annotations, "the evaluated predictions"),
@@ -195,7 +198,7 @@ class SOLOPanopticEvaluator(COCOPanopticEvaluator):
             missing = [i for i in image_ids if i not in found]
             if missing:
                 raise ValueError(
-                    f"Panoptic evaluation of {self._dataset_name!r}: {where} has no {what} for "
+                    f"Panoptic evaluation of {self.dataset_name!r}: {where} has no {what} for "
                     f"{len(missing)} of the dataset's {len(image_ids)} images "
                     f"(image ids {missing[:5]}{' ...' if len(missing) > 5 else ''})"
                 )

@@ -41,8 +41,10 @@ DCN_TYPES = {"": None, "DCN": False, "DCNv2": True}  # type -> modulated (None: 
 @lru_cache(maxsize=None)
 def detectron2_deform_ops_available() -> bool:
     """True when detectron2's compiled deformable-conv kernels can be imported."""
+    from ..compat import import_compiled_ops
+
     try:
-        from detectron2 import _C  # noqa: F401
+        import_compiled_ops()
     except ImportError:
         return False
     return True

@@ -251,7 +251,7 @@ class SOLOHead(nn.Module):
     def _make_tower(self, in_channels: int) -> nn.Sequential:
         return _tower(in_channels, **self._tower_args)
 
-    def _init_weights(self) -> None:
+    def _init_head_weights(self) -> None:
         """Reference init: normal(0.01) convs, classifier bias at the prior probability."""
         _init_normal(self)
         nn.init.constant_(self.cate_pred.bias, _prior_bias(self.prior_prob))
@@ -356,7 +356,7 @@ class SOLOv2InstanceHead(SOLOHead):
         # the kernel tower sees the two CoordConv channels; the category tower does not
         self.kernel_tower = self._make_tower(kwargs["in_channels"] + 2)
         self.kernel_pred = nn.Conv2d(self._tower_args["channels"], num_kernels, 3, padding=1)
-        self._init_weights()
+        self._init_head_weights()
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -429,7 +429,7 @@ class SOLOInstanceHead(_LevelMaskHead):
         channels = self._tower_args["channels"]
         self.mask_tower = self._make_tower(kwargs["in_channels"] + 2)  # + x, y coordinates
         self.mask_preds = nn.ModuleList(nn.Conv2d(channels, s * s, 1) for s in self.num_grids)
-        self._init_weights()
+        self._init_head_weights()
         self._init_mask_preds(self.mask_preds)
 
     def forward_mask(self, feature: Tensor, level: int) -> Tensor:
@@ -475,7 +475,7 @@ class DecoupledSOLOInstanceHead(_LevelMaskHead):
         self.mask_preds_y = nn.ModuleList(
             nn.Conv2d(channels, s, 3, padding=1) for s in self.num_grids
         )
-        self._init_weights()
+        self._init_head_weights()
         self._init_mask_preds(self.mask_preds_x, self.mask_preds_y)
 
     def _build_mask_branch(self, in_channels: int) -> None:

@@ -249,3 +249,20 @@ def test_demo_and_train_net_refuse_hostile_weights(tmp_path):
         assert last.startswith(f"{prefix}weights file {folder}/evil"), (key, last)
         assert f"references the Python global {SYSTEM}" in last, (key, last)
         assert not (folder / "MARKER").exists(), key
+
+
+def test_matching_heuristics_query_still_applies(tmp_path):
+    """detectron2's ``?matching_heuristics=True`` suffix is read by SafeCheckpointer.load: the
+    file (safely loaded) is marked for name matching; any other query is refused."""
+    model = torch.nn.Linear(2, 1)
+    path = tmp_path / "w.pth"
+    torch.save({"model": model.state_dict()}, path)
+    checkpointer = SafeCheckpointer(torch.nn.Linear(2, 1))
+    assert "matching_heuristics" not in checkpointer.load(str(path))
+    assert checkpointer.load(f"{path}?matching_heuristics=True")["matching_heuristics"] is True
+    assert not checkpointer.query_matching_heuristics  # reset after the load
+    with pytest.raises(ValueError, match="Unsupported query"):
+        checkpointer.load(f"{path}?other=1")
+    write_hostile(tmp_path, ".pth")
+    with pytest.raises(UnsafeCheckpointError):
+        checkpointer.load(f"{tmp_path / 'evil.pth'}?matching_heuristics=True")

@@ -205,6 +205,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     bomb = tmp_path / "bomb.png"
     write_png_bomb(bomb)
     assert bomb.stat().st_size < 200_000
+    pil_limit = Image.MAX_IMAGE_PIXELS
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with pytest.raises(BadImageError) as e:
         read_image(str(bomb))
@@ -221,6 +222,8 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert after - before < 100e6  # decoding would take 2.7 GB
     assert image_size(str(bomb), max_pixels=10**9) == (30000, 30000)
+    # PIL's guard was raised only while the header was read
+    assert Image.MAX_IMAGE_PIXELS == pil_limit
 
 
 def test_the_mapper_skips_images_above_the_limit(image_dir, caplog):

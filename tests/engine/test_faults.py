@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_OPTS, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.solver import build_lr_scheduler
 from detectron2.structures import Boxes, Instances
 
@@ -234,6 +235,11 @@ def test_nan_loss_stops_training_after_the_last_checkpoint_is_safe(
 
     monkeypatch.setattr(SOLO, "losses", losses_nan_at_iteration_3)
     trainer = Trainer(cfg)
+    # DefaultTrainer's checkpointer was replaced by an atomic one before the hooks took it
+    assert isinstance(trainer.checkpointer, AtomicCheckpointer)
+    assert set(trainer.checkpointer.checkpointables) == {"trainer"}
+    periodic = [h for h in trainer._hooks if isinstance(h, PeriodicCheckpointer)]
+    assert len(periodic) == 1 and periodic[0].checkpointer is trainer.checkpointer
     trainer.resume_or_load(resume=False)
     with pytest.raises(FloatingPointError) as e:
         trainer.train()

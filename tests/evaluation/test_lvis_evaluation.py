@@ -22,7 +22,7 @@ from pycocotools import mask as mask_util
 
 from solo_d2.data.lvis import register_lvis_dataset
 from solo_d2.evaluation import SOLOLVISEvaluator
-from solo_d2.evaluation.lvis_evaluation import LVIS_METRICS, install_lvis_numpy_compat
+from solo_d2.evaluation.lvis_evaluation import LVIS_METRICS, lvis_numpy_compat
 
 SIZE = 32  # images are SIZE x SIZE
 R1 = (2, 2, 12, 12)  # rectangles (x0, y0, x1, y1): pixels [y0:y1, x0:x1], 10 x 10 ("small")
@@ -192,23 +192,27 @@ def test_detectron2_registered_lvis_data(tmp_path, name):
     assert res["bbox"]["AP"] == pytest.approx(50.0, abs=1e-6)
 
 
-def test_lvis_numpy_compat_shim(monkeypatch):
-    """lvis 0.5.3's eval.py uses np.float, gone since numpy 1.24: the shim gives lvis.eval (and
-    only it) a numpy namespace that has it; LVISEval's accumulate fails without it."""
+def test_lvis_numpy_compat_shim():
+    """lvis 0.5.3's eval.py uses np.float, gone since numpy 1.24: within the scope, the shim
+    gives lvis.eval (and only it) a numpy namespace that has it; afterwards lvis.eval is as it
+    was, also after an error in the block."""
     import lvis.eval
 
-    install_lvis_numpy_compat()
-    assert lvis.eval.np.float is float
-    assert lvis.eval.np.cumsum is np.cumsum
-    assert np.__name__ == "numpy" and lvis.eval.np is not np
-    if not hasattr(np, "float"):  # numpy >= 1.24: the shim is what makes it work
-        monkeypatch.setattr(lvis.eval, "np", np)
-        with pytest.raises(AttributeError, match="float"):
-            np.float  # noqa: B018
-        monkeypatch.undo()
+    before = lvis.eval.np
+    assert before is np
+    with lvis_numpy_compat():
         assert lvis.eval.np.float is float
-    install_lvis_numpy_compat()  # idempotent
-    assert lvis.eval.np.float is float
+        assert lvis.eval.np.cumsum is np.cumsum
+        assert np.__name__ == "numpy"
+        if not hasattr(np, "float"):  # numpy >= 1.24: the shim is what makes it work
+            assert lvis.eval.np is not np
+            with pytest.raises(AttributeError, match="float"):
+                np.float  # noqa: B018
+    assert lvis.eval.np is before
+    with pytest.raises(RuntimeError, match="inside"):
+        with lvis_numpy_compat():
+            raise RuntimeError("inside")
+    assert lvis.eval.np is before
 
 
 # ---- end to end: train_net.py on a small long-tail LVIS-format dataset
