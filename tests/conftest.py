@@ -1,6 +1,7 @@
 """Shared test helpers: configs, synthetic inputs, tiny models that detect, a training step."""
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -21,6 +22,16 @@ from solo_d2.modeling.targets import instance_targets
 
 REPO = Path(__file__).resolve().parent.parent
 PARITY_FIXTURE = REPO.parent / "shared" / "parity" / "solov2_adelaidet_r18_public.pt"
+
+
+def load_script(path: Union[str, Path], name: Optional[str] = None):
+    """A script of the repository (``train_net.py``, ``demo/demo.py``, ``tools/*.py``) loaded as a
+    module, without putting its folder on ``sys.path``."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def solo_cfg(config_file: Optional[Union[str, Path]] = None, opts: Sequence = ()) -> CfgNode:

@@ -11,8 +11,7 @@ sources; the project's code (``solo_d2/**/*.py``, ``train_net.py``, ``tools/*.py
   replace, or later collide with, upstream's),
 
 except in ``solo_d2/compat.py``, the one module allowed to rely on them (checked by
-``tests/test_compat.py``). ``demo/predictor.py`` is not scanned here: it is being moved into the
-package, without its override of ``_log_incompatible_keys``.
+``tests/test_compat.py``).
 """
 
 import ast
@@ -26,7 +25,7 @@ import fvcore
 from conftest import REPO
 
 UPSTREAM_PACKAGES = ("detectron2", "fvcore")
-EXEMPT = {"solo_d2/compat.py", "demo/predictor.py"}
+EXEMPT = {"solo_d2/compat.py"}
 
 # (class, method): upstream methods documented as meant to be overridden by subclasses
 OVERRIDABLE = {
@@ -154,7 +153,8 @@ def violations(trees: Dict[str, ast.Module], private: Iterable[str]) -> List[str
 
 
 def project_trees() -> Dict[str, ast.Module]:
-    paths = list(_python_files(REPO / "solo_d2")) + [REPO / "train_net.py"]
+    paths = list(_python_files(REPO / "solo_d2")) + list(_python_files(REPO / "dev"))
+    paths += [REPO / "train_net.py"]
     paths += sorted((REPO / "tools").glob("*.py")) + sorted((REPO / "demo").glob("*.py"))
     trees = {}
     for path in paths:

@@ -8,7 +8,6 @@ thing segment and one stuff segment (the ~2500 pixels the thing leaves, against
 STUFF_AREA_LIMIT 64).
 """
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Dict
@@ -17,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, confident_tiny_model, tiny_cfg
+from conftest import REPO, confident_tiny_model, load_script, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Instances
@@ -28,9 +27,7 @@ from solo_d2.visualization import drawing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-_spec = importlib.util.spec_from_file_location("solo_demo_cli", REPO / "demo" / "demo.py")
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = load_script(REPO / "demo" / "demo.py", "solo_demo_cli")
 
 # Metadata of the test "dataset": project convention, "things" first among the stuff classes.
 META_NAME = "demo_panoptic_test_meta"

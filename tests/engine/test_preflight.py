@@ -4,7 +4,6 @@ Each mistake ends the run with one "train_net.py: error: ..." line and exit stat
 with one process is a one-line warning and a CPU run instead); never a traceback.
 """
 
-import importlib
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO, TINY_OPTS, tiny_cfg
+from conftest import REPO, TINY_OPTS, load_script, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
@@ -34,11 +33,7 @@ CPU_WARNING = (
 
 
 def _train_net():
-    sys.path.insert(0, str(REPO))
-    try:
-        return importlib.import_module("train_net")
-    finally:
-        sys.path.remove(str(REPO))
+    return load_script(REPO / "train_net.py", "train_net")
 
 
 def _write_subset(root, categories) -> str:

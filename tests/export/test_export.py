@@ -18,7 +18,6 @@ Each kind of comparison is also shown to fail on a real discrepancy (a changed w
 ignored, a shifted mask, a wrong class, a missing detection).
 """
 
-import importlib.util
 import json
 
 import cv2
@@ -31,6 +30,7 @@ from conftest import (
     assert_rounding_insensitive,
     confident_tiny_model,
     eager,
+    load_script,
     make_input,
     require_parity_fixture,
     solo_cfg,
@@ -60,10 +60,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "tools" / f"{name}.py", name)
 
 
 def assert_parity(reference, scores, classes, masks, what):
@@ -363,9 +360,7 @@ def test_runtime_model_returns_the_pytorch_structure(quick_export):
 
 def test_demo_onnx_flag(quick_export, tmp_path, capsys):
     _, out = quick_export
-    spec = importlib.util.spec_from_file_location("solo_demo", REPO / "demo" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script(REPO / "demo" / "demo.py", "solo_demo")
     image = make_input(120, 160, seed=4)["image"].permute(1, 2, 0).numpy()
     cv2.imwrite(str(tmp_path / "img.png"), image)
     common = ["--config-file", str(QUICKSTART_CONFIG), "--input", str(tmp_path / "img.png")]

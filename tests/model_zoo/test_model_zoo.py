@@ -2,19 +2,18 @@
 the table (local files with their sha256: no network)."""
 
 import hashlib
-import importlib.util
 import logging
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, load_script
 
 from solo_d2 import model_zoo
 from solo_d2.config import ConfigError
 from solo_d2.model_zoo import ChecksumError, PublishedCheckpoint
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 
 # a small R18 model of any head variant (the channels of every branch at 32)
@@ -186,13 +185,8 @@ def test_checksum_mismatch_is_a_one_line_error_naming_the_file(tmp_path, monkeyp
 
 
 def official_cases():
-    """The official-layout checkpoints that tests/checkpoint/test_official.py builds."""
-    spec = importlib.util.spec_from_file_location(
-        "official_cases", REPO / "tests" / "model_zoo" / "test_official.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.CASES
+    """The official-layout checkpoints that tests/model_zoo/test_official.py builds."""
+    return load_script(REPO / "tests" / "model_zoo" / "test_official.py", "official_cases").CASES
 
 
 def test_official_weights_go_through_the_converter(tmp_path, monkeypatch):
@@ -218,13 +212,6 @@ def test_official_weights_go_through_the_converter(tmp_path, monkeypatch):
 
 
 # ---- the entry points: a file, else a zoo name ----------------------------------------------
-
-
-def load_script(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_train_net_takes_a_zoo_name(tmp_path, monkeypatch):

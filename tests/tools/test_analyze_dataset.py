@@ -1,6 +1,5 @@
 """tools/analyze_dataset.py on COCO and panoptic specs and registered names; one-line errors."""
 
-import importlib.util
 import json
 
 import cv2
@@ -12,14 +11,11 @@ from conftest import (
     HAND_RANGES,
     REPO,
     hand_built_dicts,
+    load_script,
     write_tiny_panoptic,
 )
 
-_spec = importlib.util.spec_from_file_location(
-    "analyze_dataset", REPO / "tools" / "analyze_dataset.py"
-)
-analyze_dataset = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(analyze_dataset)
+analyze_dataset = load_script(REPO / "tools" / "analyze_dataset.py", "analyze_dataset")
 
 CONFIG = str(REPO / "configs" / "SOLOv2_R18_quickstart_shapes.yaml")
 # the hand-built dataset's levels and resizes (conftest, test_dataset_report.py)

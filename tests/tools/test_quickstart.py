@@ -1,17 +1,14 @@
 """tools/quickstart.py (the README's main command) end to end, shortened to a few iterations."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 
-_spec = importlib.util.spec_from_file_location("quickstart", REPO / "tools" / "quickstart.py")
-quickstart = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quickstart)
+quickstart = load_script(REPO / "tools" / "quickstart.py", "quickstart")
 
 SHORT = [
     "SOLVER.MAX_ITER", "4",

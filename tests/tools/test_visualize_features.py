@@ -1,18 +1,13 @@
 """tools/visualize_features.py: pictures of a tiny model, and one-line errors on bad input."""
 
-import importlib.util
 import json
 
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, tiny_cfg
+from conftest import REPO, load_script, tiny_cfg
 
-_spec = importlib.util.spec_from_file_location(
-    "visualize_features", REPO / "tools" / "visualize_features.py"
-)
-visualize_features = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(visualize_features)
+visualize_features = load_script(REPO / "tools" / "visualize_features.py", "visualize_features")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
