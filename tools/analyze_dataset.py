@@ -30,6 +30,7 @@ from solo_d2.config import ConfigError, load_config
 from solo_d2.data.shapes import register_shapes
 from solo_d2.data.shapes_panoptic import register_shapes_panoptic
 from solo_d2.engine.cli import SPEC_FORMS, register_dataset
+from solo_d2.model_zoo import resolve_config_file
 from solo_d2.visualization.dataset_report import (
     analyze_dataset,
     format_report,
@@ -42,7 +43,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
-    add("--config-file", required=True, metavar="FILE", help="model config")
+    add(
+        "--config-file",
+        required=True,
+        metavar="FILE",
+        help="model config: a file or a model zoo name",
+    )
     add(
         "--dataset",
         required=True,
@@ -92,6 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(args.opts) % 2:
         parser.error(f"--opts needs KEY VALUE pairs, got {args.opts}")
     try:
+        args.config_file = resolve_config_file(args.config_file)  # a file, else a zoo name
         cfg = load_config(args.config_file, args.opts)  # ConfigError: one line on a mistake
         name = resolve_dataset(args.dataset, cfg.INPUT.MAX_IMAGE_PIXELS)
         dicts = DatasetCatalog.get(name)  # missing files of a builtin dataset raise here

@@ -45,6 +45,7 @@ from solo_d2.export import (
     verify_export,
 )
 from solo_d2.export.runtime import ONNXModelError
+from solo_d2.model_zoo import resolve_config_file
 
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
@@ -52,7 +53,12 @@ FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
-    add("--config-file", required=True, metavar="FILE", help="model config")
+    add(
+        "--config-file",
+        required=True,
+        metavar="FILE",
+        help="model config: a file or a model zoo name",
+    )
     add("--format", required=True, choices=sorted(FILE_NAMES))
     add("--output", required=True, metavar="DIR", help="folder to write to")
     add("--batch-size", type=int, default=None, metavar="B",
@@ -138,6 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
+        args.config_file = resolve_config_file(args.config_file)  # a file, else a zoo name
         cfg = load_config(args.config_file, args.opts)  # ConfigError: one line on a mistake
         warn_untrained(cfg)
         model, cfg = load_model(cfg, device=args.device)

@@ -31,6 +31,7 @@ from solo_d2.config import ConfigError, load_config
 from solo_d2.data.images import read_image
 from solo_d2.data.shapes import register_shapes
 from solo_d2.engine import WeightsUnavailableError, load_model
+from solo_d2.model_zoo import resolve_config_file
 from solo_d2.visualization.features import MAX_INSTANCES, write_feature_pictures
 
 DEFAULT_OUTPUT = "output/features"
@@ -39,7 +40,12 @@ DEFAULT_OUTPUT = "output/features"
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
-    add("--config-file", required=True, metavar="FILE", help="model config")
+    add(
+        "--config-file",
+        required=True,
+        metavar="FILE",
+        help="model config: a file or a model zoo name",
+    )
     add("--input", required=True, metavar="IMAGE", help="one image file")
     add(
         "--output",
@@ -101,6 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--opts needs KEY VALUE pairs, got {args.opts}")
     register_shapes()  # class names and colours of the shapes configs
     try:
+        args.config_file = resolve_config_file(args.config_file)  # a file, else a zoo name
         cfg = load_config(args.config_file, args.opts)  # ConfigError: one line on a mistake
         if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
             print("warning: CUDA is not available, running on the CPU", file=sys.stderr)

@@ -1,6 +1,7 @@
 """tools/analyze_dataset.py on COCO and panoptic specs and registered names; one-line errors."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -65,12 +66,13 @@ def test_coco_spec_then_registered_name(tmp_path, capsys):
     assert report["config_file"] == CONFIG
     assert cv2.imread(str(out / "scale_histogram.png")).shape == (420, 700, 3)
 
-    # the name is registered now: --dataset NAME works too
-    argv = ["--config-file", CONFIG, "--dataset", "hand_coco", "--output", str(tmp_path / "again"),
-            *OPTS]  # fmt: skip
+    # the name is registered now: --dataset NAME works too (and a model zoo name for the config)
+    argv = ["--config-file", Path(CONFIG).stem, "--dataset", "hand_coco", "--output",
+            str(tmp_path / "again"), *OPTS]  # fmt: skip
     assert analyze_dataset.main(argv) == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["test"] == report["test"]
+    assert again["config_file"] == CONFIG
 
 
 def test_panoptic_spec(tmp_path, capsys):
