@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Run a SOLOv2 model on images, a video or a webcam and draw (or save) its instances, or its
-panoptic segmentation when the model is a panoptic one (MODEL.SOLO.PANOPTIC.ENABLED).
+panoptic segmentation when the model gives one (MODEL.META_ARCHITECTURE "PanopticSOLO").
 
     python demo/demo.py --input photo.jpg                      # prints "photo.jpg: N instances ..."
     python demo/demo.py --input images/ "more/*.png" --output out/ --json
@@ -305,7 +305,7 @@ def run_on_images(
     predictor = build_predictor(cfg, args)
     drawer = InstanceDrawer.from_config(cfg)
     names = class_names(cfg)
-    stuff_names = stuff_class_names(cfg) if is_panoptic(cfg) else []
+    stuff_names = stuff_class_names(cfg)  # used for predictions with "panoptic_seg"
     if outputs is not None:
         outputs.create_folder()
     failed = []
