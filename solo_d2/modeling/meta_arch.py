@@ -70,7 +70,8 @@ class SOLO(nn.Module):
     with bool pred_masks, pred_boxes (from the masks), scores and int64 pred_classes.
 
     Eval-mode results do not depend on the grad mode: inference always runs the backbone of
-    :meth:`inference_backbone`, with or without ``torch.no_grad()``.
+    :meth:`inference_backbone`, with or without ``torch.no_grad()`` (with ``fold_frozen_bn``, its
+    features carry no gradient to the backbone's weights in eval mode).
     """
 
     # outputs of eval-mode forward that export leaves out (solo_d2.export.SOLOExportable)
