@@ -338,10 +338,11 @@ def select_detections(
     Traceable with ``nms_type="matrix"``: no Python branch or loop depends on the data, and every
     step is defined when nothing is left (empty outputs, no early return). Memory stays bounded
     however many cells pass the score threshold: their masks are scored ``chunk_size`` at a time.
-    The chunks' masks are kept for the later steps when the cells are few (at most
-    ``max(nms_pre, chunk_size)``, the usual case); otherwise, and always when traced (the count
-    is not known when the trace is recorded), the masks of the ``nms_pre`` best candidates are
-    computed again. Mask NMS (``nms_type="mask"``) is a greedy sequential loop: eager only.
+    The chunks' masks are kept for the later steps when the cells are few (soft masks of at most
+    ``max(nms_pre, chunk_size)`` cells, binary ones of ``4 * nms_pre``; then only the final
+    detections' soft masks are computed again); otherwise, and always when traced (the count is
+    not known when the trace is recorded), the masks of the ``nms_pre`` best candidates are.
+    Mask NMS (``nms_type="mask"``) is a greedy sequential loop: eager only.
 
     Args:
         cate_scores: (G, C) category probabilities after points NMS, levels concatenated,
@@ -367,7 +368,12 @@ def select_detections(
     slots = (torch.cumsum(cell_passed.to(torch.int64), 0) - 1)[cells]  # (N0,) rows of mask_cells
     # traced: a fixed count of chunks; eager: at least one, for the masks' shape when none passed
     num = num_cells if tracing else max(len(mask_cells), 1)
-    retain = not tracing and num <= max(nms_pre, chunk_size)
+    # eager, few cells (the usual case): keep their masks for the later steps instead of
+    # computing them again, while memory stays within what recomputing would hold anyway (the
+    # float masks of nms_pre candidates): soft masks of up to nms_pre cells, binary ones (a
+    # quarter of the bytes) of up to 4 * nms_pre
+    keep_soft = not tracing and num <= max(nms_pre, chunk_size)
+    keep_hard = not tracing and num <= max(4 * nms_pre, chunk_size)
     block_rows = SCORE_BLOCK_ROWS if cate_scores.device.type == "cpu" and not tracing else None
     cell_areas, cell_sums, soft_chunks, hard_chunks = [], [], [], []
     for start in range(0, num, chunk_size):
@@ -375,8 +381,9 @@ def select_detections(
         area, soft_sum, hard = _score_masks(soft, mask_threshold, block_rows)
         cell_areas.append(area)
         cell_sums.append(soft_sum)
-        if retain:
+        if keep_soft:
             soft_chunks.append(soft)
+        if keep_hard:
             hard_chunks.append(hard if hard is not None else soft > mask_threshold)
         del soft, hard
     cell_area = torch.cat(cell_areas)
@@ -389,12 +396,12 @@ def select_detections(
     order = torch.argsort(scores, descending=True)[:nms_pre]
     selected = kept[order]
     scores, labels, areas, rows = scores[order], labels[selected], areas[selected], slots[selected]
-    if retain:
+    if keep_hard:
         hard = _take_rows(hard_chunks, rows, chunk_size)
         del hard_chunks
     else:
-        soft = soft_masks(mask_cells[rows])  # (<= nms_pre, Hf, Wf)
-        hard = soft > mask_threshold
+        selected_soft = soft_masks(mask_cells[rows])  # (<= nms_pre, Hf, Wf)
+        hard = selected_soft > mask_threshold
 
     # 2) NMS, top max_per_image
     if nms_type == "matrix":
@@ -406,7 +413,12 @@ def select_detections(
         raise ValueError(f"MODEL.SOLO.NMS_TYPE must be 'matrix' or 'mask', got {nms_type!r}")
     final = keep.nonzero()[:, 0]
     final = final[torch.argsort(scores[final], descending=True)[:max_per_image]]
-    soft = _take_rows(soft_chunks, rows[final], chunk_size) if retain else soft[final]
+    if keep_soft:
+        soft = _take_rows(soft_chunks, rows[final], chunk_size)
+    elif keep_hard:
+        soft = soft_masks(mask_cells[rows[final]])
+    else:
+        soft = selected_soft[final]
     return scores[final], labels[final], soft
 
 
