@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Run a SOLOv2 model on images, a video or a webcam and draw (or save) its instances, or its
-panoptic segmentation when the model is a panoptic one (MODEL.SOLO.PANOPTIC.ENABLED).
+panoptic segmentation when the model gives one (MODEL.META_ARCHITECTURE "PanopticSOLO").
 
     python demo/demo.py --input photo.jpg                      # prints "photo.jpg: N instances ..."
     python demo/demo.py --config-file SOLOv2_R101_3x --input photo.jpg   # model zoo names work too
@@ -53,13 +53,8 @@ from solo_d2.engine import BadWeightsError, SOLOPredictor, WeightsUnavailableErr
 from solo_d2.export.exporter import OnnxNotInstalledError
 from solo_d2.export.runtime import ONNXModelError, ONNXRuntimePredictor
 from solo_d2.model_zoo import published_checkpoint, resolve_config_file
-from solo_d2.visualization.drawing import (
-    InstanceDrawer,
-    Panoptic,
-    class_names,
-    is_panoptic,
-    stuff_class_names,
-)
+from solo_d2.modeling import is_panoptic
+from solo_d2.visualization.drawing import InstanceDrawer, Panoptic, class_names, stuff_class_names
 
 # the default model: a model zoo config name, and its published COCO weights (AdelaiDet's), used
 # when no trained weights are given
@@ -309,7 +304,7 @@ def run_on_images(
     predictor = build_predictor(cfg, args)
     drawer = InstanceDrawer.from_config(cfg)
     names = class_names(cfg)
-    stuff_names = stuff_class_names(cfg) if is_panoptic(cfg) else []
+    stuff_names = stuff_class_names(cfg)  # used for predictions with "panoptic_seg"
     if outputs is not None:
         outputs.create_folder()
     failed = []

@@ -14,7 +14,7 @@ Stages (:data:`STAGES`):
   time and peak memory (bounded by ``MODEL.SOLO.INFERENCE_CHUNK_SIZE``).
 * ``train``: forward+backward of ``train_batch`` images of ``train_size`` with
   ``train_instances`` instances each; the grid assignment of that batch alone
-  (``model.assign_targets``), and the per-image target work done in the mapper workers.
+  (``model.criterion.assign_targets``), and the per-image target work done in the mapper workers.
 * ``levers``: whole inference and a training step with each speed lever (channels-last,
   folded FrozenBatchNorm) on and off, interleaved in one process (:mod:`.levers`).
 * ``loader``: data-loader throughput (SOLODatasetMapper, ``workers`` processes) on a generated
@@ -310,12 +310,12 @@ def bench_train(model: nn.Module, s: BenchmarkSettings, device: torch.device) ->
     gt = [x["instances"] for x in inputs]
     canvas = tuple(model.preprocess_image(inputs).tensor.shape[-2:])
     res["grid_assignment"] = time_fn(
-        lambda: model.assign_targets(gt, canvas),
+        lambda: model.criterion.assign_targets(gt, canvas),
         repeats=max(s.repeats, 20),
         warmup=2,
         device=device,
     )
-    _, positives = model.assign_targets(gt, canvas)
+    _, positives = model.criterion.assign_targets(gt, canvas)
     res["grid_assignment"]["positive_samples"] = sum(len(p) for p in positives)
     res["mapper_targets_per_image"] = time_fn(
         lambda: mapper_targets(model, masks[0]),

@@ -78,11 +78,11 @@ def add_solo_config(cfg: CN) -> None:
     # the network together; each image's result is the same as alone.
     _C.TEST.IMS_PER_BATCH = 1
     # ---- panoptic segmentation (SOLOv2 paper, Sec. 5.3; solo_d2/modeling/panoptic.py) ----------
+    # Used by MODEL.META_ARCHITECTURE "PanopticSOLO": the instance model plus a stuff branch,
+    # trained on the semantic target of panoptic data (DATASETS from --dataset
+    # NAME=panoptic:...); inference also returns "sem_seg" and "panoptic_seg". Things are the
+    # instances (MODEL.SOLO.NUM_CLASSES thing classes).
     _C.MODEL.SOLO.PANOPTIC = CN()
-    # True: a stuff branch is added, trained on the semantic target of panoptic data
-    # (DATASETS from --dataset NAME=panoptic:...), and inference also returns "sem_seg" and
-    # "panoptic_seg". Things are the instances (MODEL.SOLO.NUM_CLASSES thing classes).
-    _C.MODEL.SOLO.PANOPTIC.ENABLED = False
     # Stuff categories (COCO: 53). The stuff branch predicts NUM_STUFF_CLASSES + 1 classes:
     # 0 is "things" (every thing pixel), 1..NUM_STUFF_CLASSES the stuff categories.
     _C.MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES = 53
@@ -105,11 +105,15 @@ def add_solo_config(cfg: CN) -> None:
     # ---- speed ---------------------------------------------------------------------------------
     # Store the model's conv weights channels-last (NHWC): same results up to float rounding,
     # faster convolutions on CPU, in inference and training (measured in docs/benchmarks.md).
+    # Applied when MODEL.DEVICE is the CPU only: on CUDA the model keeps detectron2's layout
+    # (NCHW), the lever not having been measured on a GPU. The model's constructor has the same
+    # default.
     _C.MODEL.SOLO.CHANNELS_LAST = True
     # At inference, run the backbone through a copy with its FrozenBatchNorm layers folded into
     # the convs before them (MODEL.RESNETS.NORM "FrozenBN", the default): same results up to
     # float rounding, one pass over the activations less per conv. Costs a second copy of the
-    # backbone weights in memory (R50-FPN: ~110 MB); False runs the backbone as it is.
+    # backbone weights in memory (R50-FPN: ~110 MB); False runs the backbone as it is. The copy
+    # is made again after train()/eval() and after loading weights. The constructor's default too.
     _C.MODEL.SOLO.FOLD_FROZEN_BN = True
 
     # ---- solver --------------------------------------------------------------------------------

@@ -32,7 +32,18 @@ def _config_keys(cfg: CfgNode, prefix: str = "") -> List[str]:
     return keys
 
 
+# Keys that were removed, with what to write instead.
+REMOVED_KEYS = {
+    "MODEL.SOLO.PANOPTIC.ENABLED": (
+        'a panoptic model is now MODEL.META_ARCHITECTURE "PanopticSOLO": write that instead '
+        "(and delete the key)"
+    ),
+}
+
+
 def _unknown_key_error(source: str, key: str, cfg: CfgNode) -> ConfigError:
+    if key in REMOVED_KEYS:
+        return ConfigError(f"{source}: config key {key} was removed; {REMOVED_KEYS[key]}")
     close = difflib.get_close_matches(key, _config_keys(cfg), n=1, cutoff=0.8)
     hint = f"; did you mean {close[0]}?" if close else ""
     return ConfigError(f"{source}: config key {key} does not exist{hint}")

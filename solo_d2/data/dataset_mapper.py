@@ -24,13 +24,12 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
-from detectron2.structures import BitMasks, Instances
+from detectron2.structures import Instances
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from ..modeling import mask_target_strides
 from ..modeling.targets import extra_mask_targets, instance_targets
 from .images import BadImageError, read_image
-from .panoptic import panoptic_targets, read_panoptic_png, rgb_to_id
 
 __all__ = ["SOLODatasetMapper", "check_image_size"]
 
@@ -76,10 +75,8 @@ class SOLODatasetMapper(DatasetMapper):
         gt_masks_small: (N, int(H/s+0.5), int(W/s+0.5)) uint8 masks at the mask stride s;
         gt_masks_small_s{t}: the same at each coarser stride t the model predicts masks at
             (SOLO v1 / Decoupled SOLO: 8 and 16).
-    Panoptic data (dicts with "pan_seg_file_name" and "segments_info", solo_d2.data.panoptic):
-    the instances are the non-crowd thing segments of the PNG, and in training
-    ``dataset_dict["sem_seg"]`` is the (H, W) int64 semantic target (stuff ids 1..K_st, things 0,
-    void 255). The PNG is read and checked in evaluation too.
+    Panoptic models take :class:`~solo_d2.data.panoptic_mapper.SOLOPanopticDatasetMapper`, which
+    extends :meth:`load` and :meth:`add_targets`.
 
     Returns None for a training image it skips (see the module docstring).
     """
@@ -124,12 +121,7 @@ class SOLODatasetMapper(DatasetMapper):
     def _read(self, dataset_dict: dict):
         """The checked image of ``dataset_dict``, or None when a training image is skipped."""
         try:
-            image = read_image(
-                dataset_dict["file_name"], self.image_format, max_pixels=self.max_image_pixels
-            )
-            check_image_size(dataset_dict, image)
-            if "pan_seg_file_name" in dataset_dict:
-                dataset_dict["_panoptic_rgb"] = read_panoptic_png(dataset_dict, image.shape[:2])
+            image = self.load(dataset_dict)
         except BadImageError as e:
             if not self.is_train or self.strict:
                 raise
@@ -145,6 +137,18 @@ class SOLODatasetMapper(DatasetMapper):
             )
             return None
         self._num_read += 1
+        return image
+
+    def load(self, dataset_dict: dict) -> np.ndarray:
+        """The image of ``dataset_dict``, read and checked against its recorded size.
+
+        Raises:
+            BadImageError: naming the file, when it cannot be used.
+        """
+        image = read_image(
+            dataset_dict["file_name"], self.image_format, max_pixels=self.max_image_pixels
+        )
+        check_image_size(dataset_dict, image)
         return image
 
     def __call__(self, dataset_dict):
@@ -163,19 +167,22 @@ class SOLODatasetMapper(DatasetMapper):
         image = aug_input.image
         image_shape = image.shape[:2]  # h, w
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        panoptic_rgb = dataset_dict.pop("_panoptic_rgb", None)
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
-        if panoptic_rgb is not None:
-            ids = rgb_to_id(transforms.apply_segmentation(panoptic_rgb))
-            masks, classes, sem_seg = panoptic_targets(ids, dataset_dict["segments_info"])
-            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg)
-            self._set_instances(dataset_dict, torch.as_tensor(masks), torch.as_tensor(classes))
-            return dataset_dict
+        self.add_targets(dataset_dict, transforms, image_shape)
+        return dataset_dict
+
+    def add_targets(self, dataset_dict: dict, transforms, image_shape) -> None:
+        """Training targets: ``dataset_dict["instances"]`` from its "annotations".
+
+        Args:
+            dataset_dict: the input dict being built (its "image" is set).
+            transforms: the augmentations applied to the image.
+            image_shape: (h, w) of the augmented image.
+        """
         dataset_dict.setdefault("annotations", [])
         self._solo_annotations(dataset_dict, transforms, image_shape)
-        return dataset_dict
 
     def _bad_annotation(self, dataset_dict: dict, obj: dict, reason: str) -> None:
         message = (
@@ -208,13 +215,6 @@ class SOLODatasetMapper(DatasetMapper):
             instances.remove("gt_masks")
         else:  # an image without annotations
             masks = torch.zeros((0, *image_shape), dtype=torch.bool)
-        self._add_mask_targets(dataset_dict, instances, masks)
-
-    def _set_instances(self, dataset_dict: dict, masks: torch.Tensor, classes: torch.Tensor):
-        """Instances of a panoptic image from its (N, H, W) bool thing masks (boxes from masks)."""
-        instances = Instances(tuple(masks.shape[-2:]))
-        instances.gt_boxes = BitMasks(masks).get_bounding_boxes()
-        instances.gt_classes = classes
         self._add_mask_targets(dataset_dict, instances, masks)
 
     def _add_mask_targets(self, dataset_dict: dict, instances: Instances, masks: torch.Tensor):

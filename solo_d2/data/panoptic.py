@@ -67,7 +67,6 @@ __all__ = [
     "adopt_builtin_panoptic",
     "read_panoptic_png",
     "rgb_to_id",
-    "panoptic_targets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -399,38 +398,3 @@ def read_panoptic_png(dataset_dict: dict, image_hw: tuple[int, int]) -> np.ndarr
             f"{dataset_dict.get('image_id')} lacks",
         )
     return rgb
-
-
-def panoptic_targets(
-    ids: np.ndarray, segments_info: list[dict], ignore_label: int = IGNORE_LABEL
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Instance and semantic targets of one (augmented) panoptic id map.
-
-    Args:
-        ids: (H, W) int64 segment ids (0 void).
-        segments_info: the image's segments (contiguous "category_id", "isthing", "iscrowd").
-    Returns:
-        masks: (N, H, W) bool, one per non-crowd thing segment with pixels, by segment id.
-        classes: (N,) int64 thing classes.
-        sem_seg: (H, W) int64: stuff pixels their stuff id (1..K_st), thing pixels (crowd
-            included) 0, void and unlisted ids ``ignore_label``.
-    """
-    h, w = ids.shape
-    if not segments_info:
-        empty = np.zeros((0, h, w), dtype=bool)
-        return empty, np.zeros(0, dtype=np.int64), np.full((h, w), ignore_label, dtype=np.int64)
-    seg_ids = np.array([s["id"] for s in segments_info], dtype=np.int64)
-    isthing = np.array([bool(s["isthing"]) for s in segments_info], dtype=bool)
-    crowd = np.array([bool(s.get("iscrowd", 0)) for s in segments_info], dtype=bool)
-    cats = np.array([s["category_id"] for s in segments_info], dtype=np.int64)
-    order = np.argsort(seg_ids)
-    seg_ids, isthing, crowd, cats = seg_ids[order], isthing[order], crowd[order], cats[order]
-    # every pixel's position in the sorted ids; ``found`` is False for void and unlisted ids
-    pos = np.searchsorted(seg_ids, ids).clip(max=len(seg_ids) - 1)
-    found = seg_ids[pos] == ids
-    labels = np.where(isthing, 0, cats)
-    sem_seg = np.where(found, labels[pos], ignore_label).astype(np.int64)
-    keep = np.flatnonzero(isthing & ~crowd)
-    masks = found[None] & (pos[None] == keep[:, None, None])
-    has_pixels = masks.reshape(len(keep), h * w).any(1)
-    return masks[has_pixels], cats[keep][has_pixels], sem_seg

@@ -17,6 +17,7 @@ from ..config import ConfigError
 from ..data.panoptic import adopt_builtin_panoptic
 from ..data.shapes import SPLITS as SHAPES_SPLITS
 from ..data.shapes_panoptic import SPLITS as PANOPTIC_SHAPES_SPLITS
+from ..modeling import is_panoptic
 
 __all__ = ["check_config"]
 
@@ -24,14 +25,13 @@ __all__ = ["check_config"]
 def _check_panoptic(cfg: CfgNode, name: str, key: str) -> None:
     """A panoptic model's stuff classes against a dataset's; panoptic training data for it."""
     pc = cfg.MODEL.SOLO.PANOPTIC
-    if not pc.ENABLED:
-        return
     meta = MetadataCatalog.get(name)
     if meta.get("evaluator_type", None) != "coco_panoptic_seg":
         if key == "TRAIN":
             raise ConfigError(
-                f"MODEL.SOLO.PANOPTIC.ENABLED is True but training dataset {name!r} is not a "
-                "panoptic dataset; register one with --dataset "
+                f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}, a panoptic model, "
+                f"but training dataset {name!r} is not a panoptic dataset; register one with "
+                "--dataset "
                 "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
             )
         return
@@ -109,6 +109,7 @@ def check_config(
         ConfigError: one line naming the key, the value and the fix.
     """
     adopt_builtin_panoptic([n for key in splits for n in cfg.DATASETS[key]])
+    panoptic = is_panoptic(cfg)
     registered = set(DatasetCatalog.list())
     for key in splits:
         for name in cfg.DATASETS[key]:
@@ -117,7 +118,7 @@ def check_config(
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 form = (
                     f"{name}=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
-                    if cfg.MODEL.SOLO.PANOPTIC.ENABLED
+                    if panoptic
                     else f"{name}=ANNOTATIONS.json:IMAGE_DIR (LVIS: {name}=lvis:ANNOTATIONS.json"
                     ":IMAGE_DIR)"
                 )
@@ -143,7 +144,8 @@ def check_config(
                     f"{name!r} (DATASETS.{key}) has {len(classes)} categories ({shown}); set "
                     f"MODEL.SOLO.NUM_CLASSES {len(classes)}{subset}"
                 )
-            _check_panoptic(cfg, name, key)
+            if panoptic:
+                _check_panoptic(cfg, name, key)
     if cfg.INPUT.MAX_IMAGE_PIXELS <= 0:
         raise ConfigError(
             f"INPUT.MAX_IMAGE_PIXELS is {cfg.INPUT.MAX_IMAGE_PIXELS}; it must be a positive "

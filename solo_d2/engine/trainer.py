@@ -37,8 +37,10 @@ from ..atomic_io import atomic_write_json, remove_stale_temporaries
 from ..checkpoint import AtomicCheckpointer
 from ..compat import default_trainer_ddp
 from ..data.dataset_mapper import SOLODatasetMapper
+from ..data.panoptic_mapper import SOLOPanopticDatasetMapper
 from ..data.validation import DatasetError, summarize_faults
 from ..evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator, SOLOPanopticEvaluator
+from ..modeling import is_panoptic
 from .hooks import LossCurveHook, PreemptionHook, leave_signals_to_trainer
 from .preflight import check_config
 
@@ -57,6 +59,12 @@ def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
     if params is not None and params.device.type == "cpu":
         kwargs.setdefault("device_ids", None)
     return d2_create_ddp_model(model, **kwargs)
+
+
+def build_mapper(cfg: CfgNode, is_train: bool) -> SOLODatasetMapper:
+    """The data mapper of the model of ``cfg``: SOLOPanopticDatasetMapper for a panoptic model."""
+    mapper_cls = SOLOPanopticDatasetMapper if is_panoptic(cfg) else SOLODatasetMapper
+    return mapper_cls(cfg, is_train)
 
 
 def _trim_metrics(path: str, start_iter: int) -> int:
@@ -154,7 +162,7 @@ class Trainer(DefaultTrainer):
         """detectron2's loader with SOLO targets; its workers leave SIGTERM and SIGUSR1 to the
         training process (:func:`~solo_d2.engine.hooks.leave_signals_to_trainer`)."""
         _report_training_faults(cfg, cfg.DATASETS.TRAIN)
-        loader = build_detection_train_loader(cfg, mapper=SOLODatasetMapper(cfg, True))
+        loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))
         return leave_signals_to_trainer(loader)
 
     @classmethod
@@ -162,7 +170,7 @@ class Trainer(DefaultTrainer):
         loader = build_detection_test_loader(
             cfg,
             dataset_name,
-            mapper=SOLODatasetMapper(cfg, False),
+            mapper=build_mapper(cfg, False),
             batch_size=cfg.TEST.IMS_PER_BATCH,
         )
         return leave_signals_to_trainer(loader)  # evaluations during training
@@ -186,10 +194,10 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if kind == "coco_panoptic_seg":
-            if not cfg.MODEL.SOLO.PANOPTIC.ENABLED:
+            if not is_panoptic(cfg):
                 raise ValueError(
                     f"Dataset {dataset_name!r} is a panoptic dataset: evaluating it needs a "
-                    "panoptic model (MODEL.SOLO.PANOPTIC.ENABLED True)"
+                    'panoptic model (MODEL.META_ARCHITECTURE "PanopticSOLO")'
                 )
             return SOLOPanopticEvaluator(dataset_name, output_dir=output_folder)
         if kind == "lvis":

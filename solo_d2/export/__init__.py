@@ -15,7 +15,7 @@ from .exporter import (
     min_opset_for,
     onnx_op_types,
 )
-from .traceable import SOLOExportable, postprocess_traceable
+from .traceable import SOLOExportable
 from .verify import (
     ExportedRun,
     ImageAgreement,
@@ -40,7 +40,6 @@ __all__ = [
     "load_exported",
     "min_opset_for",
     "onnx_op_types",
-    "postprocess_traceable",
     "sample_images",
     "second_size",
     "verify_export",

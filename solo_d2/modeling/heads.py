@@ -207,9 +207,14 @@ class SOLOHead(nn.Module):
     * :meth:`mask_target_strides` - the stride of each level's mask prediction.
 
     ``uses_mask_features``: the masks need the separate mask-feature branch (SOLOv2).
+    ``last_instance_wins``: the target policy of a grid cell covered by several instances (see
+    :func:`~.targets.assign_grid_targets`): one positive, the last instance's (SOLO v1 and
+    Decoupled SOLO: the reference writes dense per-cell mask targets in turn), or one positive per
+    instance (SOLOv2).
     """
 
     uses_mask_features = False
+    last_instance_wins = True
 
     def __init__(
         self,
@@ -343,6 +348,7 @@ class SOLOv2InstanceHead(SOLOHead):
     """SOLOv2: a dynamic 1x1 kernel per cell applied to the unified mask features (Fig. 3)."""
 
     uses_mask_features = True
+    last_instance_wins = False  # a shared cell trains once per covering instance
 
     @configurable
     def __init__(self, *, num_kernels: int, **kwargs):

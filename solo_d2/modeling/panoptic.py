@@ -1,5 +1,5 @@
-"""Panoptic segmentation with the SOLO family (SOLOv2 paper, Sec. 5.3): the stuff branch and the
-merge of things and stuff.
+"""Panoptic segmentation with the SOLO family (SOLOv2 paper, Sec. 5.3): :class:`PanopticSOLO`,
+the instance model extended with a stuff branch and the merge of things and stuff.
 
 Design (the paper gives only its outline; its code was never released):
 
@@ -21,15 +21,23 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import Instances
+from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
 from .heads import SOLOv2MaskHead
+from .meta_arch import SOLO, _check_features
 
-__all__ = ["SOLOStuffHead", "combine_things_and_stuff", "semantic_loss"]
+__all__ = [
+    "PanopticSOLO",
+    "SOLOStuffHead",
+    "combine_things_and_stuff",
+    "is_panoptic",
+    "semantic_loss",
+]
 
 
 def semantic_loss(logits: Tensor, targets: Tensor, ignore_label: int) -> Tensor:
@@ -194,3 +202,124 @@ def combine_things_and_stuff(
         for i, (label, area) in enumerate(zip(labels.tolist(), counts[labels].tolist())):
             segments.append({"id": first + i, "isthing": False, "category_id": label, "area": area})
     return seg, segments
+
+
+@META_ARCH_REGISTRY.register()
+class PanopticSOLO(SOLO):
+    """A SOLO-family instance model (any head variant) plus a stuff branch: panoptic segmentation.
+
+    Training inputs also need "sem_seg", the (H, W) int64 semantic target (stuff ids 1..K,
+    things 0, void ``ignore_label``) of :class:`solo_d2.data.SOLOPanopticDatasetMapper`; the losses
+    add ``loss_sem_seg``. Eval-mode outputs add, per image, "sem_seg" ((K + 1, H, W) stuff logits,
+    class 0 = things) and "panoptic_seg" ((H, W) int32 segment ids, segments_info) in
+    detectron2's convention: a thing segment's category_id is a thing class, a stuff segment's a
+    stuff class 1..K. Export (``solo_d2.export``) gives the instances only.
+    """
+
+    unexported_outputs = ("sem_seg", "panoptic_seg")
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        stuff_head: SOLOStuffHead,
+        stuff_in_features: List[str],
+        stuff_loss_weight: float = 0.5,
+        overlap_threshold: float = 0.5,
+        stuff_area_limit: int = 4096,
+        instances_score_threshold: float = 0.5,
+        **kwargs,
+    ):
+        """
+        Args:
+            stuff_head: the stuff branch.
+            stuff_in_features: backbone feature names of the stuff branch.
+            stuff_loss_weight: weight of loss_sem_seg.
+            overlap_threshold, stuff_area_limit, instances_score_threshold: the merge, see
+                :func:`combine_things_and_stuff` (its overlap_threshold, stuff_area_limit and
+                score_threshold).
+            kwargs: as :class:`~.meta_arch.SOLO`.
+        """
+        super().__init__(**kwargs)
+        self.stuff_head = stuff_head
+        if self.channels_last:  # the layout SOLO gave its own modules
+            self.stuff_head.to(memory_format=torch.channels_last)
+        self.stuff_in_features = list(stuff_in_features)
+        self.stuff_loss_weight = stuff_loss_weight
+        self.panoptic_args = dict(
+            overlap_threshold=overlap_threshold,
+            stuff_area_limit=stuff_area_limit,
+            score_threshold=instances_score_threshold,
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        pc = cfg.MODEL.SOLO.PANOPTIC
+        shapes = ret["backbone"].output_shape()
+        features = _check_features(pc, shapes, "", "MODEL.SOLO.PANOPTIC.")
+        ret.update(
+            stuff_head=SOLOStuffHead(cfg, [shapes[f] for f in features]),
+            stuff_in_features=features,
+            stuff_loss_weight=pc.LOSS_WEIGHT,
+            overlap_threshold=pc.OVERLAP_THRESH,
+            stuff_area_limit=pc.STUFF_AREA_LIMIT,
+            instances_score_threshold=pc.INSTANCES_CONFIDENCE_THRESH,
+        )
+        return ret
+
+    def losses(
+        self, images: ImageList, features: Dict[str, Tensor], batched_inputs: List[Dict]
+    ) -> Dict[str, Tensor]:
+        """The instance losses and ``loss_sem_seg``."""
+        losses = super().losses(images, features, batched_inputs)
+        logits = self.stuff_head([features[f] for f in self.stuff_in_features])
+        targets = self._semantic_targets(batched_inputs, tuple(images.tensor.shape[-2:]))
+        losses["loss_sem_seg"] = self.stuff_loss_weight * self.stuff_head.losses(logits, targets)
+        return losses
+
+    def _semantic_targets(self, batched_inputs: List[Dict], canvas_hw: Tuple[int, int]) -> Tensor:
+        """(B, Hc, Wc) int64 "sem_seg" targets padded with the ignore label to the canvas."""
+        if any("sem_seg" not in x for x in batched_inputs):
+            raise ValueError(
+                f"{type(self).__name__} trains on panoptic data: every input needs 'sem_seg' "
+                "(register the data with --dataset "
+                "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR and use "
+                "SOLOPanopticDatasetMapper)"
+            )
+        ignore = self.stuff_head.ignore_label
+        out = torch.full(
+            (len(batched_inputs), *canvas_hw), ignore, dtype=torch.int64, device=self.device
+        )
+        for i, x in enumerate(batched_inputs):
+            target = x["sem_seg"].to(self.device)
+            out[i, : target.shape[0], : target.shape[1]] = target
+        return out
+
+    def inference_outputs(
+        self, images: ImageList, features: Dict[str, Tensor], batched_inputs: List[Dict]
+    ) -> List[Dict]:
+        """The instances, then per image "sem_seg" and "panoptic_seg" (the class docstring)."""
+        results = super().inference_outputs(images, features, batched_inputs)
+        logits = self.stuff_head([features[f] for f in self.stuff_in_features])
+        canvas_hw = tuple(images.tensor.shape[-2:])
+        for b, r in enumerate(results):
+            sem_seg = self.stuff_head.postprocess(
+                logits[b], canvas_hw, tuple(images.image_sizes[b]), r["instances"].image_size
+            )
+            r["sem_seg"] = sem_seg
+            r["panoptic_seg"] = combine_things_and_stuff(
+                r["instances"], sem_seg.argmax(0), **self.panoptic_args
+            )
+        return results
+
+
+def is_panoptic(cfg: CfgNode) -> bool:
+    """Whether the model of ``cfg`` is a panoptic one: its ``MODEL.META_ARCHITECTURE`` is
+    :class:`PanopticSOLO` or a subclass. The one question every entry point asks (preflight,
+    the Trainer's mapper and evaluator)."""
+    try:
+        arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    except KeyError:
+        return False
+    return isinstance(arch, type) and issubclass(arch, PanopticSOLO)

@@ -12,7 +12,7 @@ Shape shorthand:
 Cells of all levels are indexed together: level-major, then row-major (i * S_l + j) in a level.
 """
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ __all__ = [
     "cell_levels",
     "category_scores",
     "cell_strides",
+    "select_detections",
     "solo_postprocess",
 ]
 
@@ -58,10 +59,12 @@ def _intersections(masks: Tensor) -> Tensor:
     """(N, N) float32 pixel counts of the pairwise intersections of binary masks.
 
     On the CPU, bool masks are multiplied as int8 with int32 sums (``torch._int_mm``): the
-    same integers as the float32 product, several times faster and without a float copy.
+    same integers as the float32 product, several times faster and without a float copy (not
+    when traced: ``_int_mm`` has no ONNX form).
     """
     m = masks.flatten(1)
-    if m.dtype == torch.bool and m.device.type == "cpu" and len(m) and hasattr(torch, "_int_mm"):
+    fast = m.dtype == torch.bool and m.device.type == "cpu" and hasattr(torch, "_int_mm")
+    if fast and not torch.jit.is_tracing() and len(m):
         m8 = m.view(torch.int8)  # 0/1 bytes reinterpreted, no copy
         return torch._int_mm(m8, m8.T).to(torch.float32)
     m = m.to(torch.float32)
@@ -92,9 +95,8 @@ def matrix_nms(
     code's Gaussian ``f(x) = exp(-sigma * x^2)`` or linear ``f(x) = 1 - x``. The linear form
     clamps its denominator so identical masks decay to 0 instead of giving NaN.
 
-    Traceable (TorchScript / ONNX export) with float 0/1 masks: no data-dependent branch, and
-    N = 0 gives an empty result. Bool masks on the CPU take a faster int8 product that does not
-    export.
+    Traceable (TorchScript / ONNX export): no data-dependent branch, and N = 0 gives an empty
+    result. Bool masks on the CPU take a faster int8 product in eager mode.
 
     Args:
         labels: (N,) classes.
@@ -232,28 +234,35 @@ def resize_masks(
 SCORE_BLOCK_ROWS = 16
 
 
-def _score_masks(soft: Tensor, threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Binary masks, areas and sums of the soft values inside them.
+def _score_masks(
+    soft: Tensor, threshold: float, block_rows: Optional[int]
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Areas of the binary masks ``soft > threshold`` and the sums of the soft values inside.
 
     Args:
         soft: (n, Hf, Wf) probabilities.
+        block_rows: masks scored together (cache-sized blocks on the CPU), also returning the
+            binary masks; None: all at once, without them (traceable: no loop over ``n``).
     Returns:
-        hard (n, Hf, Wf) bool ``soft > threshold``; area (n,) and soft_sum (n,) in soft's dtype.
+        area (n,) and soft_sum (n,) in soft's dtype; hard (n, Hf, Wf) bool, or None when
+        ``block_rows`` is None.
     """
+    if block_rows is None:
+        inside = (soft - threshold).sign().clamp(min=0)  # 1.0 where soft > threshold, else 0.0
+        return inside.sum(dim=(1, 2)), (inside * soft).sum(dim=(1, 2)), None
     n = len(soft)
     hard = torch.empty(soft.shape, dtype=torch.bool, device=soft.device)
     area, soft_sum = soft.new_empty(n), soft.new_empty(n)
-    rows = SCORE_BLOCK_ROWS if soft.device.type == "cpu" else max(n, 1)
-    bounds = list(range(0, n, rows))
+    bounds = list(range(0, n, block_rows))
     if len(bounds) > 1 and n - bounds[-1] == 1:
         bounds.pop()  # no 1-row block: torch splits a 1-row sum across threads (other rounding)
     for a, b in zip(bounds, bounds[1:] + [n]):
         s = soft[a:b]
         torch.gt(s, threshold, out=hard[a:b])
-        inside = (s - threshold).sign_().clamp_(min=0)  # 1.0 where s > threshold, else 0.0
+        inside = (s - threshold).sign_().clamp_(min=0)
         area[a:b] = inside.sum(dim=(1, 2))  # exact pixel counts
         soft_sum[a:b] = inside.mul_(s).sum(dim=(1, 2))
-    return hard, area, soft_sum
+    return area, soft_sum, hard
 
 
 def _take_rows(chunks: List[Tensor], index: Tensor, chunk_size: int) -> Tensor:
@@ -268,15 +277,6 @@ def _take_rows(chunks: List[Tensor], index: Tensor, chunk_size: int) -> Tensor:
         if len(sel):
             out[sel] = chunk[index[sel] - k * chunk_size]
     return out
-
-
-def _empty_result(output_hw: Tuple[int, int], device) -> Instances:
-    result = Instances(output_hw)
-    result.pred_masks = torch.zeros((0, *output_hw), dtype=torch.bool, device=device)
-    result.pred_boxes = Boxes(torch.zeros(0, 4, device=device))
-    result.scores = torch.zeros(0, device=device)
-    result.pred_classes = torch.zeros(0, dtype=torch.int64, device=device)
-    return result
 
 
 def cell_levels(cells: Tensor, num_grids: Sequence[int]) -> Tuple[Tensor, Tensor]:
@@ -316,14 +316,10 @@ def cell_strides(num_grids: Sequence[int], strides: Sequence[int]) -> Tensor:
     )
 
 
-@torch.no_grad()
-def solo_postprocess(
+def select_detections(
     cate_scores: Tensor,
     soft_masks: Callable[[Tensor], Tensor],
     cell_strides: Tensor,
-    canvas_hw: Tuple[int, int],
-    image_hw: Tuple[int, int],
-    output_hw: Tuple[int, int],
     *,
     score_threshold: float,
     mask_threshold: float,
@@ -334,68 +330,80 @@ def solo_postprocess(
     nms_sigma: float,
     max_per_image: int,
     chunk_size: int,
-) -> Instances:
-    """From one image's head outputs to final ``Instances``, any variant.
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The post-processing core, shared by eager inference (:func:`solo_postprocess`) and export
+    (``solo_d2.export.SOLOExportable``): score threshold, one soft mask per candidate cell, area
+    filter and maskness rescoring, top ``nms_pre``, NMS, top ``max_per_image``.
 
-    Candidates are scored in chunks of ``chunk_size`` so memory stays bounded however many grid
-    cells pass the score threshold; masks of the ``nms_pre`` best are then recomputed.
+    Traceable with ``nms_type="matrix"``: no Python branch or loop depends on the data, and every
+    step is defined when nothing is left (empty outputs, no early return). Memory stays bounded
+    however many cells pass the score threshold: their masks are scored ``chunk_size`` at a time.
+    The chunks' masks are kept for the later steps when the cells are few (soft masks of at most
+    ``max(nms_pre, chunk_size)`` cells, binary ones of ``4 * nms_pre``; then only the final
+    detections' soft masks are computed again); otherwise, and always when traced (the count is
+    not known when the trace is recorded), the masks of the ``nms_pre`` best candidates are.
+    Mask NMS (``nms_type="mask"``) is a greedy sequential loop: eager only.
 
     Args:
         cate_scores: (G, C) category probabilities after points NMS, levels concatenated,
             cells row-major.
         soft_masks: f(cells) -> (n, Hf, Wf) mask probabilities of cells (indices into G) at the
-            mask stride of the padded canvas (the variant's head provides it).
+            mask stride of the padded canvas (the variant's head provides it), n = 0 included.
         cell_strides: (G,) instance stride of each cell's level (area filter).
-        canvas_hw: padded canvas size (Hf, Wf times the mask stride).
-        image_hw: (h, w) of the model input inside the padded canvas.
-        output_hw: (H, W) size of the returned masks.
     Returns:
-        Instances of size output_hw with pred_masks (N, H, W) bool, pred_boxes, scores,
-        pred_classes (int64), sorted by descending score, N <= max_per_image.
+        scores (N,) descending, classes (N,) int64 and soft masks (N, Hf, Wf); N <= max_per_image.
     """
-    device = cate_scores.device
-    cells, labels = (cate_scores > score_threshold).nonzero(as_tuple=True)  # (N,), (N,)
-    scores = cate_scores[cells, labels]
-    strides = cell_strides[cells]
+    tracing = torch.jit.is_tracing()
+    num_cells, num_classes = cate_scores.shape
+    passed = cate_scores > score_threshold  # (G, C)
+    candidates = passed.reshape(-1).nonzero()[:, 0]  # (N0,) indices into G * C, row-major
+    cells = torch.div(candidates, num_classes, rounding_mode="floor")
+    labels = candidates - cells * num_classes
+    scores = cate_scores.reshape(-1)[candidates]
 
-    # 1) soft masks, area filter and maskness rescoring, chunk by chunk, once per cell: a cell
-    # above the threshold in several classes (common with LVIS's 1203) has one mask. Masks are
-    # kept for the later steps instead of computed again while memory stays within what step 2
-    # would hold anyway (the float masks of nms_pre candidates): the soft masks of up to
-    # nms_pre cells, the binary ones (a quarter of the bytes) of up to 4 * nms_pre.
-    unique_cells, cell_of = torch.unique_consecutive(cells, return_inverse=True)  # cells sorted
-    n = len(unique_cells)
-    cell_areas = scores.new_empty(n)
-    cell_maskness = torch.empty_like(cell_areas)
-    keep_soft = n <= max(nms_pre, chunk_size)
-    keep_hard = n <= max(4 * nms_pre, chunk_size)
-    soft_chunks, hard_chunks = [], []
-    for start in range(0, n, chunk_size):
-        soft = soft_masks(unique_cells[start : start + chunk_size])
-        hard, area, soft_sum = _score_masks(soft, mask_threshold)
-        cell_areas[start : start + chunk_size] = area
-        cell_maskness[start : start + chunk_size] = soft_sum / area
+    # 1) a mask belongs to a cell, not to a (cell, class) pair: one per cell with a candidate
+    # (common with LVIS's 1203 classes: a cell passes in several), scored chunk by chunk
+    cell_passed = passed.any(dim=1)  # (G,)
+    mask_cells = cell_passed.nonzero()[:, 0]  # (M,) ascending
+    slots = (torch.cumsum(cell_passed.to(torch.int64), 0) - 1)[cells]  # (N0,) rows of mask_cells
+    # traced: a fixed count of chunks; eager: at least one, for the masks' shape when none passed
+    num = num_cells if tracing else max(len(mask_cells), 1)
+    # eager, few cells (the usual case): keep their masks for the later steps instead of
+    # computing them again, while memory stays within what recomputing would hold anyway (the
+    # float masks of nms_pre candidates): soft masks of up to nms_pre cells, binary ones (a
+    # quarter of the bytes) of up to 4 * nms_pre
+    keep_soft = not tracing and num <= max(nms_pre, chunk_size)
+    keep_hard = not tracing and num <= max(4 * nms_pre, chunk_size)
+    block_rows = SCORE_BLOCK_ROWS if cate_scores.device.type == "cpu" and not tracing else None
+    cell_areas, cell_sums, soft_chunks, hard_chunks = [], [], [], []
+    for start in range(0, num, chunk_size):
+        soft = soft_masks(mask_cells[start : start + chunk_size])  # (<= chunk_size, Hf, Wf)
+        area, soft_sum, hard = _score_masks(soft, mask_threshold, block_rows)
+        cell_areas.append(area)
+        cell_sums.append(soft_sum)
         if keep_soft:
             soft_chunks.append(soft)
         if keep_hard:
-            hard_chunks.append(hard)
+            hard_chunks.append(hard if hard is not None else soft > mask_threshold)
         del soft, hard
-    areas, maskness = cell_areas[cell_of], cell_maskness[cell_of]
-    keep = areas > strides
-    if not keep.any():
-        return _empty_result(output_hw, device)
-    scores = scores[keep] * maskness[keep]
+    cell_area = torch.cat(cell_areas)
+    areas = cell_area[slots]
+    maskness = (torch.cat(cell_sums) / cell_area.clamp(min=1))[slots]
+
+    # area filter, maskness rescoring, top nms_pre
+    kept = (areas > cell_strides[cells]).nonzero()[:, 0]
+    scores = scores[kept] * maskness[kept]
     order = torch.argsort(scores, descending=True)[:nms_pre]
-    selected = keep.nonzero(as_tuple=True)[0][order]
-    scores, labels, areas = scores[order], labels[selected], areas[selected]
-    if keep_hard:  # soft masks of the final detections: gathered or computed in step 3
-        hard = _take_rows(hard_chunks, cell_of[selected], chunk_size)
+    selected = kept[order]
+    scores, labels, areas, rows = scores[order], labels[selected], areas[selected], slots[selected]
+    if keep_hard:
+        hard = _take_rows(hard_chunks, rows, chunk_size)
         del hard_chunks
     else:
-        selected_soft = soft_masks(cells[selected])
+        selected_soft = soft_masks(mask_cells[rows])  # (<= nms_pre, Hf, Wf)
         hard = selected_soft > mask_threshold
 
-    # 2) NMS
+    # 2) NMS, top max_per_image
     if nms_type == "matrix":
         scores = matrix_nms(labels, hard, areas, scores, kernel=nms_kernel, sigma=nms_sigma)
         keep = scores >= update_threshold
@@ -403,21 +411,43 @@ def solo_postprocess(
         keep = mask_nms(labels, hard, areas, scores, iou_threshold=mask_threshold)
     else:
         raise ValueError(f"MODEL.SOLO.NMS_TYPE must be 'matrix' or 'mask', got {nms_type!r}")
-    if not keep.any():
-        return _empty_result(output_hw, device)
-    scores, labels = scores[keep], labels[keep]
-    order = torch.argsort(scores, descending=True)[:max_per_image]
-    scores, labels = scores[order], labels[order]
-    final = keep.nonzero(as_tuple=True)[0][order]
+    final = keep.nonzero()[:, 0]
+    final = final[torch.argsort(scores[final], descending=True)[:max_per_image]]
     if keep_soft:
-        soft = _take_rows(soft_chunks, cell_of[selected[final]], chunk_size)
+        soft = _take_rows(soft_chunks, rows[final], chunk_size)
     elif keep_hard:
-        soft = soft_masks(cells[selected[final]])
+        soft = soft_masks(mask_cells[rows[final]])
     else:
         soft = selected_soft[final]
+    return scores[final], labels[final], soft
 
-    # 3) masks at the output size, boxes from the masks
-    masks = resize_masks(soft, canvas_hw, image_hw, output_hw, mask_threshold)
+
+@torch.no_grad()
+def solo_postprocess(
+    cate_scores: Tensor,
+    soft_masks: Callable[[Tensor], Tensor],
+    cell_strides: Tensor,
+    canvas_hw: Tuple[int, int],
+    image_hw: Tuple[int, int],
+    output_hw: Tuple[int, int],
+    **kwargs,
+) -> Instances:
+    """From one image's head outputs to final ``Instances``, any variant: the core
+    (:func:`select_detections`), then what export leaves out: masks resized to the output size
+    and boxes from the masks.
+
+    Args:
+        cate_scores, soft_masks, cell_strides: as :func:`select_detections`.
+        canvas_hw: padded canvas size (Hf, Wf times the mask stride).
+        image_hw: (h, w) of the model input inside the padded canvas.
+        output_hw: (H, W) size of the returned masks.
+        kwargs: the keyword arguments of :func:`select_detections`.
+    Returns:
+        Instances of size output_hw with pred_masks (N, H, W) bool, pred_boxes, scores,
+        pred_classes (int64), sorted by descending score, N <= max_per_image.
+    """
+    scores, labels, soft = select_detections(cate_scores, soft_masks, cell_strides, **kwargs)
+    masks = resize_masks(soft, canvas_hw, image_hw, output_hw, kwargs["mask_threshold"])
     result = Instances(output_hw)
     result.pred_masks = masks
     result.pred_boxes = Boxes(masks_to_boxes(masks))

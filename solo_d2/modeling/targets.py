@@ -12,6 +12,8 @@ The work is split where padding makes it necessary:
   ``extra_mask_targets`` gives the masks at the coarser ones.
 * ``assign_grid_targets`` runs in the model, once the padded batch canvas is known: SOLO measures
   grid cells as fractions of that canvas (reference behaviour, kept for checkpoint compatibility).
+* ``panoptic_targets`` (panoptic models, in the workers): the thing masks and the semantic target
+  of an augmented panoptic id map (solo_d2/data/panoptic.py describes the conventions).
 """
 
 from typing import Dict, List, Sequence, Tuple
@@ -28,6 +30,7 @@ __all__ = [
     "mask_target_field",
     "extra_mask_targets",
     "assign_grid_targets",
+    "panoptic_targets",
 ]
 
 # OpenCV 5 resizes at most 128 channels in one call.
@@ -207,3 +210,38 @@ def assign_grid_targets(
             inst, cell = covered.nonzero(as_tuple=True)
             positives.append(torch.stack([image_ids[inst], cell, inst], dim=1))
     return cate_labels, positives
+
+
+def panoptic_targets(
+    ids: np.ndarray, segments_info: list[dict], ignore_label: int = 255
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Instance and semantic targets of one (augmented) panoptic id map.
+
+    Args:
+        ids: (H, W) int64 segment ids (0 void).
+        segments_info: the image's segments (contiguous "category_id", "isthing", "iscrowd").
+    Returns:
+        masks: (N, H, W) bool, one per non-crowd thing segment with pixels, by segment id.
+        classes: (N,) int64 thing classes.
+        sem_seg: (H, W) int64: stuff pixels their stuff id (1..K_st), thing pixels (crowd
+            included) 0, void and unlisted ids ``ignore_label``.
+    """
+    h, w = ids.shape
+    if not segments_info:
+        empty = np.zeros((0, h, w), dtype=bool)
+        return empty, np.zeros(0, dtype=np.int64), np.full((h, w), ignore_label, dtype=np.int64)
+    seg_ids = np.array([s["id"] for s in segments_info], dtype=np.int64)
+    isthing = np.array([bool(s["isthing"]) for s in segments_info], dtype=bool)
+    crowd = np.array([bool(s.get("iscrowd", 0)) for s in segments_info], dtype=bool)
+    cats = np.array([s["category_id"] for s in segments_info], dtype=np.int64)
+    order = np.argsort(seg_ids)
+    seg_ids, isthing, crowd, cats = seg_ids[order], isthing[order], crowd[order], cats[order]
+    # every pixel's position in the sorted ids; ``found`` is False for void and unlisted ids
+    pos = np.searchsorted(seg_ids, ids).clip(max=len(seg_ids) - 1)
+    found = seg_ids[pos] == ids
+    labels = np.where(isthing, 0, cats)
+    sem_seg = np.where(found, labels[pos], ignore_label).astype(np.int64)
+    keep = np.flatnonzero(isthing & ~crowd)
+    masks = found[None] & (pos[None] == keep[:, None, None])
+    has_pixels = masks.reshape(len(keep), h * w).any(1)
+    return masks[has_pixels], cats[keep][has_pixels], sem_seg

@@ -25,7 +25,6 @@ __all__ = [
     "class_names",
     "fit_for_drawing",
     "fit_panoptic_for_drawing",
-    "is_panoptic",
     "stuff_class_names",
 ]
 
@@ -42,11 +41,6 @@ def class_names(cfg: CfgNode) -> List[str]:
     if len(cfg.DATASETS.TEST):
         known = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None) or []
     return [known[i] if i < len(known) else f"class_{i}" for i in range(cfg.MODEL.SOLO.NUM_CLASSES)]
-
-
-def is_panoptic(cfg: CfgNode) -> bool:
-    """Whether the model of ``cfg`` is a panoptic one (``MODEL.SOLO.PANOPTIC.ENABLED``)."""
-    return bool(cfg.MODEL.SOLO.PANOPTIC.ENABLED)
 
 
 def _stuff_metadata(cfg: CfgNode, key: str) -> Optional[List]:
@@ -133,9 +127,7 @@ class InstanceDrawer:
         colors = None
         if len(cfg.DATASETS.TEST):
             colors = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_colors", None)
-        if not is_panoptic(cfg):
-            return cls(class_names(cfg), colors, cfg.INPUT.FORMAT)
-        return cls(
+        return cls(  # the stuff classes are used when a prediction has "panoptic_seg"
             class_names(cfg),
             colors,
             cfg.INPUT.FORMAT,

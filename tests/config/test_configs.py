@@ -26,7 +26,8 @@ from conftest import REPO, solo_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.engine.trainer import build_mapper
+from solo_d2.modeling import PanopticSOLO, is_panoptic
 from solo_d2.modeling.dcn import DeformConv, DeformConvPack
 from solo_d2.modeling.heads import SOLO_HEAD_REGISTRY
 
@@ -165,10 +166,10 @@ def test_config_builds_trains_one_step_and_infers(name, tmp_path):
         assert shapes == _TESTED_ARCHITECTURES[key]
         return
 
-    panoptic = cfg.MODEL.SOLO.PANOPTIC.ENABLED
-    assert (model.stuff_head is not None) == panoptic
+    panoptic = is_panoptic(cfg)
+    assert isinstance(model, PanopticSOLO) == panoptic
     make_dict = panoptic_dataset_dict if panoptic else dataset_dict
-    mapper = SOLODatasetMapper(cfg, is_train=True)
+    mapper = build_mapper(cfg, is_train=True)
     inputs = [mapper(make_dict(tmp_path, cfg.MODEL.SOLO.NUM_CLASSES))]
     assert len(inputs[0]["instances"]) == 2
     model.train()
@@ -183,7 +184,7 @@ def test_config_builds_trains_one_step_and_infers(name, tmp_path):
 
     model.eval()
     make_confident(model)
-    test_mapper = SOLODatasetMapper(cfg, is_train=False)
+    test_mapper = build_mapper(cfg, is_train=False)
     x = test_mapper(make_dict(tmp_path, cfg.MODEL.SOLO.NUM_CLASSES))
     with torch.no_grad():
         (out,) = model([{**x, "height": 2 * H, "width": 2 * W}])

@@ -12,16 +12,12 @@ from conftest import id_to_rgb, solo_cfg, tiny_panoptic_layout, write_tiny_panop
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from solo_d2.data.dataset_mapper import SOLODatasetMapper
 from solo_d2.data.images import BadImageError
-from solo_d2.data.panoptic import (
-    IGNORE_LABEL,
-    adopt_builtin_panoptic,
-    panoptic_targets,
-    parse_panoptic_spec,
-)
+from solo_d2.data.panoptic import IGNORE_LABEL, adopt_builtin_panoptic, parse_panoptic_spec
+from solo_d2.data.panoptic_mapper import SOLOPanopticDatasetMapper
 from solo_d2.data.validation import DatasetError
 from solo_d2.engine.cli import register_dataset
+from solo_d2.modeling.targets import panoptic_targets
 
 
 def _name() -> str:
@@ -33,13 +29,13 @@ def _register(tmp_path, **kw) -> str:
     return register_dataset(f"{_name()}=panoptic:{json_file}:{png_dir}:{image_dir}")
 
 
-def _mapper(is_train: bool, strict: bool = False) -> SOLODatasetMapper:
+def _mapper(is_train: bool, strict: bool = False) -> SOLOPanopticDatasetMapper:
     cfg = solo_cfg(
         "Base-SOLOv2.yaml",
         ["INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MIN_SIZE_TEST", 64, "INPUT.RANDOM_FLIP", "none",
          "DATASETS.STRICT", strict],
     )  # fmt: skip
-    return SOLODatasetMapper(cfg, is_train)
+    return SOLOPanopticDatasetMapper(cfg, is_train)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +178,7 @@ def test_mapper_resizes_the_png_with_the_image(tmp_path):
     cfg = solo_cfg(
         "Base-SOLOv2.yaml", ["INPUT.MIN_SIZE_TRAIN", (128,), "INPUT.RANDOM_FLIP", "none"]
     )
-    out = SOLODatasetMapper(cfg, True)(DatasetCatalog.get(name)[0])
+    out = SOLOPanopticDatasetMapper(cfg, True)(DatasetCatalog.get(name)[0])
     assert out["image"].shape[-2:] == out["sem_seg"].shape == (128, 192)
     assert (out["sem_seg"][:, :4] == IGNORE_LABEL).all()  # 2 void columns, scaled x2
     assert set(out["sem_seg"].unique().tolist()) == {0, 1, 2, IGNORE_LABEL}

@@ -15,6 +15,7 @@ from solo_d2.data.shapes_panoptic import register_shapes_panoptic
 from solo_d2.engine import Trainer
 from solo_d2.engine.cli import register_dataset
 from solo_d2.engine.preflight import check_config
+from solo_d2.modeling import is_panoptic
 
 CONFIG = REPO / "configs" / "SOLOv2_R18_quickstart_panoptic_shapes.yaml"
 PANOPTIC_OPTS = TINY_OPTS + [
@@ -78,7 +79,7 @@ def test_panoptic_config_checks(tiny_panoptic):
         "register it with --dataset pan_missing=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
     )
     # an instance model cannot be evaluated on panoptic data
-    cfg = _cfg(name, name, "MODEL.SOLO.PANOPTIC.ENABLED", "False")
+    cfg = _cfg(name, name, "MODEL.META_ARCHITECTURE", "SOLO")
     with pytest.raises(ValueError, match="needs a panoptic model"):
         Trainer.build_evaluator(cfg, name)
 
@@ -88,4 +89,35 @@ def test_shapes_panoptic_quickstart_config_is_consistent():
     register_shapes_panoptic()
     cfg = load_config(str(CONFIG))
     check_config(cfg, check_weights=False)
-    assert cfg.MODEL.SOLO.PANOPTIC.ENABLED
+    assert is_panoptic(cfg)
+
+
+def test_old_panoptic_switch_fails_at_load_with_one_line(tmp_path):
+    """MODEL.SOLO.PANOPTIC.ENABLED is gone: a config or an override that sets it fails when
+    loaded, with one line naming what to write instead."""
+    old = tmp_path / "old_panoptic.yaml"
+    old.write_text(
+        f'_BASE_: "{REPO / "configs" / "SOLOv2_R50_3x.yaml"}"\n'
+        "MODEL:\n  SOLO:\n    PANOPTIC:\n      ENABLED: True\n"
+    )
+    for source, call in (
+        (f"config file {old}", lambda: load_config(str(old))),
+        ("command line", lambda: load_config(str(CONFIG), ["MODEL.SOLO.PANOPTIC.ENABLED", "True"])),
+    ):
+        with pytest.raises(ConfigError) as e:
+            call()
+        message = str(e.value)
+        assert "\n" not in message
+        assert message == (
+            f"{source}: config key MODEL.SOLO.PANOPTIC.ENABLED was removed; a panoptic model is "
+            'now MODEL.META_ARCHITECTURE "PanopticSOLO": write that instead (and delete the key)'
+        )
+
+
+def test_is_panoptic_asks_the_meta_architecture():
+    panoptic = load_config(str(CONFIG))
+    assert is_panoptic(panoptic)
+    assert is_panoptic(load_config(str(REPO / "configs" / "SOLOv2_R50_3x_panoptic.yaml")))
+    for arch in ("SOLO", "SOLOv2", "GeneralizedRCNN", "NotRegistered"):
+        panoptic.MODEL.META_ARCHITECTURE = arch
+        assert not is_panoptic(panoptic), arch

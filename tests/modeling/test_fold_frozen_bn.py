@@ -1,5 +1,6 @@
 """Inference through a backbone copy with FrozenBatchNorm folded into the convs: same results up
-to float rounding, the model's own weights untouched, the copy made again when they change."""
+to float rounding, the model's own weights untouched, the copy made again on explicit signals
+(train/eval switch, state-dict load, dtype or device), results independent of the grad mode."""
 
 import copy
 
@@ -60,7 +61,7 @@ def test_fold_keeps_other_norms_and_matches():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_model_inference_uses_a_folded_copy_and_tracks_weight_changes():
+def test_model_inference_uses_a_folded_copy_made_again_on_explicit_signals():
     model = confident_tiny_model()
     n_frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules())
     assert n_frozen > 0  # tiny_cfg keeps detectron2's default MODEL.RESNETS.NORM "FrozenBN"
@@ -76,33 +77,58 @@ def test_model_inference_uses_a_folded_copy_and_tracks_weight_changes():
     assert (got.pred_masks == ref.pred_masks).float().mean() > 0.999
 
     folded = model.inference_backbone()
-    assert model.inference_backbone() is folded  # made once while the weights do not change
+    assert model.inference_backbone() is folded  # made once, kept until a signal
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules()) == n_frozen
     assert set(model.state_dict()) == keys  # the copy is not part of the model's state
     assert all(p.requires_grad for p in model.backbone.fpn_output2.parameters())
 
-    with torch.no_grad():  # an optimizer step or a checkpoint load changes the weights in place
-        model.backbone.bottom_up.stem.conv1.weight.mul_(0.5)
-    assert model.inference_backbone() is not folded
-    model.load_state_dict(unfolded.state_dict())
-    again = model.inference_backbone()
-    assert model.inference_backbone() is again
-    torch.testing.assert_close(eager(model, image).scores, ref.scores, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("grad", [True, False])
-def test_training_and_autograd_use_the_backbone_itself(grad):
-    model = confident_tiny_model()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.set_grad_enabled(grad):
-        model.eval()
-        model.predict(x)
-    assert bool(model._folded_backbone) == (not grad)  # with autograd: no copy is made
-    model.train()
+    # signal 1: train() / eval() (training steps change the weights in training mode)
     with torch.no_grad():
-        model.predict(x)  # training mode: the real backbone (its FrozenBN included)
-    assert bool(model._folded_backbone) == (not grad)
+        model.backbone.bottom_up.stem.conv1.weight.mul_(0.5)
+    assert model.inference_backbone() is folded  # no signal yet: weights are not watched
+    model.train()
+    model.eval()
+    again = model.inference_backbone()
+    assert again is not folded
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again(x)["p2"], model.backbone(x)["p2"], rtol=1e-4, atol=1e-4
+        )  # the edited weights are in the new copy
+    # signal 2: loading a state dict (a hook on the model)
+    model.load_state_dict(unfolded.state_dict())
+    assert model.inference_backbone() is not again
+    torch.testing.assert_close(eager(model, image).scores, ref.scores, rtol=1e-4, atol=1e-5)
+    # signal 3: another dtype (or device) than the copy's
+    loaded = model.inference_backbone()
+    model.double()
+    assert model.inference_backbone() is not loaded
+    assert next(model.inference_backbone().parameters()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("head", ["SOLOv2InstanceHead", "DecoupledSOLOInstanceHead"])
+def test_eval_results_do_not_depend_on_the_grad_mode(head):
+    """The same detections, bit for bit, with and without torch.no_grad() (and in
+    inference_mode): eval mode always runs the folded backbone; training mode the backbone."""
+    model = confident_tiny_model(head)
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
+    model.eval()
+    outputs = []
+    for context in (torch.no_grad, torch.enable_grad, torch.inference_mode):
+        with context():
+            outputs.append(model([{"image": image}])[0]["instances"])
+    assert len(outputs[0]) > 0
+    for other in outputs[1:]:
+        assert torch.equal(other.pred_classes, outputs[0].pred_classes)
+        assert torch.equal(other.scores, outputs[0].scores)
+        assert torch.equal(other.pred_masks, outputs[0].pred_masks)
+    assert model._folded_backbone  # eval mode ran the folded copy
+    model.train()
+    assert not model._folded_backbone  # dropped: training changes the weights
+    with torch.no_grad():
+        model.predict(torch.randn(1, 3, 64, 64))  # training mode: the real backbone
+    assert not model._folded_backbone
 
 
 def test_a_backbone_without_frozen_bn_is_used_as_it_is():

@@ -272,7 +272,7 @@ def test_loss_uses_targets_at_half_the_level_stride(head):
     _, positives = assign_grid_targets(
         x["instances"].gt_boxes.tensor, x["instances"].gt_centers, x["instances"].gt_classes,
         torch.zeros(1, dtype=torch.int64), 1, (hc, wc), model.ins_head.num_grids,
-        model.scale_ranges, model.sigma, 3, last_instance_wins=True,
+        model.criterion.scale_ranges, model.criterion.sigma, 3, last_instance_wins=True,
     )  # fmt: skip
     assert [len(p) > 0 for p in positives] == [False, True, True, False, False]
     dice = []

@@ -131,7 +131,7 @@ def _panoptic_cfg(head: str):
     cfg = tiny_cfg()
     cfg.defrost()
     cfg.MODEL.SOLO.HEAD = head
-    cfg.MODEL.SOLO.PANOPTIC.ENABLED = True
+    cfg.MODEL.META_ARCHITECTURE = "PanopticSOLO"
     cfg.MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES = 2
     cfg.MODEL.SOLO.PANOPTIC.CHANNELS = 32
     cfg.MODEL.SOLO.PANOPTIC.STUFF_AREA_LIMIT = 1
@@ -195,14 +195,14 @@ def test_export_of_a_panoptic_model_gives_its_instances(caplog):
 
     model = confident_tiny_model(
         **{
-            "MODEL.SOLO.PANOPTIC.ENABLED": True,
+            "MODEL.META_ARCHITECTURE": "PanopticSOLO",
             "MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES": 2,
             "MODEL.SOLO.PANOPTIC.CHANNELS": 32,
         }
     )
     with caplog.at_level("WARNING"):
         wrapper = SOLOExportable(model)
-    assert "stuff branch and the panoptic merge are not part of the exported graph" in caplog.text
+    assert "its outputs sem_seg, panoptic_seg are not part of the exported graph" in caplog.text
     image = make_input(96, 128)["image"].float()
     with torch.no_grad():
         scores, classes, masks = wrapper(image)
