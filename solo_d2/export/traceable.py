@@ -79,7 +79,7 @@ class SOLOExportable(nn.Module):
         self.size_divisibility = max(model.backbone.size_divisibility, 1)
         self.postprocess_args = args
 
-    def _postprocess(
+    def _image_detections(
         self, cate: Tensor, soft_masks, canvas_hw: Tuple[int, int], image_hw: Tuple[int, int]
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """The post-processing core, then the masks upsampled to the padded canvas and cropped
@@ -107,7 +107,7 @@ class SOLOExportable(nn.Module):
         canvas_hw = x.shape[-2:]
         cate, soft_masks = self.model.read_cells(self.model.predict(x), canvas_hw)
         outputs = [
-            self._postprocess(cate[i], soft_masks[i], canvas_hw, (h, w))
+            self._image_detections(cate[i], soft_masks[i], canvas_hw, (h, w))
             for i in range(self.batch_size or 1)  # fixed when exported
         ]
         if self.batch_size is None:
