@@ -14,7 +14,7 @@ from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .specs import is_registered_with, parse_dataset_spec, resolve_spec_paths
 from .validation import check_coco_dict, load_checked_coco, read_coco_json, summarize_faults
 
-__all__ = ["register_coco_dataset", "warn_instance_faults"]
+__all__ = ["register_coco_dataset", "warn_if_changed", "warn_instance_faults"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +22,18 @@ logger = logging.getLogger(__name__)
 def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list[dict]:
     """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
     _, checked, dicts = load_checked_coco(json_file, image_root, max_image_pixels=max_image_pixels)
-    if len(checked.faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
+    warn_if_changed(name, json_file, checked.faults)
+    return dicts
+
+
+def warn_if_changed(name: str, json_file: str, faults: list) -> None:
+    """Warn when the annotation file of the registered dataset ``name`` now has another number
+    of faults than at registration (the file changed in between)."""
+    if len(faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
         logger.warning(
             f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
-            f"{len(checked.faults)} faults, left out:\n{summarize_faults(checked.faults)}"
+            f"{len(faults)} faults, left out:\n{summarize_faults(faults)}"
         )
-    return dicts
 
 
 def warn_instance_faults(name: str, json_file: str, data: dict, checked) -> None:

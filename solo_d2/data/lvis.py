@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
-from .coco import warn_instance_faults
+from .coco import warn_if_changed, warn_instance_faults
 from .specs import LVIS_SPEC_FORM, is_registered_with, parse_dataset_spec, resolve_spec_paths
 from .validation import (
     CheckedCOCO,
@@ -48,7 +48,6 @@ from .validation import (
     check_coco_dict,
     clean_coco_dict,
     read_coco_json,
-    summarize_faults,
     to_dataset_dicts,
 )
 
@@ -218,11 +217,7 @@ def _class_info(data: Dict[str, Any], checked: CheckedCOCO) -> Tuple[List[str], 
 def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list:
     """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
     _, checked, dicts = load_checked_lvis(json_file, image_root, max_image_pixels=max_image_pixels)
-    if len(checked.faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
-        logger.warning(
-            f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
-            f"{len(checked.faults)} faults, left out:\n{summarize_faults(checked.faults)}"
-        )
+    warn_if_changed(name, json_file, checked.faults)
     return dicts
 
 
