@@ -341,7 +341,8 @@ def select_detections(
     The chunks' masks are kept for the later steps when the cells are few (soft masks of at most
     ``max(nms_pre, chunk_size)`` cells, binary ones of ``4 * nms_pre``; then only the final
     detections' soft masks are computed again); otherwise, and always when traced (the count is
-    not known when the trace is recorded), the masks of the ``nms_pre`` best candidates are.
+    not known when the trace is recorded), the binary masks of the ``nms_pre`` best candidates are
+    computed again a chunk at a time, and the final detections' soft masks once more.
     Mask NMS (``nms_type="mask"``) is a greedy sequential loop: eager only.
 
     Args:
@@ -399,9 +400,11 @@ def select_detections(
     if keep_hard:
         hard = _take_rows(hard_chunks, rows, chunk_size)
         del hard_chunks
-    else:
-        selected_soft = soft_masks(mask_cells[rows])  # (<= nms_pre, Hf, Wf)
-        hard = selected_soft > mask_threshold
+    else:  # the binary masks of the nms_pre best, a chunk at a time (their soft ones not kept)
+        starts = range(0, max(nms_pre, 1), chunk_size)
+        chunks = [soft_masks(mask_cells[rows[s : s + chunk_size]]) > mask_threshold for s in starts]
+        hard = torch.cat(chunks)  # (<= nms_pre, Hf, Wf)
+        del chunks
 
     # 2) NMS, top max_per_image
     if nms_type == "matrix":
@@ -415,10 +418,8 @@ def select_detections(
     final = final[torch.argsort(scores[final], descending=True)[:max_per_image]]
     if keep_soft:
         soft = _take_rows(soft_chunks, rows[final], chunk_size)
-    elif keep_hard:
-        soft = soft_masks(mask_cells[rows[final]])
     else:
-        soft = selected_soft[final]
+        soft = soft_masks(mask_cells[rows[final]])  # (<= max_per_image, Hf, Wf)
     return scores[final], labels[final], soft
 
 
