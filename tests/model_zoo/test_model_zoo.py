@@ -67,7 +67,8 @@ def test_every_config_is_reachable_by_name_and_loads(name):
     path = Path(model_zoo.get_config_file(name))
     assert path.read_bytes() == (REPO / "configs" / f"{name}.yaml").read_bytes()
     cfg = model_zoo.get_config(name, opts=["MODEL.DEVICE", "cpu"])
-    assert cfg.MODEL.META_ARCHITECTURE == "SOLO" and cfg.MODEL.DEVICE == "cpu"
+    meta_arch = "PanopticSOLO" if name.endswith("panoptic") or "_panoptic_" in name else "SOLO"
+    assert cfg.MODEL.META_ARCHITECTURE == meta_arch and cfg.MODEL.DEVICE == "cpu"
 
 
 @pytest.mark.parametrize(
