@@ -44,6 +44,7 @@ setup(
         "torchvision>=0.15",
         "fvcore>=0.1.5",
         "pycocotools>=2.0.2",
+        "orjson>=3.9",  # fast reading of COCO/LVIS-size annotation files
         "opencv-python-headless>=4.5",
         "numpy",
         "setuptools<81",  # detectron2.model_zoo needs pkg_resources

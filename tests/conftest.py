@@ -3,6 +3,8 @@
 import copy
 import importlib.util
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -21,6 +23,9 @@ from solo_d2.export.compare import MIN_IOU, SCORE_TOL, compare_detections
 from solo_d2.modeling.targets import instance_targets
 
 REPO = Path(__file__).resolve().parent.parent
+# The dataset check cache of this test run (also seen by the processes the tests start), never
+# the user's ~/.cache/solo_d2.
+os.environ["SOLO_D2_CACHE"] = tempfile.mkdtemp(prefix="solo_d2_test_cache_")
 PARITY_FIXTURE = REPO.parent / "shared" / "parity" / "solov2_adelaidet_r18_public.pt"
 
 

@@ -1,13 +1,12 @@
 """Annotation files of COCO train2017's and LVIS v1 train's size and shape, for start-up benchmarks.
 
-COCO train2017: 118,287 images, 860,001 annotations, 80 categories, 448 MB. LVIS v1 train:
-100,170 images, 1,270,141 annotations, 1,203 categories (with ``frequency``, ``synset``,
-``image_count``, ``instance_count``), images with ``neg_category_ids`` and
-``not_exhaustive_category_ids``, ~1.1 GB. The files written here match those counts; each
-annotation has 1 to 3 polygons of 4 to 35 points (LVIS: 4 to 60) with two-decimal coordinates (a mix like
-COCO's), about 1% are crowd annotations with an uncompressed RLE (COCO only; LVIS has none).
-The image directory holds one small JPEG hard-linked under every file name, so the files exist
-(the checks look for them) at no disk cost.
+COCO train2017: 118,287 images, 860,001 annotations, 80 categories, 448 MB. LVIS v1 train: 100,170
+images, 1,270,141 annotations, 1,203 categories (with ``frequency``, ``synset``, ``image_count``,
+``instance_count``), images with ``neg_category_ids`` and ``not_exhaustive_category_ids``, ~1.1 GB.
+The files written here match those counts; each annotation has 1 to 3 polygons of 4 to 35 points
+(LVIS: 4 to 60) with two-decimal coordinates (a mix like COCO's), about 1% are crowd annotations
+with an uncompressed RLE (COCO only; LVIS has none). The image directory holds one small JPEG
+hard-linked under every file name, so the files exist (the checks look for them) at no disk cost.
 
     python -m dev.benchmark.coco_scale coco OUT_DIR [--scale 0.1]
 """

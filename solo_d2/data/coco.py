@@ -1,8 +1,10 @@
 """COCO instance-segmentation datasets from the command line:
 ``--dataset NAME=ANNOTATIONS.json:IMAGE_DIR`` (the form :data:`solo_d2.data.specs.SPEC_FORM`).
 
-The annotation file is checked when the dataset is registered (:mod:`solo_d2.data.validation`);
-the faults found are reported once, and the dataset's loader gives the checked dataset dicts.
+The annotation file is checked when the dataset is registered (:mod:`solo_d2.data.validation`),
+once per file content: later registrations (every training process) and the dataset's loader
+reuse the outcome (:mod:`solo_d2.data.check_cache`). The faults found are reported once, and the
+loader reads the file and gives the checked dataset dicts.
 """
 
 import logging
@@ -12,44 +14,50 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .specs import is_registered_with, parse_dataset_spec, resolve_spec_paths
-from .validation import check_coco_dict, load_checked_coco, read_coco_json, summarize_faults
+from .validation import load_checked_coco, read_and_check, summarize_faults
 
 __all__ = ["register_coco_dataset", "warn_if_changed", "warn_instance_faults"]
 
 logger = logging.getLogger(__name__)
 
 
-def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list[dict]:
+def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list:
     """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
-    _, checked, dicts = load_checked_coco(json_file, image_root, max_image_pixels=max_image_pixels)
-    warn_if_changed(name, json_file, checked.faults)
+    _, checked, dicts = load_checked_coco(
+        json_file, image_root, max_image_pixels=max_image_pixels, with_faults=False
+    )
+    warn_if_changed(name, json_file, checked)
     return dicts
 
 
-def warn_if_changed(name: str, json_file: str, faults: list) -> None:
-    """Warn when the annotation file of the registered dataset ``name`` now has another number
-    of faults than at registration (the file changed in between)."""
-    if len(faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
+def warn_if_changed(name: str, json_file: str, checked) -> None:
+    """Warn when the annotation file (or image directory) of the registered dataset ``name``
+    changed since it was registered: the dataset is now the checked new content.
+
+    Args:
+        checked: the :class:`~solo_d2.data.validation.CheckedCOCO` of the content now.
+    """
+    registered = MetadataCatalog.get(name).get("data_check_key", checked.key)
+    if checked.key != registered:
         logger.warning(
             f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
-            f"{len(faults)} faults, left out:\n{summarize_faults(faults)}"
+            f"{checked.num_faults} faults, left out (they were listed when it was registered)"
         )
 
 
-def warn_instance_faults(name: str, json_file: str, data: dict, checked) -> None:
+def warn_instance_faults(name: str, json_file: str, checked) -> None:
     """Log the faults a COCO-style check found (annotations and images left out), if any.
 
     Args:
-        data: the annotation file's content; ``checked``: its :class:`CheckedCOCO`-like result
-            (``faults``, ``bad_annotations``, ``bad_images``).
+        checked: the file's :class:`~solo_d2.data.validation.CheckedCOCO`.
     """
     if not checked.faults:
         return
-    kept = len(data["annotations"]) - len(checked.bad_annotations)
+    kept = checked.num_annotations - len(checked.bad_annotations)
     logger.warning(
         f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
-        f"{len(checked.bad_annotations)} of {len(data['annotations'])} annotations and "
-        f"{len(checked.bad_images)} of {len(data['images'])} images ({kept} annotations "
+        f"{len(checked.bad_annotations)} of {checked.num_annotations} annotations and "
+        f"{len(checked.bad_images)} of {checked.num_images} images ({kept} annotations "
         f"kept). Set DATASETS.STRICT True to make them errors in training.\n"
         + summarize_faults(checked.faults)
     )
@@ -58,12 +66,13 @@ def warn_instance_faults(name: str, json_file: str, data: dict, checked) -> None
 def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Check and register the COCO instances dataset described by ``spec``; return its name.
 
-    The annotation file is checked now (:mod:`solo_d2.data.validation`): a file that cannot be
-    used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels`` pixels,
+    The annotation file is checked now (:mod:`solo_d2.data.validation`; not read at all when its
+    content was checked before, :func:`~solo_d2.data.validation.read_and_check`): a file that cannot
+    be used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels`` pixels,
     ``INPUT.MAX_IMAGE_PIXELS``, included); faulty annotations and images (missing image files) are
-    logged, counted and named, and left out of the dataset. The metadata gets ``thing_classes``
-    at once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and ``data_faults``,
-    the list of :class:`DataFault`.
+    logged, counted and named, and left out of the dataset. The metadata gets ``thing_classes`` at
+    once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and ``data_faults``, the
+    list of :class:`DataFault`.
 
     Registering a name again with the same files is a no-op; with other files it is an error.
     """
@@ -74,9 +83,10 @@ def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     files = {"json_file": json_file, "image_root": image_root}
     if is_registered_with(name, files, f"spec {spec!r}"):
         return name
-    data = read_coco_json(json_file, f"(dataset spec {spec!r})")
-    checked = check_coco_dict(data, json_file, image_root, max_image_pixels)
-    warn_instance_faults(name, json_file, data, checked)
+    _, checked, _ = read_and_check(
+        json_file, image_root, max_image_pixels, f"(dataset spec {spec!r})", need_data=False
+    )
+    warn_instance_faults(name, json_file, checked)
     loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(
@@ -86,5 +96,7 @@ def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
         thing_classes=checked.thing_classes,
         thing_dataset_id_to_contiguous_id=checked.id_map,
         data_faults=checked.faults,
+        data_check_key=checked.key,
+        max_image_pixels=max_image_pixels,
     )
     return name

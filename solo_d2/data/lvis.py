@@ -35,7 +35,7 @@ need nothing from here: their dicts (detectron2's loader) go through the SOLO ma
 import logging
 import os
 from functools import partial
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -47,7 +47,7 @@ from .validation import (
     DatasetError,
     check_coco_dict,
     clean_coco_dict,
-    read_coco_json,
+    read_and_check,
     to_dataset_dicts,
 )
 
@@ -56,6 +56,7 @@ __all__ = [
     "FREQUENCIES",
     "parse_lvis_spec",
     "adapt_lvis_dict",
+    "read_and_check_lvis",
     "load_checked_lvis",
     "clean_lvis_dict",
     "register_lvis_dataset",
@@ -154,19 +155,50 @@ def _check_lvis_fields(data: Dict[str, Any], checked: CheckedCOCO, json_file: st
                 )
 
 
-def _read_and_check(
-    json_file: str, image_root: str, what: str, max_image_pixels: int
-) -> Tuple[Dict[str, Any], CheckedCOCO]:
-    data = adapt_lvis_dict(read_coco_json(json_file, what), json_file, image_root)
-    checked = check_coco_dict(data, json_file, image_root, max_image_pixels)
-    _check_lvis_fields(data, checked, json_file)
-    return data, checked
+def read_and_check_lvis(
+    json_file: str,
+    image_root: str,
+    what: str = "",
+    max_image_pixels: Optional[int] = None,
+    need_data: bool = True,
+    with_faults: bool = True,
+) -> Tuple[Optional[Dict[str, Any]], CheckedCOCO, Dict[str, Any]]:
+    """Read, adapt and check an LVIS file, once per file content
+    (:func:`~solo_d2.data.validation.read_and_check`): (adapted dict or None without
+    ``need_data``, check outcome, ``{"class_frequency": ..., "class_image_count": ...}``).
+
+    Raises:
+        DatasetError: the file cannot be used at all.
+    """
+
+    def check(data):
+        checked = check_coco_dict(data, json_file, image_root, max_image_pixels)
+        _check_lvis_fields(data, checked, json_file)
+        frequency, image_counts = _class_info(data, checked)
+        return checked, {"class_frequency": frequency, "class_image_count": image_counts}
+
+    return read_and_check(
+        json_file,
+        image_root,
+        max_image_pixels,
+        what,
+        kind="lvis",
+        prepare=lambda data: adapt_lvis_dict(data, json_file, image_root),
+        check=check,
+        need_data=need_data,
+        with_faults=with_faults,
+    )
 
 
 def load_checked_lvis(
-    json_file: str, image_root: str, what: str = "", max_image_pixels: int = None
+    json_file: str,
+    image_root: str,
+    what: str = "",
+    max_image_pixels: Optional[int] = None,
+    with_faults: bool = True,
 ) -> Tuple[Dict[str, Any], CheckedCOCO, List[Dict[str, Any]]]:
-    """Read, adapt, check and convert an LVIS file: (adapted dict, check outcome, dataset dicts).
+    """Read, adapt, check (once per content: :func:`read_and_check_lvis`) and convert an LVIS
+    file: (adapted dict, check outcome, dataset dicts).
 
     The dataset dicts are those of COCO data plus each image's ``neg_category_ids`` and
     ``not_exhaustive_category_ids`` (the file's category ids).
@@ -174,7 +206,9 @@ def load_checked_lvis(
     Raises:
         DatasetError: the file cannot be used at all.
     """
-    data, checked = _read_and_check(json_file, image_root, what, max_image_pixels)
+    data, checked, _ = read_and_check_lvis(
+        json_file, image_root, what, max_image_pixels, with_faults=with_faults
+    )
     dicts = to_dataset_dicts(data, checked, image_root)
     lists = {img["id"]: img for img in data["images"]}
     for record in dicts:
@@ -216,8 +250,10 @@ def _class_info(data: Dict[str, Any], checked: CheckedCOCO) -> Tuple[List[str], 
 
 def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list:
     """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
-    _, checked, dicts = load_checked_lvis(json_file, image_root, max_image_pixels=max_image_pixels)
-    warn_if_changed(name, json_file, checked.faults)
+    _, checked, dicts = load_checked_lvis(
+        json_file, image_root, max_image_pixels=max_image_pixels, with_faults=False
+    )
+    warn_if_changed(name, json_file, checked)
     return dicts
 
 
@@ -237,11 +273,10 @@ def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     expected = {"json_file": json_file, "image_root": image_root, "evaluator_type": "lvis"}
     if is_registered_with(name, expected, f"spec {spec!r}"):
         return name
-    data, checked = _read_and_check(
-        json_file, image_root, f"(dataset spec {spec!r})", max_image_pixels
+    _, checked, info = read_and_check_lvis(
+        json_file, image_root, f"(dataset spec {spec!r})", max_image_pixels, need_data=False
     )
-    warn_instance_faults(name, json_file, data, checked)
-    frequency, image_counts = _class_info(data, checked)
+    warn_instance_faults(name, json_file, checked)
     loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(
@@ -250,8 +285,10 @@ def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
         evaluator_type="lvis",
         thing_classes=checked.thing_classes,
         thing_dataset_id_to_contiguous_id=checked.id_map,
-        class_frequency=frequency,
-        class_image_count=image_counts,
+        class_frequency=info["class_frequency"],
+        class_image_count=info["class_image_count"],
         data_faults=checked.faults,
+        data_check_key=checked.key,
+        max_image_pixels=max_image_pixels,
     )
     return name

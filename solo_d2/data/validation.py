@@ -23,30 +23,35 @@ Boxes partly outside the image are not faults (they are clipped, as in detectron
 images without annotations or with only crowd annotations (they are valid negatives).
 
 Memory stays proportional to the file's size, however hostile its content: :func:`read_coco_json`
-keeps only a count of the numbers of a JSON array past ``MAX_JSON_NUMBERS`` numbers in one object
-(a polygon of 10^7 points costs 8 bytes a number while it is read, then nothing); values quoted in
+(:mod:`solo_d2.data.json_reader`) keeps only a count of the numbers of a JSON array past
+``MAX_JSON_NUMBERS`` numbers in one object (a polygon of 10^7 points costs 8 bytes a number while
+it is read, then nothing); values quoted in
 messages are shortened; all faults are kept, but only the first ``MAX_DESCRIBED_FAULTS`` with
 their message (the others with their kind and ids).
 
-:func:`load_checked_coco` returns detectron2 dataset dicts of what passed and the list of faults;
+:func:`read_and_check` reads a file and checks it once per content (the outcome is kept by
+:mod:`solo_d2.data.check_cache`); :func:`load_checked_coco` returns detectron2 dataset dicts of
+what passed and the list of faults;
 :func:`clean_coco_dict` gives the COCO dict of what passed (the evaluation ground truth).
 """
 
 import array
 import functools
 import itertools
-import json
 import logging
 import math
 import os
 import reprlib
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_util
+
+from .check_cache import entry_key, load_entry, store_entry
+from .json_reader import MAX_JSON_NUMBERS, LongArray, read_json
 
 __all__ = [
     "DataFault",
@@ -54,6 +59,7 @@ __all__ = [
     "CheckedCOCO",
     "read_coco_json",
     "check_coco_dict",
+    "read_and_check",
     "load_checked_coco",
     "clean_coco_dict",
     "summarize_faults",
@@ -78,9 +84,6 @@ MAX_POLYGON_POINTS = 100_000
 MAX_POLYGON_OUTLINE = 1_000_000
 MAX_COORDINATE = 1e8  # |x|, |y| of a polygon point; pycocotools' int32 arithmetic overflows beyond
 MAX_RLE_RUNS = 1_000_000  # runs of an RLE (entries of "counts", characters of a compressed one)
-# Numbers read in full in one JSON object (past them, only counted): more than any usable
-# annotation or RLE holds.
-MAX_JSON_NUMBERS = MAX_RLE_RUNS + 1000
 
 _short = reprlib.Repr()  # values quoted in messages: at most ~100 characters
 _short.maxstring = _short.maxother = 40
@@ -125,6 +128,42 @@ class DataFault:
         return asdict(self)
 
 
+def _faults_to_columns(faults: Sequence[DataFault]) -> Dict[str, list]:
+    """Faults as JSON columns: a value per fault, the repeated strings (kinds, files, the
+    messages past ``MAX_DESCRIBED_FAULTS``) once each, so 10^6 faults stay a few MB."""
+    strings: Dict[str, int] = {}
+
+    def index(text: Optional[str]) -> int:
+        return -1 if text is None else strings.setdefault(text, len(strings))
+
+    columns = {
+        "kind": [index(f.kind) for f in faults],
+        "message": [index(f.message) for f in faults],
+        "json_file": [index(f.json_file) for f in faults],
+        "file_name": [index(f.file_name) for f in faults],
+        "image_id": [f.image_id for f in faults],
+        "annotation_id": [f.annotation_id for f in faults],
+    }
+    return {"strings": list(strings), **columns}
+
+
+def _faults_from_columns(columns: Dict[str, list]) -> List[DataFault]:
+    strings = [*columns["strings"], None]  # index -1: None
+    text = {key: [strings[i] for i in columns[key]] for key in ("kind", "message", "json_file")}
+    names = [strings[i] for i in columns["file_name"]]
+    return [
+        DataFault(kind, message, json_file, image_id, annotation_id, file_name)
+        for kind, message, json_file, image_id, annotation_id, file_name in zip(
+            text["kind"],
+            text["message"],
+            text["json_file"],
+            columns["image_id"],
+            columns["annotation_id"],
+            names,
+        )
+    ]
+
+
 @dataclass
 class CheckedCOCO:
     """The outcome of :func:`check_coco_dict`.
@@ -137,66 +176,50 @@ class CheckedCOCO:
         bad_annotations: ids of the annotations left out.
         kept_polygons: annotation id -> its usable polygons, for annotations that also had
             unusable ones.
-        areas: annotation id -> mask area (polygons: shoelace; RLE: pixels), for the kept ones.
+        num_images, num_annotations: the file's images and annotations, good and bad.
+        num_faults: ``len(faults)``, also when the faults were not loaded (``faults`` None).
+        key: the check's key in :mod:`~solo_d2.data.check_cache` (it changes with the file's
+            content), set by :func:`read_and_check`.
     """
 
     thing_classes: List[str]
     id_map: Dict[int, int]
-    faults: List[DataFault]
+    faults: Optional[List[DataFault]]
     bad_images: set
     bad_annotations: set
     kept_polygons: Dict[Any, list]
-    areas: Dict[Any, float]
+    num_images: int = 0
+    num_annotations: int = 0
+    num_faults: int = 0
+    key: str = ""
 
+    def to_json(self) -> Dict[str, Any]:
+        """A JSON-serialisable form (ids keep their type: int or str); see :meth:`from_json`."""
+        return {
+            "thing_classes": self.thing_classes,
+            "id_map": list(self.id_map.items()),
+            "faults": _faults_to_columns(self.faults),
+            "bad_images": list(self.bad_images),
+            "bad_annotations": list(self.bad_annotations),
+            "kept_polygons": list(self.kept_polygons.items()),
+            "num_images": self.num_images,
+            "num_annotations": self.num_annotations,
+        }
 
-class _LongArray:
-    """Stands for a JSON array read only in part: it held numbers past ``MAX_JSON_NUMBERS``."""
-
-    __slots__ = ("items",)
-
-    def __init__(self, items: int):
-        self.items = items  # its items, nested arrays flattened
-
-    def __repr__(self) -> str:
-        return f"<an array of {self.items} items>"
-
-
-_DROPPED = float("nan")  # every number read past the budget: one shared object, 8 bytes a number
-
-
-def _nested_size(value: list) -> int:
-    return sum(_nested_size(v) if type(v) is list else 1 for v in value)
-
-
-def _holds_dropped(value: list) -> bool:
-    return _DROPPED in value or any(_holds_dropped(v) for v in value if type(v) is list)
-
-
-class _NumberBudget:
-    """``json.load`` hooks that read at most ``MAX_JSON_NUMBERS`` numbers in full between the
-    ends of two objects (the others are ``_DROPPED``); once a number was dropped, the arrays of
-    every object that hold one become :class:`_LongArray` as the object ends."""
-
-    def __init__(self):
-        self.count = 0  # numbers since the last object ended
-        self.dropped = False
-
-    def parse_int(self, text: str):
-        self.count += 1
-        return int(text) if self.count <= MAX_JSON_NUMBERS else _DROPPED
-
-    def parse_float(self, text: str):
-        self.count += 1
-        return float(text) if self.count <= MAX_JSON_NUMBERS else _DROPPED
-
-    def object_hook(self, obj: dict) -> dict:
-        self.dropped |= self.count > MAX_JSON_NUMBERS
-        if self.dropped:
-            for key, value in obj.items():
-                if type(value) is list and _holds_dropped(value):
-                    obj[key] = _LongArray(_nested_size(value))
-        self.count = 0
-        return obj
+    @classmethod
+    def from_json(cls, obj: Dict[str, Any], with_faults: bool = True) -> "CheckedCOCO":
+        """The outcome :meth:`to_json` gave; ``faults`` None unless ``with_faults``."""
+        return cls(
+            thing_classes=obj["thing_classes"],
+            id_map=dict(obj["id_map"]),
+            faults=_faults_from_columns(obj["faults"]) if with_faults else None,
+            bad_images=set(obj["bad_images"]),
+            bad_annotations=set(obj["bad_annotations"]),
+            kept_polygons=dict(obj["kept_polygons"]),
+            num_images=obj["num_images"],
+            num_annotations=obj["num_annotations"],
+            num_faults=len(obj["faults"]["kind"]),
+        )
 
 
 def read_coco_json(json_file: str, what: str = "") -> Dict[str, Any]:
@@ -212,15 +235,8 @@ def read_coco_json(json_file: str, what: str = "") -> Dict[str, Any]:
             "categories" lists.
     """
     where = f"Annotation file {str(json_file)!r}" + (f" {what}" if what else "")
-    budget = _NumberBudget()
     try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(
-                f,
-                parse_int=budget.parse_int,
-                parse_float=budget.parse_float,
-                object_hook=budget.object_hook,
-            )
+        data = read_json(json_file)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise DatasetError(f"{where} is not valid JSON: {e}") from e
     except RecursionError:
@@ -228,7 +244,7 @@ def read_coco_json(json_file: str, what: str = "") -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise DatasetError(f"{where} is not a COCO instances file: its top level is not an object")
     for key in COCO_KEYS:
-        if isinstance(data.get(key), _LongArray):
+        if isinstance(data.get(key), LongArray):
             raise DatasetError(
                 f"{where} is not a COCO instances file: {key!r} is an array of "
                 f"{data[key].items} items holding more than {MAX_JSON_NUMBERS} numbers outside "
@@ -412,10 +428,10 @@ def _rle_problem(segm: dict, h: int, w: int) -> Tuple[Optional[str], Optional[fl
         return f"RLE 'size' is {_short.repr(size)}, not [height, width]", None
     if list(size) != [h, w]:
         return f"RLE size {list(size)} differs from the image's [height, width] [{h}, {w}]", None
-    if isinstance(counts, _LongArray) or (
+    if isinstance(counts, LongArray) or (
         isinstance(counts, (list, str, bytes)) and len(counts) > MAX_RLE_RUNS
     ):
-        n = counts.items if isinstance(counts, _LongArray) else len(counts)
+        n = counts.items if isinstance(counts, LongArray) else len(counts)
         return f"RLE 'counts' has {n} entries, more than the {MAX_RLE_RUNS} allowed", None
     if isinstance(counts, list):
         if not all(_is_int(c) and c >= 0 for c in counts):
@@ -472,7 +488,7 @@ def _annotation_problem(
         if area == 0:
             return "zero_area_mask", "its RLE mask has no foreground pixel"
         return None
-    if isinstance(segm, _LongArray):
+    if isinstance(segm, LongArray):
         return _too_many_points(segm.items // 2)
     if isinstance(segm, list):  # the polygons are checked together, in check_coco_dict
         if not segm:
@@ -565,7 +581,7 @@ def check_coco_dict(
 
     checks, polygon_checks = _FaultLog(json_file), _FaultLog(json_file)
     category_ids = _short.repr(sorted(id_map))
-    kept_polygons, areas = {}, {}
+    kept_polygons = {}
     pending, candidates = [], []  # polygon annotations; polygons of the right shape
     for i, ann in enumerate(data["annotations"]):
         img = images.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
@@ -577,7 +593,6 @@ def check_coco_dict(
             continue
         segm = ann["segmentation"]
         if isinstance(segm, dict):
-            areas[ann["id"]] = _rle_problem(segm, img["height"], img["width"])[1]
             continue
         entries = []  # (polygon, problem, index into candidates)
         for poly in segm:
@@ -619,7 +634,6 @@ def check_coco_dict(
         elif area == 0:
             fault("zero_area_mask", "its polygons enclose no area")
         else:
-            areas[ann["id"]] = area
             if problems:
                 message = f"{len(problems)} of {len(entries)} polygons dropped ({problems[0]})"
                 fault("dropped_polygons", message)
@@ -627,9 +641,16 @@ def check_coco_dict(
             continue
         bad_annotations.add(ann["id"])
     faults = _in_file_order(image_faults, checks, polygon_checks)
-    areas = {k: v for k, v in areas.items() if k not in bad_annotations}
     return CheckedCOCO(
-        thing_classes, id_map, faults, bad_images, bad_annotations, kept_polygons, areas
+        thing_classes,
+        id_map,
+        faults,
+        bad_images,
+        bad_annotations,
+        kept_polygons,
+        len(data["images"]),
+        len(data["annotations"]),
+        len(faults),
     )
 
 
@@ -712,18 +733,74 @@ def clean_coco_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any
     return {**data, "images": images, "annotations": annotations}
 
 
+def read_and_check(
+    json_file: str,
+    image_root: Optional[str],
+    max_image_pixels: Optional[int] = None,
+    what: str = "",
+    *,
+    kind: str = "coco",
+    prepare: Callable[[Dict[str, Any]], Dict[str, Any]] = lambda data: data,
+    check: Optional[Callable[[Dict[str, Any]], Tuple[CheckedCOCO, Dict[str, Any]]]] = None,
+    need_data: bool = True,
+    with_faults: bool = True,
+) -> Tuple[Optional[Dict[str, Any]], CheckedCOCO, Dict[str, Any]]:
+    """Read ``json_file`` and check it, at most once per file content: (data, outcome, extra).
+
+    The outcome of a check is kept (:mod:`~solo_d2.data.check_cache`); when the file (and the
+    image directory) has not changed since, it is reused and the file is not checked again, nor
+    read at all without ``need_data`` (data is then None).
+
+    Args:
+        what: extra context for error messages (:func:`read_coco_json`).
+        kind: the kind of check, part of the cache key ("coco", "lvis").
+        prepare: applied to the file's content before it is checked or returned (LVIS adapts
+            its images).
+        check: ``check(data) -> (outcome, extra)``, ``extra`` a JSON-serialisable dict kept
+            with the outcome; default :func:`check_coco_dict` and no extra.
+        with_faults: without it, a reused outcome comes without its list of faults (None;
+            ``num_faults`` counts them): 10^6 faults take ~100 MB.
+    Raises:
+        DatasetError: the file cannot be used at all.
+        OSError: the file cannot be read.
+    """
+    if check is None:
+
+        def check(data):
+            return check_coco_dict(data, json_file, image_root, max_image_pixels), {}
+
+    key = entry_key(kind, json_file, image_root, {"max_image_pixels": max_image_pixels})
+    entry = load_entry(key)
+    if entry is not None:
+        checked, extra = CheckedCOCO.from_json(entry["checked"], with_faults), entry["extra"]
+        data = prepare(read_coco_json(json_file, what)) if need_data else None
+    else:
+        data = prepare(read_coco_json(json_file, what))
+        checked, extra = check(data)
+        store_entry(key, {"checked": checked.to_json(), "extra": extra})
+    checked.key = key
+    return data, checked, extra
+
+
 def load_checked_coco(
-    json_file: str, image_root: str, what: str = "", max_image_pixels: Optional[int] = None
+    json_file: str,
+    image_root: str,
+    what: str = "",
+    max_image_pixels: Optional[int] = None,
+    with_faults: bool = True,
 ) -> Tuple[Dict[str, Any], CheckedCOCO, List[Dict[str, Any]]]:
-    """Read, check and convert a COCO file: (raw dict, check outcome, dataset dicts).
+    """Read, check (once per file content: :func:`read_and_check`) and convert a COCO file:
+    (raw dict, check outcome, dataset dicts).
 
     Args:
         what, max_image_pixels: as :func:`read_coco_json` and :func:`check_coco_dict` take them.
+        with_faults: as :func:`read_and_check`.
     Raises:
         DatasetError: the file cannot be used at all.
     """
-    data = read_coco_json(json_file, what)
-    checked = check_coco_dict(data, json_file, image_root, max_image_pixels)
+    data, checked, _ = read_and_check(
+        json_file, image_root, max_image_pixels, what, with_faults=with_faults
+    )
     return data, checked, to_dataset_dicts(data, checked, image_root)
 
 

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 
 from ..atomic_io import TMP_MARKER, atomic_write_json, remove_stale_temporaries
 from ..compat import set_coco_ground_truth
-from ..data.validation import check_coco_dict, clean_coco_dict, read_coco_json, summarize_faults
+from ..data.validation import clean_coco_dict, read_and_check, summarize_faults
 
 __all__ = ["SOLOCOCOEvaluator"]
 
@@ -74,8 +74,9 @@ class SOLOCOCOEvaluator(COCOEvaluator):
         """The dataset's annotation file without its faulty annotations and images; sets
         ``self.faults``."""
         json_file = metadata.json_file
-        data = read_coco_json(json_file)
-        checked = check_coco_dict(data, json_file, metadata.get("image_root", None))
+        data, checked, _ = read_and_check(  # the check of the registration, reused
+            json_file, metadata.get("image_root", None), metadata.get("max_image_pixels", None)
+        )
         self.faults = checked.faults
         if checked.faults:
             logger.warning(

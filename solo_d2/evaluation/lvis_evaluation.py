@@ -39,7 +39,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
-from ..data.lvis import clean_lvis_dict, load_checked_lvis
+from ..data.lvis import clean_lvis_dict, read_and_check_lvis
 from ..data.validation import summarize_faults
 from .coco_evaluation import staged_output, write_evaluation_files
 
@@ -176,7 +176,11 @@ class SOLOLVISEvaluator(DatasetEvaluator):
         """An ``lvis.LVIS`` of the annotation file without its faulty annotations and images;
         sets ``self.faults``."""
         json_file = self.metadata.json_file
-        data, checked, _ = load_checked_lvis(json_file, self.metadata.get("image_root", None))
+        data, checked, _ = read_and_check_lvis(  # the check of the registration, reused
+            json_file,
+            self.metadata.get("image_root", None),
+            max_image_pixels=self.metadata.get("max_image_pixels", None),
+        )
         self.faults = checked.faults
         if checked.faults:
             logger.warning(
