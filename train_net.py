@@ -23,6 +23,7 @@ with status 75 (EX_TEMPFAIL: requeue the job); --resume continues at iteration N
 import os
 import sys
 import warnings
+from typing import NoReturn, Optional
 
 import torch
 from detectron2.engine import default_argument_parser, default_setup
@@ -34,6 +35,12 @@ from solo_d2.checkpoint import AtomicCheckpointer, load_checkpoint_file
 from solo_d2.config import ConfigError, load_config
 from solo_d2.engine import Trainer, launch
 from solo_d2.engine.cli import add_dataset_arguments, register_datasets_from_args
+from solo_d2.engine.launch import (
+    PreflightFailed,
+    check_torchrun_arguments,
+    launch_from_env,
+    torchrun_env,
+)
 from solo_d2.engine.preflight import check_config
 from solo_d2.model_zoo import resolve_config_file
 
@@ -121,14 +128,53 @@ def get_parser():
     return parser
 
 
-def invoke_main() -> None:
-    args = get_parser().parse_args()
-    print("Command Line Args:", args)
+def preflight_error(args) -> Optional[str]:
+    """:func:`preflight`'s error message, None when all is well."""
     try:
         preflight(args)
     except (ConfigError, ValueError, OSError) as e:  # DatasetError is a ValueError
-        print(f"train_net.py: error: {e}", file=sys.stderr)
+        return str(e)
+    return None
+
+
+def config_device(args) -> str:
+    """The config's MODEL.DEVICE, which decides the process group's backend under torchrun
+    ("cpu" when the config does not load: the preflight then says why)."""
+    try:
+        return load_config(resolve_config_file(args.config_file), args.opts).MODEL.DEVICE
+    except (ConfigError, ValueError, OSError):
+        return "cpu"
+
+
+def fail(message: str) -> NoReturn:
+    print(f"train_net.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def invoke_main() -> None:
+    parser = get_parser()
+    args = parser.parse_args()
+    try:
+        env = torchrun_env()  # None unless started by torchrun
+        if env is not None:
+            check_torchrun_arguments(env, args, parser)
+    except ValueError as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine
+            fail(str(e))
         sys.exit(2)
+    if env is None or env.local_rank == 0:
+        print("Command Line Args:", args)
+    if env is not None:  # torchrun started this process: the preflight runs on local rank 0
+        try:
+            launch_from_env(main, (args,), preflight=preflight_error, device=config_device(args))
+        except PreflightFailed as e:
+            if e.report:
+                fail(e.message)
+            sys.exit(2)
+        return
+    error = preflight_error(args)
+    if error is not None:
+        fail(error)
     launch(
         main,
         args.num_gpus,
