@@ -134,9 +134,8 @@ def test_one_training_of_world_size_2(small_train, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [3]  # one writer: not twice
     saved = re.findall(r"Saving checkpoint to (\S+)", log0)
-    assert [os.path.basename(p) for p in saved] == [
-        "model_0000001.pth", "model_final.pth"
-    ]  # fmt: skip
+    names = ["model_0000001.pth", "model_0000003.pth", "model_final.pth"]  # each once
+    assert [os.path.basename(p) for p in saved] == names
     assert "Saving checkpoint" not in log1
     assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 3
     # rank 1 writes its log only
