@@ -2,6 +2,7 @@
 """Train and evaluate SOLO-family models with detectron2's DefaultTrainer.
 
     python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --num-gpus 8
+    torchrun --nproc-per-node 8 train_net.py --config-file configs/SOLOv2_R50_3x.yaml
     python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file SOLOv2_R50_3x ...   # a model zoo name works anywhere
     python train_net.py --config-file ... --dataset mydata_train=ann.json:images/ \
@@ -13,7 +14,9 @@ weights file, an annotation file that is not COCO, a builtin dataset such as coc
 missing on disk, --num-gpus above the GPUs present, ...) ends the run with one
 "train_net.py: error: ..." line and exit status 2. Without CUDA, one process runs on the CPU
 after a one-line warning (MODEL.DEVICE cpu); --num-gpus N with MODEL.DEVICE cpu starts N CPU
-processes.
+processes. Started by torchrun, the processes take their ranks from its variables (--num-gpus and
+the other launch arguments start nothing: a contradicting one is an error), and the checks run
+on local rank 0 of each machine while the others wait (docs/training.md).
 
 Preemption: on SIGTERM or SIGUSR1 (what job schedulers send), training stops after the current
 iteration, writes a checkpoint of it, logs "Stopped by SIGTERM after iteration N: ..." and exits
