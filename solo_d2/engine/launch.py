@@ -277,9 +277,17 @@ def distributed_backend(device: str, processes_per_machine: int) -> str:
 
 def _preflight_on_local_rank_0(preflight, args, env: TorchrunEnv):
     """``preflight(*args)`` on local rank 0 of each machine; every rank gets its machine's
-    ``args`` back, or raises :class:`PreflightFailed` if any machine's preflight failed."""
-    outcome = (preflight(*args), args) if env.local_rank == 0 else None
+    ``args`` back, or raises :class:`PreflightFailed` if any machine's preflight failed (or
+    raised: that machine's local rank 0 raises the exception itself)."""
+    outcome, crash = None, None
+    if env.local_rank == 0:
+        try:
+            outcome = (preflight(*args), args)
+        except Exception as e:  # a bug: the other ranks stop too, this one with its traceback
+            outcome, crash = (f"preflight failed: {type(e).__name__}: {e}", args), e
     outcomes = comm.all_gather(outcome)  # over GLOO; also the other ranks' wait for the preflight
+    if crash is not None:
+        raise crash
     errors = {
         machine: outcomes[machine * env.local_world_size][0]
         for machine in range(env.num_machines)
@@ -296,7 +304,7 @@ def _preflight_on_local_rank_0(preflight, args, env: TorchrunEnv):
 
 def _exit_preempted(signum, frame):
     _ignore_preemption_signals()
-    logging.getLogger(__name__).info(
+    logging.getLogger(__name__).warning(
         f"{signal.Signals(signum).name} received outside training: exiting with status "
         f"{PREEMPTED_EXIT_STATUS} (requeue), continue with --resume"
     )

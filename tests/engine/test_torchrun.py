@@ -4,10 +4,12 @@ size 2 (not two of world size 1), the preflight's one error line, preemption and
 torchrun runs in its module form, ``python -m torch.distributed.run``, with 2 CPU processes.
 """
 
+import importlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,10 +19,12 @@ import test_preemption
 import torch
 from conftest import REPO
 from detectron2.engine import default_argument_parser
+from detectron2.utils import comm
 from test_preemption import ENV, STOPPED, check_stopped, train_net_command
 
 from solo_d2.engine.launch import TorchrunEnv, check_torchrun_arguments, torchrun_env
 
+launch = importlib.import_module("solo_d2.engine.launch")  # solo_d2.engine.launch: the function
 small_train = test_preemption.small_train  # the fixture: a small training set
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
@@ -77,6 +81,35 @@ def test_launch_arguments_under_torchrun():
     assert "--num-machines" not in message.split(":")[0] and len(message.splitlines()) == 1
 
 
+def test_the_preflight_of_each_machine_decides_for_all(monkeypatch):
+    """Machine 1's ranks get its local rank 0's completed arguments, or, when another machine's
+    preflight failed, its message (reported by local rank 0 only)."""
+    env = torchrun_env({**SECOND_OF_FOUR, "RANK": "3"})  # machine 1, local rank 1
+    ok = [(None, ("args of machine 0",)), None, (None, ("args of machine 1",)), None]
+    monkeypatch.setattr(comm, "all_gather", lambda outcome: ok)
+    assert launch._preflight_on_local_rank_0(None, ("mine",), env) == ("args of machine 1",)
+
+    failed = [("dataset x is missing", ()), None, (None, ()), None]
+    monkeypatch.setattr(comm, "all_gather", lambda outcome: failed)
+    for rank, report in [("3", False), ("2", True)]:
+        env = torchrun_env({**SECOND_OF_FOUR, "RANK": rank, "LOCAL_RANK": str(int(rank) - 2)})
+        with pytest.raises(launch.PreflightFailed) as e:
+            launch._preflight_on_local_rank_0(lambda *args: None, (), env)
+        assert e.value.message == "dataset x is missing (on machine rank 0)"
+        assert e.value.report == report
+
+    def crash(*args):
+        raise KeyError("bug")
+
+    sent = []
+    monkeypatch.setattr(comm, "all_gather", lambda outcome: sent.append(outcome) or failed)
+    with pytest.raises(KeyError):  # on machine 0's local rank 0: the exception itself
+        launch._preflight_on_local_rank_0(
+            crash, (), torchrun_env({**SECOND_OF_FOUR, "RANK": "0", "LOCAL_RANK": "0"})
+        )
+    assert sent == [("preflight failed: KeyError: 'bug'", ())]  # the others stop with it
+
+
 def run_train_net(command, tmp_path, env=ENV, timeout=600):
     return subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
@@ -93,6 +126,52 @@ def test_contradicting_arguments_end_the_run_with_one_line(tmp_path):
     [line] = res.stderr.strip().splitlines()
     assert line.startswith("train_net.py: error: started by torchrun") and "--num-gpus 8" in line
     assert not res.stdout and not list(tmp_path.iterdir())
+
+
+LAUNCH_FROM_ENV = """
+import os, signal, sys, time
+from solo_d2.engine.launch import PreflightFailed, launch_from_env
+
+def main(arguments):
+    print("main", arguments, flush=True)
+    if "signal" in arguments:  # before training: no PreemptionHook
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+def preflight(arguments):
+    arguments.append("completed")
+    return "the config is wrong" if "fail" in arguments else None
+
+try:
+    launch_from_env(main, (sys.argv[1:],), preflight=preflight, device="cpu")
+except PreflightFailed as e:
+    print("failed:", e.message, e.report)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize(
+    "argument, status, output",
+    [
+        ("ok", 0, "main ['ok', 'completed']"),
+        ("fail", 2, "failed: the config is wrong True"),
+        ("signal", 75, "main ['signal', 'completed']"),
+    ],
+)
+def test_launch_from_env_in_one_process(tmp_path, argument, status, output):
+    """launch_from_env as the only process of a torchrun: the preflight's completed arguments
+    reach main_func, or its message is raised; a SIGTERM outside training ends it with 75."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    variables = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    command = [sys.executable, "-c", LAUNCH_FROM_ENV, argument]
+    res = run_train_net(command, tmp_path, env={**ENV, **variables}, timeout=120)
+    assert res.returncode == status, res.stderr[-3000:]
+    assert res.stdout.splitlines()[0] == output
+    if argument == "signal":
+        assert "SIGTERM received outside training: exiting with status 75" in res.stderr
 
 
 def torchrun_command(small_train, out, opts, *flags):
@@ -181,8 +260,10 @@ def test_preemption_under_torchrun_then_resume(small_train, tmp_path, signum, to
     ]
     assert STOPPED.search(line).group(2) == str(stopped)
     assert log0.count("Saving checkpoint") == 1
+    torchrun_stderr = stderr_path.read_text()
+    assert "SIGKILL" not in torchrun_stderr  # the workers stopped in time by themselves
     if to_workers:  # then torchrun's summary lists them (signalled itself, it does not)
-        assert exit_statuses(stderr_path.read_text()) == [75, 75]
+        assert exit_statuses(torchrun_stderr) == [75, 75]
 
     command = torchrun_command(small_train, out, ["SOLVER.MAX_ITER", str(stopped + 3)], "--resume")
     res = run_train_net(command, tmp_path)
