@@ -2,6 +2,7 @@
 """Train and evaluate SOLO-family models with detectron2's DefaultTrainer.
 
     python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --num-gpus 8
+    torchrun --nproc-per-node 8 train_net.py --config-file configs/SOLOv2_R50_3x.yaml
     python train_net.py --config-file configs/SOLOv2_R50_3x.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file SOLOv2_R50_3x ...   # a model zoo name works anywhere
     python train_net.py --config-file ... --dataset mydata_train=ann.json:images/ \
@@ -13,7 +14,9 @@ weights file, an annotation file that is not COCO, a builtin dataset such as coc
 missing on disk, --num-gpus above the GPUs present, ...) ends the run with one
 "train_net.py: error: ..." line and exit status 2. Without CUDA, one process runs on the CPU
 after a one-line warning (MODEL.DEVICE cpu); --num-gpus N with MODEL.DEVICE cpu starts N CPU
-processes.
+processes. Started by torchrun, the processes take their ranks from its variables (--num-gpus and
+the other launch arguments start nothing: a contradicting one is an error), and the checks run
+on local rank 0 of each machine while the others wait (docs/training.md).
 
 Preemption: on SIGTERM or SIGUSR1 (what job schedulers send), training stops after the current
 iteration, writes a checkpoint of it, logs "Stopped by SIGTERM after iteration N: ..." and exits
@@ -23,6 +26,7 @@ with status 75 (EX_TEMPFAIL: requeue the job); --resume continues at iteration N
 import os
 import sys
 import warnings
+from typing import NoReturn, Optional
 
 import torch
 from detectron2.engine import default_argument_parser, default_setup
@@ -34,6 +38,12 @@ from solo_d2.checkpoint import AtomicCheckpointer, load_checkpoint_file
 from solo_d2.config import ConfigError, load_config
 from solo_d2.engine import Trainer, launch
 from solo_d2.engine.cli import add_dataset_arguments, register_datasets_from_args
+from solo_d2.engine.launch import (
+    PreflightFailed,
+    check_torchrun_arguments,
+    launch_from_env,
+    torchrun_env,
+)
 from solo_d2.engine.preflight import check_config
 from solo_d2.model_zoo import resolve_config_file
 
@@ -121,14 +131,53 @@ def get_parser():
     return parser
 
 
-def invoke_main() -> None:
-    args = get_parser().parse_args()
-    print("Command Line Args:", args)
+def preflight_error(args) -> Optional[str]:
+    """:func:`preflight`'s error message, None when all is well."""
     try:
         preflight(args)
     except (ConfigError, ValueError, OSError) as e:  # DatasetError is a ValueError
-        print(f"train_net.py: error: {e}", file=sys.stderr)
+        return str(e)
+    return None
+
+
+def config_device(args) -> str:
+    """The config's MODEL.DEVICE, which decides the process group's backend under torchrun
+    ("cpu" when the config does not load: the preflight then says why)."""
+    try:
+        return load_config(resolve_config_file(args.config_file), args.opts).MODEL.DEVICE
+    except (ConfigError, ValueError, OSError):
+        return "cpu"
+
+
+def fail(message: str) -> NoReturn:
+    print(f"train_net.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def invoke_main() -> None:
+    parser = get_parser()
+    args = parser.parse_args()
+    try:
+        env = torchrun_env()  # None unless started by torchrun
+        if env is not None:
+            check_torchrun_arguments(env, args, parser)
+    except ValueError as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine
+            fail(str(e))
         sys.exit(2)
+    if env is None or env.local_rank == 0:
+        print("Command Line Args:", args)
+    if env is not None:  # torchrun started this process: the preflight runs on local rank 0
+        try:
+            launch_from_env(main, (args,), preflight=preflight_error, device=config_device(args))
+        except PreflightFailed as e:
+            if e.report:
+                fail(e.message)
+            sys.exit(2)
+        return
+    error = preflight_error(args)
+    if error is not None:
+        fail(error)
     launch(
         main,
         args.num_gpus,

@@ -2,7 +2,7 @@
 config and weights (:func:`load_model`, :class:`SOLOPredictor`)."""
 
 from .hooks import PREEMPTED_EXIT_STATUS, PreemptionHook, TrainingPreempted
-from .launch import launch
+from .launch import launch, launch_from_env
 from .predictor import (
     BadWeightsError,
     SOLOPredictor,
@@ -24,6 +24,7 @@ __all__ = [
     "WeightsUnavailableError",
     "create_ddp_model",
     "launch",
+    "launch_from_env",
     "load_model",
     "resolve_weights",
 ]

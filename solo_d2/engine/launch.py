@@ -1,18 +1,33 @@
-"""detectron2's ``launch`` for training that a preemption signal may stop (see :mod:`.hooks`)."""
+"""Starting the processes of a training that a preemption signal may stop (see :mod:`.hooks`):
+detectron2's ``launch`` (:func:`launch`: this process spawns one per GPU), or torchrun
+(:func:`launch_from_env`: torchrun started them, its variables give the ranks)."""
 
 import logging
 import os
 import signal
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine.launch import DEFAULT_TIMEOUT
+from detectron2.utils import comm
 
 # two private helpers of detectron2's launch (through solo_d2.compat): the worker's entry point
 # (process group, local group, device) and the free port of dist_url "auto"
 from ..compat import distributed_worker, find_free_port
 from .hooks import PREEMPTED_EXIT_STATUS, PREEMPTION_SIGNALS, TrainingPreempted
 
-__all__ = ["launch"]
+__all__ = [
+    "PreflightFailed",
+    "TorchrunEnv",
+    "check_torchrun_arguments",
+    "distributed_backend",
+    "launch",
+    "launch_from_env",
+    "torchrun_env",
+]
 
 WORKER_EXIT_GRACE_S = 10
 """Once a worker process has exited with an error or a preemption, the time the others have to
@@ -74,5 +89,233 @@ def launch(
             raise TrainingPreempted() from None
         raise
     finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
+        _restore_handlers(previous_handlers)
+
+
+# ---- torchrun ------------------------------------------------------------------------------------
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+"""The variables that torchrun (and so Kubernetes PyTorchJob, SLURM ``srun torchrun``) sets for
+each process it starts, besides ``MASTER_ADDR`` and ``MASTER_PORT`` (``init_method="env://"``).
+Any of them set means "started by torchrun"."""
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """Where this process is in a training that torchrun started (:func:`torchrun_env`)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def num_machines(self) -> int:
+        return self.world_size // self.local_world_size
+
+    @property
+    def machine_rank(self) -> int:
+        return self.rank // self.local_world_size
+
+
+def torchrun_env(environ: Optional[Mapping[str, str]] = None) -> Optional[TorchrunEnv]:
+    """This process's ranks from torchrun's variables (``environ``: ``os.environ``); None when
+    none of :data:`TORCHRUN_VARIABLES` is set.
+
+    Raises:
+        ValueError: a one-line message when some are missing (a Kubernetes PyTorchJob without
+            torchrun sets ``RANK`` and ``WORLD_SIZE`` only) or invalid, or when the ranks of a
+            machine are not consecutive (detectron2's local process group needs machine ``m`` to
+            hold ranks ``m * LOCAL_WORLD_SIZE`` to ``(m + 1) * LOCAL_WORLD_SIZE - 1``, as
+            torchrun numbers them when every machine starts the same ``--nproc-per-node``).
+    """
+    environ = os.environ if environ is None else environ
+    if not any(name in environ for name in TORCHRUN_VARIABLES):
+        return None
+    needed = (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
+    missing = [name for name in needed if not environ.get(name)]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} not set while {', '.join(n for n in needed if n not in missing)}"
+            " are: start train_net.py with torchrun (python -m torch.distributed.run), which sets "
+            f"them all, or unset them for a single-process run"
+        )
+    values = {}
+    for name in (*TORCHRUN_VARIABLES, "MASTER_PORT"):
+        try:
+            values[name] = int(environ[name])
+        except ValueError:
+            raise ValueError(f"{name}={environ[name]!r} is not an integer") from None
+    env = TorchrunEnv(*(values[name] for name in TORCHRUN_VARIABLES))
+    if not (0 <= env.rank < env.world_size and 0 <= env.local_rank < env.local_world_size):
+        raise ValueError(
+            f"RANK {env.rank}, WORLD_SIZE {env.world_size}, LOCAL_RANK {env.local_rank}, "
+            f"LOCAL_WORLD_SIZE {env.local_world_size}: a rank outside its world"
+        )
+    if env.world_size % env.local_world_size or env.rank % env.local_world_size != env.local_rank:
+        raise ValueError(
+            f"RANK {env.rank} of WORLD_SIZE {env.world_size} with LOCAL_RANK {env.local_rank} of "
+            f"LOCAL_WORLD_SIZE {env.local_world_size}: every machine must run the same number of "
+            "processes (the same torchrun --nproc-per-node), ranked consecutively"
+        )
+    return env
+
+
+def check_torchrun_arguments(env: TorchrunEnv, args, defaults) -> None:
+    """Refuse detectron2 launch arguments that contradict torchrun's variables, then set them from
+    those (``args.num_gpus`` is ``LOCAL_WORLD_SIZE``, ``args.dist_url`` ``"env://"``, ...).
+
+    Under torchrun they start nothing: torchrun started the processes. A value left at its
+    default (``defaults``: the parser, or anything with ``get_default(name)``), or one that agrees,
+    is accepted.
+
+    Raises:
+        ValueError: one line naming the contradicting arguments.
+    """
+    from_env = {
+        "num_gpus": (env.local_world_size, "LOCAL_WORLD_SIZE"),
+        "num_machines": (env.num_machines, "WORLD_SIZE / LOCAL_WORLD_SIZE"),
+        "machine_rank": (env.machine_rank, "RANK // LOCAL_WORLD_SIZE"),
+        "dist_url": ("env://", "MASTER_ADDR:MASTER_PORT"),
+    }
+    conflicts = [
+        f"--{name.replace('_', '-')} {getattr(args, name)} (torchrun: {source} = {value})"
+        for name, (value, source) in from_env.items()
+        if getattr(args, name) not in (value, defaults.get_default(name))
+    ]
+    if conflicts:
+        raise ValueError(
+            "started by torchrun, which gives the processes and their ranks, but "
+            f"{'; '.join(conflicts)}: leave out --num-gpus, --num-machines, --machine-rank and "
+            "--dist-url (torchrun's --nnodes and --nproc-per-node set them)"
+        )
+    for name, (value, _) in from_env.items():
+        setattr(args, name, value)
+
+
+class PreflightFailed(Exception):
+    """Raised by :func:`launch_from_env` on every rank when a machine's preflight failed.
+
+    Attributes:
+        message: the failure, one line.
+        report: True on the process that reports it (local rank 0 of each machine), so that it is
+            printed once per machine.
+    """
+
+    def __init__(self, message: str, report: bool):
+        super().__init__(message)
+        self.message, self.report = message, report
+
+
+def launch_from_env(
+    main_func,
+    args=(),
+    *,
+    preflight=None,
+    device: str = "cuda",
+    env: Optional[TorchrunEnv] = None,
+    timeout=DEFAULT_TIMEOUT,
+):
+    """Run ``main_func(*args)`` as one process of a training that torchrun started.
+
+    What detectron2's launch worker does, with torchrun's variables (:func:`torchrun_env`): the
+    process group (``init_method="env://"``; NCCL when ``device`` is CUDA and there are CUDA GPUs
+    for all the machine's processes, GLOO otherwise, ``MODEL.DEVICE cpu`` included), detectron2's
+    local process group, the CUDA device ``LOCAL_RANK``; then:
+
+    * ``preflight(*args)``, when given, runs on local rank 0 of each machine only, while the
+      other ranks wait: it returns None, or a one-line error message, and may complete ``args``
+      in place (the machine's other ranks then get them). When a machine's preflight fails, no
+      rank runs ``main_func`` and all raise :class:`PreflightFailed`.
+    * Outside training (where :class:`~.hooks.PreemptionHook` handles them), SIGTERM and SIGUSR1
+      end the process with :class:`~.hooks.TrainingPreempted`, exit status 75: torchrun sends
+      SIGTERM to all its workers when it is signalled, and to the remaining ones when one exits
+      (a preempted rank); after a stop they are ignored, so that every rank exits with its own
+      status (75, or 2 after a failed preflight).
+
+    Args:
+        device: ``MODEL.DEVICE`` ("cuda", "cpu", ...), which decides the backend.
+        env: the ranks; None: :func:`torchrun_env` (which must not be None).
+    """
+    env = env or torchrun_env()
+    if env is None:
+        raise ValueError("launch_from_env: not started by torchrun (RANK, WORLD_SIZE, ... unset)")
+    previous_handlers = {s: signal.signal(s, _exit_preempted) for s in PREEMPTION_SIGNALS}
+    try:
+        backend = distributed_backend(device, env.local_world_size)
+        dist.init_process_group(
+            backend, init_method="env://", world_size=env.world_size, rank=env.rank,
+            timeout=timeout,
+        )  # fmt: skip
+        try:
+            comm.create_local_process_group(env.local_world_size)
+            if backend == dist.Backend.NCCL:
+                torch.cuda.set_device(env.local_rank)
+            if preflight is not None:
+                args = _preflight_on_local_rank_0(preflight, args, env)
+            comm.synchronize()
+            result = main_func(*args)
+        finally:
+            dist.destroy_process_group()
+    except (TrainingPreempted, PreflightFailed):
+        _ignore_preemption_signals()  # until the process exits, with its status
+        raise
+    except BaseException:
+        _restore_handlers(previous_handlers)
+        raise
+    _restore_handlers(previous_handlers)
+    return result
+
+
+def distributed_backend(device: str, processes_per_machine: int) -> str:
+    """NCCL for a CUDA ``device`` with at least ``processes_per_machine`` CUDA GPUs, else GLOO
+    (a preflight then reports the missing GPUs)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return dist.Backend.GLOO
+    enough = torch.cuda.device_count() >= processes_per_machine
+    return dist.Backend.NCCL if enough else dist.Backend.GLOO
+
+
+def _preflight_on_local_rank_0(preflight, args, env: TorchrunEnv):
+    """``preflight(*args)`` on local rank 0 of each machine; every rank gets its machine's
+    ``args`` back, or raises :class:`PreflightFailed` if any machine's preflight failed (or
+    raised: that machine's local rank 0 raises the exception itself)."""
+    outcome, crash = None, None
+    if env.local_rank == 0:
+        try:
+            outcome = (preflight(*args), args)
+        except Exception as e:  # a bug: the other ranks stop too, this one with its traceback
+            outcome, crash = (f"preflight failed: {type(e).__name__}: {e}", args), e
+    outcomes = comm.all_gather(outcome)  # over GLOO; also the other ranks' wait for the preflight
+    if crash is not None:
+        raise crash
+    errors = {
+        machine: outcomes[machine * env.local_world_size][0]
+        for machine in range(env.num_machines)
+        if outcomes[machine * env.local_world_size][0] is not None
+    }
+    if errors:
+        message = errors.get(env.machine_rank)
+        if message is None:
+            machine, first = next(iter(errors.items()))
+            message = f"{first} (on machine rank {machine})"
+        raise PreflightFailed(message, report=env.local_rank == 0)
+    return outcomes[env.machine_rank * env.local_world_size][1]
+
+
+def _exit_preempted(signum, frame):
+    _ignore_preemption_signals()
+    logging.getLogger(__name__).warning(
+        f"{signal.Signals(signum).name} received outside training: exiting with status "
+        f"{PREEMPTED_EXIT_STATUS} (requeue), continue with --resume"
+    )
+    raise TrainingPreempted()
+
+
+def _restore_handlers(handlers) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def _ignore_preemption_signals() -> None:
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
