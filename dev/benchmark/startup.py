@@ -388,7 +388,6 @@ def run_startup_benchmark(s: StartupSettings) -> Dict:
         for row in rows:
             cache_dir = os.path.join(caches, _CACHE_OF_ROW.get(row, "unused"))
             os.makedirs(cache_dir, exist_ok=True)
-            print(f"[{s.kind}] {row} ...", flush=True)
             load = os.getloadavg()[0]
             if row.startswith("train_net"):
                 res = time_train_net(s.kind, spec, cache_dir, s.timeout)
@@ -396,6 +395,7 @@ def run_startup_benchmark(s: StartupSettings) -> Dict:
                 res = _run_child_row(row, params, cache_dir, s.timeout)
             res["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
             report["rows"][row] = res
+            print(f"[{s.kind}] {row}: {_fmt_row(res)}", flush=True)
     return report
 
 
@@ -417,6 +417,12 @@ def _fmt_rss(peaks: Dict[str, list]) -> str:
     if list(gb) == ["main"]:
         return gb["main"]
     return "; ".join(f"{role} {gb[role]}" for role in ("main", "worker") if role in gb)
+
+
+def _fmt_row(res: Dict) -> str:
+    if "skipped" in res:
+        return f"skipped: {res['skipped']}"
+    return f"{res['wall_s']:.2f} s, peak RSS {_fmt_rss(res['peak_rss_kb'])} GB"
 
 
 def format_startup_table(report: Dict, machine: Dict) -> str:
