@@ -240,39 +240,40 @@ def resize_masks(
     return out
 
 
-# Soft masks scored together on CPU: 16 masks of 200 x 336 (4 MB) stay in cache across the few
-# passes over them (a whole chunk of 256 would go to memory and back on every pass).
-SCORE_BLOCK_ROWS = 16
+# Soft-mask values scored together on CPU (4 MB of floats): a block stays in cache across the
+# few passes over it (16 masks of 200 x 336 at 800 x 1344; 109 of 80 x 120 at 320 x 480, where
+# blocks of 16 made 7 small operations per 16 masks, each a thread synchronisation).
+SCORE_BLOCK_FLOATS = 2**20
 
 
 def _score_masks(
-    soft: Tensor, threshold: float, block_rows: Optional[int]
+    soft: Tensor, threshold: float, blocked: bool
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Areas of the binary masks ``soft > threshold`` and the sums of the soft values inside.
 
     Args:
         soft: (n, Hf, Wf) probabilities.
-        block_rows: masks scored together (cache-sized blocks on the CPU), also returning the
-            binary masks; None: all at once, without them (traceable: no loop over ``n``).
+        blocked: score cache-sized blocks of masks (``SCORE_BLOCK_FLOATS``; eager on the CPU),
+            also returning the binary masks; False: all at once, without them (traceable: no
+            loop over ``n``).
     Returns:
-        area (n,) and soft_sum (n,) in soft's dtype; hard (n, Hf, Wf) bool, or None when
-        ``block_rows`` is None.
+        area (n,) and soft_sum (n,) in soft's dtype; hard (n, Hf, Wf) bool, or None when not
+        ``blocked``.
     """
-    if block_rows is None:
+    if not blocked:
         inside = (soft - threshold).sign().clamp(min=0)  # 1.0 where soft > threshold, else 0.0
         return inside.sum(dim=(1, 2)), (inside * soft).sum(dim=(1, 2)), None
-    n = len(soft)
+    n, hf, wf = soft.shape
     hard = torch.empty(soft.shape, dtype=torch.bool, device=soft.device)
     area, soft_sum = soft.new_empty(n), soft.new_empty(n)
-    bounds = list(range(0, n, block_rows))
+    bounds = list(range(0, n, max(1, SCORE_BLOCK_FLOATS // max(hf * wf, 1))))
     if len(bounds) > 1 and n - bounds[-1] == 1:
         bounds.pop()  # no 1-row block: torch splits a 1-row sum across threads (other rounding)
     for a, b in zip(bounds, bounds[1:] + [n]):
-        s = soft[a:b]
-        torch.gt(s, threshold, out=hard[a:b])
-        inside = (s - threshold).sign_().clamp_(min=0)
-        area[a:b] = inside.sum(dim=(1, 2))  # exact pixel counts
-        soft_sum[a:b] = inside.mul_(s).sum(dim=(1, 2))
+        s, h = soft[a:b], hard[a:b]
+        torch.gt(s, threshold, out=h)
+        area[a:b] = h.sum(dim=(1, 2))  # exact pixel counts
+        soft_sum[a:b] = torch.where(h, s, 0.0).sum(dim=(1, 2))
     return area, soft_sum, hard
 
 
@@ -386,11 +387,11 @@ def select_detections(
     # quarter of the bytes) of up to 4 * nms_pre
     keep_soft = not tracing and num <= max(nms_pre, chunk_size)
     keep_hard = not tracing and num <= max(4 * nms_pre, chunk_size)
-    block_rows = SCORE_BLOCK_ROWS if cate_scores.device.type == "cpu" and not tracing else None
+    blocked = cate_scores.device.type == "cpu" and not tracing
     cell_areas, cell_sums, soft_chunks, hard_chunks = [], [], [], []
     for start in range(0, num, chunk_size):
         soft = soft_masks(mask_cells[start : start + chunk_size])  # (<= chunk_size, Hf, Wf)
-        area, soft_sum, hard = _score_masks(soft, mask_threshold, block_rows)
+        area, soft_sum, hard = _score_masks(soft, mask_threshold, blocked)
         cell_areas.append(area)
         cell_sums.append(soft_sum)
         if keep_soft:

@@ -464,6 +464,22 @@ def test_blocked_intersections_equal_float_products(monkeypatch):
             assert torch.equal(_intersections(masks), f @ f.T)
 
 
+def test_blocked_mask_scores_equal_unblocked(monkeypatch):
+    """The CPU path scores cache-sized blocks of masks: the same areas (exact counts), the same
+    soft sums within float rounding and the binary masks, whatever the block size."""
+    from solo_d2.modeling import postprocessing
+    from solo_d2.modeling.postprocessing import _score_masks
+
+    soft = torch.rand(37, 12, 20, generator=torch.Generator().manual_seed(0))
+    ref_area, ref_sum, none = _score_masks(soft, 0.5, False)
+    assert none is None
+    for floats in (2**20, 240, 1):  # one block, one mask a block, the 1-row rule
+        monkeypatch.setattr(postprocessing, "SCORE_BLOCK_FLOATS", floats)
+        area, soft_sum, hard = _score_masks(soft, 0.5, True)
+        assert torch.equal(area, ref_area) and torch.equal(hard, soft > 0.5)
+        torch.testing.assert_close(soft_sum, ref_sum, rtol=1e-6, atol=1e-5)
+
+
 def test_matrix_nms_bool_and_float_masks_agree():
     from dev.benchmark.inputs import matrix_nms_inputs
 
