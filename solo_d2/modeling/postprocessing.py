@@ -200,6 +200,9 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
 
 # Most float values resize_masks holds at once (128 MB): bounds its memory on very large images.
 RESIZE_MAX_FLOATS = 2**25
+# Float values of the masks resize_masks resizes together by default (16 MB, 4 masks of
+# 800 x 1344): thresholded while still in cache, and few calls at small sizes (27 at 320 x 480).
+RESIZE_CHUNK_FLOATS = 2**22
 
 
 def resize_masks(
@@ -208,7 +211,7 @@ def resize_masks(
     image_hw: Tuple[int, int],
     output_hw: Tuple[int, int],
     threshold: float,
-    chunk_size: int = 4,
+    chunk_size: Optional[int] = None,
 ) -> Tensor:
     """Soft masks at the feature stride -> binary masks at the original image size.
 
@@ -216,8 +219,9 @@ def resize_masks(
     threshold; bilinear with align_corners=False as the reference. Done in chunks of masks so that
     a very large output image only ever holds ``chunk_size`` float masks, and fewer (down to one)
     when they would exceed ``RESIZE_MAX_FLOATS`` values (an 8000 x 6000 image: one at a time).
-    Small chunks are also faster on CPU: 4 masks of 800 x 1344 (17 MB of floats) are thresholded
-    while still in cache, where chunks of 16 would go to memory and back.
+    By default a chunk holds about ``RESIZE_CHUNK_FLOATS`` values: on CPU, 4 masks of 800 x 1344
+    are thresholded while still in cache, where 16 would go to memory and back, and small outputs
+    take few calls.
 
     Args:
         soft_masks: (N, Hf, Wf) probabilities.
@@ -230,7 +234,10 @@ def resize_masks(
     """
     h, w = image_hw
     out = torch.empty((len(soft_masks), *output_hw), dtype=torch.bool, device=soft_masks.device)
-    chunk_size = max(1, min(chunk_size, RESIZE_MAX_FLOATS // (output_hw[0] * output_hw[1])))
+    pixels = max(output_hw[0] * output_hw[1], canvas_hw[0] * canvas_hw[1], 1)
+    if chunk_size is None:
+        chunk_size = RESIZE_CHUNK_FLOATS // pixels
+    chunk_size = max(1, min(chunk_size, RESIZE_MAX_FLOATS // pixels))
     for start in range(0, len(soft_masks), chunk_size):
         m = soft_masks[start : start + chunk_size].unsqueeze(0)
         m = F.interpolate(m, size=canvas_hw, mode="bilinear")[:, :, :h, :w]
