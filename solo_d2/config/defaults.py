@@ -103,12 +103,16 @@ def add_solo_config(cfg: CN) -> None:
     _C.MODEL.SOLO.PANOPTIC.STUFF_AREA_LIMIT = 4096
 
     # ---- speed ---------------------------------------------------------------------------------
-    # Store the model's conv weights channels-last (NHWC): same results up to float rounding,
-    # faster convolutions on CPU, in inference and training (measured in docs/benchmarks.md).
+    # Store the model's conv weights channels-last (NHWC) in eval mode: same results up to float
+    # rounding, faster inference on CPU (measured in docs/benchmarks.md). The layout follows the
+    # mode: train() makes the weights NCHW again unless CHANNELS_LAST_TRAIN, eval() channels-last.
     # Applied when MODEL.DEVICE is the CPU only: on CUDA the model keeps detectron2's layout
     # (NCHW), the lever not having been measured on a GPU. The model's constructor has the same
     # default.
     _C.MODEL.SOLO.CHANNELS_LAST = True
+    # Channels-last in training too: off, a training step being 1.2x slower channels-last on an
+    # AVX2 CPU (AMD EPYC, docs/benchmarks.md). CPU only, as CHANNELS_LAST.
+    _C.MODEL.SOLO.CHANNELS_LAST_TRAIN = False
     # At inference, run the backbone through a copy with its FrozenBatchNorm layers folded into
     # the convs before them (MODEL.RESNETS.NORM "FrozenBN", the default): same results up to
     # float rounding, one pass over the activations less per conv. Costs a second copy of the

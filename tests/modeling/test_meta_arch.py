@@ -171,12 +171,36 @@ def training_and_inference_differences(ref, other, inputs):
     return loss_diff, grad_diff, agreement(eager(ref, image), eager(other, image))
 
 
+def test_channels_last_follows_the_mode():
+    """The default layout: channels-last in eval mode, NCHW in training (channels-last slows
+    training on AVX2 CPUs); the switch keeps the Parameter objects (optimizers hold them) and
+    their values, and the folded backbone copy is made in the eval layout."""
+    model = confident_tiny_model()  # eval mode, MODEL.SOLO.CHANNELS_LAST True by default
+    weights = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    before = [p.detach().clone() for p in weights]
+    cl = torch.channels_last
+    assert weights and all(p.is_contiguous(memory_format=cl) for p in weights)
+    assert all(
+        p.is_contiguous(memory_format=cl)
+        for p in model.inference_backbone().parameters()
+        if p.dim() == 4 and p.shape[-1] > 1
+    )
+    model.train()
+    assert list(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1) == weights
+    assert all(p.is_contiguous() and not p.is_contiguous(memory_format=cl) for p in weights)
+    model.eval()
+    assert all(p.is_contiguous(memory_format=cl) for p in weights)
+    assert all(torch.equal(p, b) for p, b in zip(weights, before))
+
+
 def test_channels_last_gives_the_same_losses_gradients_and_results():
-    """MODEL.SOLO.CHANNELS_LAST only changes the weights' memory layout, also after loading:
-    float32 results of other kernels (losses within 1e-4, gradients within 1e-3 of their norm,
-    the same detections)."""
+    """MODEL.SOLO.CHANNELS_LAST (and CHANNELS_LAST_TRAIN) only change the weights' memory
+    layout, also after loading: float32 results of other kernels (losses within 1e-4, gradients
+    within 1e-3 of their norm, the same detections)."""
     ref = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST": False})
-    fast = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST": True})  # the default
+    fast = confident_tiny_model(
+        **{"MODEL.SOLO.CHANNELS_LAST": True, "MODEL.SOLO.CHANNELS_LAST_TRAIN": True}
+    )
     assert not any(
         p.is_contiguous(memory_format=torch.channels_last)
         for p in ref.parameters()
