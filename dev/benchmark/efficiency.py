@@ -7,7 +7,7 @@ from typing import Dict, List
 
 import torch
 from fvcore.nn import FlopCountAnalysis
-from torch import Tensor, nn
+from torch import nn
 
 from .timing import synchronize
 
