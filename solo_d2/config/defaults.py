@@ -110,9 +110,11 @@ def add_solo_config(cfg: CN) -> None:
     # (NCHW), the lever not having been measured on a GPU. The model's constructor has the same
     # default.
     _C.MODEL.SOLO.CHANNELS_LAST = True
-    # Channels-last in training too: off, a training step being 1.2x slower channels-last on an
-    # AVX2 CPU (AMD EPYC, docs/benchmarks.md). CPU only, as CHANNELS_LAST.
-    _C.MODEL.SOLO.CHANNELS_LAST_TRAIN = False
+    # Channels-last in training too: True, False, or None ("auto"): on where the CPU has AVX-512
+    # (torch.backends.cpu.get_cpu_capability()), off elsewhere. Measured (docs/benchmarks.md): a
+    # training step channels-last takes 0.88x the time on an AVX-512 Intel Xeon, 1.22x on an
+    # AVX2-only AMD EPYC. CPU only, as CHANNELS_LAST.
+    _C.MODEL.SOLO.CHANNELS_LAST_TRAIN = None
     # At inference, run the backbone through a copy with its FrozenBatchNorm layers folded into
     # the convs before them (MODEL.RESNETS.NORM "FrozenBN", the default): same results up to
     # float rounding, one pass over the activations less per conv. Costs a second copy of the

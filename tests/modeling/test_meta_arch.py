@@ -172,10 +172,10 @@ def training_and_inference_differences(ref, other, inputs):
 
 
 def test_channels_last_follows_the_mode():
-    """The default layout: channels-last in eval mode, NCHW in training (channels-last slows
-    training on AVX2 CPUs); the switch keeps the Parameter objects (optimizers hold them) and
-    their values, and the folded backbone copy is made in the eval layout."""
-    model = confident_tiny_model()  # eval mode, MODEL.SOLO.CHANNELS_LAST True by default
+    """CHANNELS_LAST without CHANNELS_LAST_TRAIN (the default on AVX2 CPUs): channels-last in
+    eval mode, NCHW in training; the switch keeps the Parameter objects (optimizers hold them)
+    and their values, and the folded backbone copy is made in the eval layout."""
+    model = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST_TRAIN": False})  # eval mode
     weights = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
     before = [p.detach().clone() for p in weights]
     cl = torch.channels_last
@@ -225,3 +225,16 @@ def test_channels_last_gives_the_same_losses_gradients_and_results():
         tower_conv.copy_(tower_conv.transpose(-1, -2).clone())
     loss_diff, grad_diff, detections = training_and_inference_differences(ref, fast, inputs)
     assert loss_diff > 1e-4 and grad_diff > 1e-3 and not detections.ok
+
+
+def test_channels_last_train_auto_follows_the_cpu(monkeypatch):
+    """MODEL.SOLO.CHANNELS_LAST_TRAIN None / "auto": channels-last training where the CPU has
+    AVX-512 (measured faster there), NCHW on AVX2; True/False as given; anything else an error."""
+    from solo_d2.modeling.meta_arch import _channels_last_train
+
+    for capability, expected in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert _channels_last_train(None) is expected and _channels_last_train("auto") is expected
+        assert _channels_last_train(True) is True and _channels_last_train(False) is False
+    with pytest.raises(ValueError, match="CHANNELS_LAST_TRAIN"):
+        _channels_last_train("yes")
