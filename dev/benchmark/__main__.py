@@ -93,6 +93,7 @@ def get_parser() -> argparse.ArgumentParser:
     for flag in (
         "many-candidates", "nms-masks", "train-batch", "train-instances", "loader-images",
         "loader-batch", "loader-batches", "nms-repeats", "throughput-repeats", "train-repeats",
+        "matmul-size",
     ):  # fmt: skip
         p.add_argument(f"--{flag}", type=_positive, default=getattr(d, flag.replace("-", "_")))
     p.add_argument("--warmup", type=int, default=d.warmup)

@@ -115,7 +115,7 @@ def bench_levers(base: nn.Module, cfg, s, device: torch.device) -> Dict:
 
     trainers = {}
     for cl in (False, True):
-        model = _lever_model(base, cfg, {"CHANNELS_LAST": cl})
+        model = _lever_model(base, cfg, {"CHANNELS_LAST_TRAIN": cl})
         trainers["channels_last" if cl else "none"] = model.train()
     timed = interleaved_times(
         {name: (lambda m=m, name=name: step(m, name)) for name, m in trainers.items()},

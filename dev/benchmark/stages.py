@@ -3,7 +3,10 @@
 Stages (:data:`STAGES`):
 
 * ``inference``: batch 1 at ``size``: preprocessing, backbone+FPN, instance branch, mask-feature
-  branch, post-processing (head outputs -> final Instances) and the whole ``model(inputs)``.
+  branch, post-processing (head outputs -> final Instances) and the whole ``model(inputs)``; the
+  network's multiply-adds (fvcore's count) and GMAC/s against the machine's practical peak (a
+  4096^3 float32 matrix multiply with the same threads, measured in the same run:
+  :mod:`.efficiency`).
   The category classifier's bias is set so that one class passes the score threshold in every
   grid cell (random weights give no detections otherwise); the candidates left after points NMS
   are reported. Post-processing is also timed with category scores built to leave exactly
@@ -49,6 +52,7 @@ from solo_d2.modeling.heads import split_instance_features
 from solo_d2.modeling.meta_arch import HeadOutputs
 from solo_d2.modeling.postprocessing import matrix_nms
 
+from .efficiency import gmac, network_efficiency
 from .inputs import (
     candidate_logits,
     count_candidates,
@@ -102,6 +106,7 @@ class BenchmarkSettings:
     many_candidates: int = 20000
     nms_masks: int = 500
     nms_size: Tuple[int, int] = (200, 336)
+    matmul_size: int = 4096  # n of the n x n x n float32 matmul giving the machine's peak GMAC/s
     train_size: Tuple[int, int] = (640, 832)
     train_batch: int = 2
     train_instances: int = 8
@@ -199,6 +204,15 @@ def bench_inference(model: nn.Module, s: BenchmarkSettings, device: torch.device
             res[name]["detections"] = len(postprocess(model, images, outs, inputs)[0])
         res["total"] = measure(lambda: model(inputs), **timing)
         res["total"]["candidates"] = res["postprocess"]["candidates"]
+        parts = {
+            "backbone_fpn": gmac(backbone, x),
+            "instance_branch": gmac(model.ins_head, split_instance_features(ins_feats)),
+        }
+        if model.mask_head is not None:
+            parts["mask_feature_branch"] = gmac(model.mask_head, mask_feats)
+        res["network"] = network_efficiency(
+            parts, {k: res[k]["median_s"] for k in parts}, device, s.matmul_size
+        )
         if s.amp:  # the whole inference under autocast (float16 on CUDA, bfloat16 on the CPU)
             with torch.autocast(device.type, dtype=_amp_dtype(device)):
                 res["total_amp"] = measure(lambda: model(inputs), **timing)

@@ -103,12 +103,18 @@ def add_solo_config(cfg: CN) -> None:
     _C.MODEL.SOLO.PANOPTIC.STUFF_AREA_LIMIT = 4096
 
     # ---- speed ---------------------------------------------------------------------------------
-    # Store the model's conv weights channels-last (NHWC): same results up to float rounding,
-    # faster convolutions on CPU, in inference and training (measured in docs/benchmarks.md).
+    # Store the model's conv weights channels-last (NHWC) in eval mode: same results up to float
+    # rounding, faster inference on CPU (measured in docs/benchmarks.md). The layout follows the
+    # mode: train() makes the weights NCHW again unless CHANNELS_LAST_TRAIN, eval() channels-last.
     # Applied when MODEL.DEVICE is the CPU only: on CUDA the model keeps detectron2's layout
     # (NCHW), the lever not having been measured on a GPU. The model's constructor has the same
     # default.
     _C.MODEL.SOLO.CHANNELS_LAST = True
+    # Channels-last in training too: True, False, or None ("auto"): on where the CPU has AVX-512
+    # (torch.backends.cpu.get_cpu_capability()), off elsewhere. Measured (docs/benchmarks.md): a
+    # training step channels-last takes 0.88x the time on an AVX-512 Intel Xeon, 1.22x on an
+    # AVX2-only AMD EPYC. CPU only, as CHANNELS_LAST.
+    _C.MODEL.SOLO.CHANNELS_LAST_TRAIN = None
     # At inference, run the backbone through a copy with its FrozenBatchNorm layers folded into
     # the convs before them (MODEL.RESNETS.NORM "FrozenBN", the default): same results up to
     # float rounding, one pass over the activations less per conv. Costs a second copy of the

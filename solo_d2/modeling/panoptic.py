@@ -242,8 +242,7 @@ class PanopticSOLO(SOLO):
         """
         super().__init__(**kwargs)
         self.stuff_head = stuff_head
-        if self.channels_last:  # the layout SOLO gave its own modules
-            self.stuff_head.to(memory_format=torch.channels_last)
+        self.apply_memory_format()  # the layout SOLO gave its own modules
         self.stuff_in_features = list(stuff_in_features)
         self.stuff_loss_weight = stuff_loss_weight
         self.panoptic_args = dict(

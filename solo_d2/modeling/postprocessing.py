@@ -55,20 +55,31 @@ def point_nms(heat: Tensor) -> Tensor:
     return heat * (hmax == heat).to(heat.dtype)
 
 
+# Most float values _intersections converts at once (16 MB): bounds the float copy of the masks.
+INTERSECTION_BLOCK_FLOATS = 2**22
+
+
 def _intersections(masks: Tensor) -> Tensor:
     """(N, N) float32 pixel counts of the pairwise intersections of binary masks.
 
-    On the CPU, bool masks are multiplied as int8 with int32 sums (``torch._int_mm``): the
-    same integers as the float32 product, several times faster and without a float copy (not
-    when traced: ``_int_mm`` has no ONNX form).
+    A float32 matrix product, exact (0/1 products, integer partial sums below 2**24 per block).
+    Bool masks, in eager mode, are converted and multiplied a block of pixels at a time and the
+    products summed, so the float copy stays within ``INTERSECTION_BLOCK_FLOATS`` values for any
+    image size at about the speed of one product. ``torch._int_mm`` (int8 with int32 sums) is not
+    used: on an AVX2 CPU it is 17-50x slower than the float32 product (500 masks of 200 x 336:
+    35 s against 0.65 s, AMD EPYC, docs/benchmarks.md).
     """
     m = masks.flatten(1)
-    fast = m.dtype == torch.bool and m.device.type == "cpu" and hasattr(torch, "_int_mm")
-    if fast and not torch.jit.is_tracing() and len(m):
-        m8 = m.view(torch.int8)  # 0/1 bytes reinterpreted, no copy
-        return torch._int_mm(m8, m8.T).to(torch.float32)
-    m = m.to(torch.float32)
-    return m @ m.T
+    if m.dtype != torch.bool or torch.jit.is_tracing():
+        m = m.to(torch.float32)
+        return m @ m.T
+    n, k = m.shape
+    cols = max(1024, INTERSECTION_BLOCK_FLOATS // max(n, 1))
+    out = m.new_zeros((n, n), dtype=torch.float32)
+    for start in range(0, k, cols):
+        block = m[:, start : start + cols].to(torch.float32)
+        out.addmm_(block, block.T)
+    return out
 
 
 def _mask_iou(masks: Tensor, areas: Tensor, labels: Tensor) -> Tensor:
@@ -96,7 +107,7 @@ def matrix_nms(
     clamps its denominator so identical masks decay to 0 instead of giving NaN.
 
     Traceable (TorchScript / ONNX export): no data-dependent branch, and N = 0 gives an empty
-    result. Bool masks on the CPU take a faster int8 product in eager mode.
+    result. Bool masks are multiplied a block of pixels at a time in eager mode.
 
     Args:
         labels: (N,) classes.
@@ -189,6 +200,9 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
 
 # Most float values resize_masks holds at once (128 MB): bounds its memory on very large images.
 RESIZE_MAX_FLOATS = 2**25
+# Float values of the masks resize_masks resizes together by default (16 MB, 4 masks of
+# 800 x 1344): thresholded while still in cache, and few calls at small sizes (27 at 320 x 480).
+RESIZE_CHUNK_FLOATS = 2**22
 
 
 def resize_masks(
@@ -197,7 +211,7 @@ def resize_masks(
     image_hw: Tuple[int, int],
     output_hw: Tuple[int, int],
     threshold: float,
-    chunk_size: int = 4,
+    chunk_size: Optional[int] = None,
 ) -> Tensor:
     """Soft masks at the feature stride -> binary masks at the original image size.
 
@@ -205,8 +219,9 @@ def resize_masks(
     threshold; bilinear with align_corners=False as the reference. Done in chunks of masks so that
     a very large output image only ever holds ``chunk_size`` float masks, and fewer (down to one)
     when they would exceed ``RESIZE_MAX_FLOATS`` values (an 8000 x 6000 image: one at a time).
-    Small chunks are also faster on CPU: 4 masks of 800 x 1344 (17 MB of floats) are thresholded
-    while still in cache, where chunks of 16 would go to memory and back.
+    By default a chunk holds about ``RESIZE_CHUNK_FLOATS`` values: on CPU, 4 masks of 800 x 1344
+    are thresholded while still in cache, where 16 would go to memory and back, and small outputs
+    take few calls.
 
     Args:
         soft_masks: (N, Hf, Wf) probabilities.
@@ -219,7 +234,10 @@ def resize_masks(
     """
     h, w = image_hw
     out = torch.empty((len(soft_masks), *output_hw), dtype=torch.bool, device=soft_masks.device)
-    chunk_size = max(1, min(chunk_size, RESIZE_MAX_FLOATS // (output_hw[0] * output_hw[1])))
+    pixels = max(output_hw[0] * output_hw[1], canvas_hw[0] * canvas_hw[1], 1)
+    if chunk_size is None:
+        chunk_size = RESIZE_CHUNK_FLOATS // pixels
+    chunk_size = max(1, min(chunk_size, RESIZE_MAX_FLOATS // pixels))
     for start in range(0, len(soft_masks), chunk_size):
         m = soft_masks[start : start + chunk_size].unsqueeze(0)
         m = F.interpolate(m, size=canvas_hw, mode="bilinear")[:, :, :h, :w]
@@ -229,39 +247,40 @@ def resize_masks(
     return out
 
 
-# Soft masks scored together on CPU: 16 masks of 200 x 336 (4 MB) stay in cache across the few
-# passes over them (a whole chunk of 256 would go to memory and back on every pass).
-SCORE_BLOCK_ROWS = 16
+# Soft-mask values scored together on CPU (4 MB of floats): a block stays in cache across the
+# few passes over it (16 masks of 200 x 336 at 800 x 1344; 109 of 80 x 120 at 320 x 480, where
+# blocks of 16 made 7 small operations per 16 masks, each a thread synchronisation).
+SCORE_BLOCK_FLOATS = 2**20
 
 
 def _score_masks(
-    soft: Tensor, threshold: float, block_rows: Optional[int]
+    soft: Tensor, threshold: float, blocked: bool
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Areas of the binary masks ``soft > threshold`` and the sums of the soft values inside.
 
     Args:
         soft: (n, Hf, Wf) probabilities.
-        block_rows: masks scored together (cache-sized blocks on the CPU), also returning the
-            binary masks; None: all at once, without them (traceable: no loop over ``n``).
+        blocked: score cache-sized blocks of masks (``SCORE_BLOCK_FLOATS``; eager on the CPU),
+            also returning the binary masks; False: all at once, without them (traceable: no
+            loop over ``n``).
     Returns:
-        area (n,) and soft_sum (n,) in soft's dtype; hard (n, Hf, Wf) bool, or None when
-        ``block_rows`` is None.
+        area (n,) and soft_sum (n,) in soft's dtype; hard (n, Hf, Wf) bool, or None when not
+        ``blocked``.
     """
-    if block_rows is None:
+    if not blocked:
         inside = (soft - threshold).sign().clamp(min=0)  # 1.0 where soft > threshold, else 0.0
         return inside.sum(dim=(1, 2)), (inside * soft).sum(dim=(1, 2)), None
-    n = len(soft)
+    n, hf, wf = soft.shape
     hard = torch.empty(soft.shape, dtype=torch.bool, device=soft.device)
     area, soft_sum = soft.new_empty(n), soft.new_empty(n)
-    bounds = list(range(0, n, block_rows))
+    bounds = list(range(0, n, max(1, SCORE_BLOCK_FLOATS // max(hf * wf, 1))))
     if len(bounds) > 1 and n - bounds[-1] == 1:
         bounds.pop()  # no 1-row block: torch splits a 1-row sum across threads (other rounding)
     for a, b in zip(bounds, bounds[1:] + [n]):
-        s = soft[a:b]
-        torch.gt(s, threshold, out=hard[a:b])
-        inside = (s - threshold).sign_().clamp_(min=0)
-        area[a:b] = inside.sum(dim=(1, 2))  # exact pixel counts
-        soft_sum[a:b] = inside.mul_(s).sum(dim=(1, 2))
+        s, h = soft[a:b], hard[a:b]
+        torch.gt(s, threshold, out=h)
+        area[a:b] = h.sum(dim=(1, 2))  # exact pixel counts
+        soft_sum[a:b] = torch.where(h, s, 0.0).sum(dim=(1, 2))
     return area, soft_sum, hard
 
 
@@ -375,11 +394,11 @@ def select_detections(
     # quarter of the bytes) of up to 4 * nms_pre
     keep_soft = not tracing and num <= max(nms_pre, chunk_size)
     keep_hard = not tracing and num <= max(4 * nms_pre, chunk_size)
-    block_rows = SCORE_BLOCK_ROWS if cate_scores.device.type == "cpu" and not tracing else None
+    blocked = cate_scores.device.type == "cpu" and not tracing
     cell_areas, cell_sums, soft_chunks, hard_chunks = [], [], [], []
     for start in range(0, num, chunk_size):
         soft = soft_masks(mask_cells[start : start + chunk_size])  # (<= chunk_size, Hf, Wf)
-        area, soft_sum, hard = _score_masks(soft, mask_threshold, block_rows)
+        area, soft_sum, hard = _score_masks(soft, mask_threshold, blocked)
         cell_areas.append(area)
         cell_sums.append(soft_sum)
         if keep_soft:

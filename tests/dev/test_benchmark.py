@@ -28,7 +28,7 @@ TINY = dict(
     config_file=R18, threads=1, size=(96, 128), batch_sizes=[1, 2], candidates=30,
     many_candidates=400, nms_masks=24, nms_size=(20, 28), train_size=(96, 128), train_instances=3,
     workers=0, loader_images=2, loader_batches=2, repeats=2, warmup=0, nms_repeats=2,
-    throughput_repeats=1, train_repeats=1,
+    throughput_repeats=1, train_repeats=1, matmul_size=256,
 )  # fmt: skip
 
 
@@ -76,6 +76,25 @@ def test_inference_stages(report):
     assert r["postprocess_fixed_candidates"]["candidates"] == 30
     assert 0 < r["postprocess_fixed_candidates"]["detections"] <= 30
     assert r["input"] == {"batch": 1, "height": 96, "width": 128, "padded": [96, 128]}
+    # the network's multiply-adds and their rate against the matmul peak of the same run
+    net = r["network"]
+    parts = ("backbone_fpn", "instance_branch", "mask_feature_branch")
+    assert all(net[f"{k}_gmac"] > 0 for k in parts)
+    assert net["network_gmac"] == pytest.approx(sum(net[f"{k}_gmac"] for k in parts), abs=0.02)
+    seconds = sum(r[k]["median_s"] for k in parts)
+    assert net["network_gmac_per_s"] == pytest.approx(net["network_gmac"] / seconds, rel=0.02)
+    assert net["matmul_peak_gmac_per_s"] > 0
+    assert net["fraction_of_peak"] == pytest.approx(
+        net["network_gmac_per_s"] / net["matmul_peak_gmac_per_s"], rel=0.02
+    )
+
+
+def test_gmac_counts_a_conv_exactly():
+    """fvcore's count: one multiply-add per weight and output pixel of a conv (bias not counted)."""
+    from dev.benchmark.efficiency import gmac
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    assert gmac(conv, torch.zeros(1, 8, 10, 12)) == pytest.approx(16 * 8 * 9 * 10 * 12 / 1e9)
 
 
 def test_throughput_nms_memory_train_loader(report):

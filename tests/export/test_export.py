@@ -74,8 +74,8 @@ def assert_parity(reference, scores, classes, masks, what):
 
 @pytest.mark.parametrize("kernel", ["gaussian", "linear"])
 def test_matrix_nms_float_masks_equal_bool_masks(kernel):
-    """The exported graph runs Matrix NMS on 0/1 float masks (the int8 product of bool masks does
-    not export): the same decays, and N = 0 is an empty result."""
+    """The exported graph runs Matrix NMS on 0/1 float masks (bool masks take a blocked product in
+    eager mode): the same decays, and N = 0 is an empty result."""
     g = torch.Generator().manual_seed(0)
     n = 40
     masks = torch.rand(n, 12, 12, generator=g) > 0.6

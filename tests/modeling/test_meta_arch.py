@@ -171,12 +171,36 @@ def training_and_inference_differences(ref, other, inputs):
     return loss_diff, grad_diff, agreement(eager(ref, image), eager(other, image))
 
 
+def test_channels_last_follows_the_mode():
+    """CHANNELS_LAST without CHANNELS_LAST_TRAIN (the default on AVX2 CPUs): channels-last in
+    eval mode, NCHW in training; the switch keeps the Parameter objects (optimizers hold them)
+    and their values, and the folded backbone copy is made in the eval layout."""
+    model = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST_TRAIN": False})  # eval mode
+    weights = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    before = [p.detach().clone() for p in weights]
+    cl = torch.channels_last
+    assert weights and all(p.is_contiguous(memory_format=cl) for p in weights)
+    assert all(
+        p.is_contiguous(memory_format=cl)
+        for p in model.inference_backbone().parameters()
+        if p.dim() == 4 and p.shape[-1] > 1
+    )
+    model.train()
+    assert list(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1) == weights
+    assert all(p.is_contiguous() and not p.is_contiguous(memory_format=cl) for p in weights)
+    model.eval()
+    assert all(p.is_contiguous(memory_format=cl) for p in weights)
+    assert all(torch.equal(p, b) for p, b in zip(weights, before))
+
+
 def test_channels_last_gives_the_same_losses_gradients_and_results():
-    """MODEL.SOLO.CHANNELS_LAST only changes the weights' memory layout, also after loading:
-    float32 results of other kernels (losses within 1e-4, gradients within 1e-3 of their norm,
-    the same detections)."""
+    """MODEL.SOLO.CHANNELS_LAST (and CHANNELS_LAST_TRAIN) only change the weights' memory
+    layout, also after loading: float32 results of other kernels (losses within 1e-4, gradients
+    within 1e-3 of their norm, the same detections)."""
     ref = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST": False})
-    fast = confident_tiny_model(**{"MODEL.SOLO.CHANNELS_LAST": True})  # the default
+    fast = confident_tiny_model(
+        **{"MODEL.SOLO.CHANNELS_LAST": True, "MODEL.SOLO.CHANNELS_LAST_TRAIN": True}
+    )
     assert not any(
         p.is_contiguous(memory_format=torch.channels_last)
         for p in ref.parameters()
@@ -201,3 +225,16 @@ def test_channels_last_gives_the_same_losses_gradients_and_results():
         tower_conv.copy_(tower_conv.transpose(-1, -2).clone())
     loss_diff, grad_diff, detections = training_and_inference_differences(ref, fast, inputs)
     assert loss_diff > 1e-4 and grad_diff > 1e-3 and not detections.ok
+
+
+def test_channels_last_train_auto_follows_the_cpu(monkeypatch):
+    """MODEL.SOLO.CHANNELS_LAST_TRAIN None / "auto": channels-last training where the CPU has
+    AVX-512 (measured faster there), NCHW on AVX2; True/False as given; anything else an error."""
+    from solo_d2.modeling.meta_arch import _channels_last_train
+
+    for capability, expected in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert _channels_last_train(None) is expected and _channels_last_train("auto") is expected
+        assert _channels_last_train(True) is True and _channels_last_train(False) is False
+    with pytest.raises(ValueError, match="CHANNELS_LAST_TRAIN"):
+        _channels_last_train("yes")

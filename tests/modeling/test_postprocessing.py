@@ -445,18 +445,39 @@ def test_postprocess_chunk_size_invariance():
 
 
 # --------------------------------------------------------------------------------------------
-# exactness of the fast paths (int8 intersections, bool masks in Matrix NMS, boxes from masks)
+# exactness of the fast paths (blocked intersections, bool masks in Matrix NMS, boxes from masks)
 # --------------------------------------------------------------------------------------------
 
 
-def test_int8_intersections_equal_float_products():
+def test_blocked_intersections_equal_float_products(monkeypatch):
+    """Bool masks are multiplied a block of pixels at a time: the same counts as one product,
+    with one block and with several (a small block size forces 1024-pixel blocks)."""
+    from solo_d2.modeling import postprocessing
     from solo_d2.modeling.postprocessing import _intersections
 
     g = torch.Generator().manual_seed(0)
-    for n, h, w in [(1, 3, 5), (7, 9, 13), (40, 30, 44)]:
-        masks = torch.rand(n, h, w, generator=g) > 0.4
-        f = masks.flatten(1).float()
-        assert torch.equal(_intersections(masks), f @ f.T)
+    for blocks in (2**22, 1):
+        monkeypatch.setattr(postprocessing, "INTERSECTION_BLOCK_FLOATS", blocks)
+        for n, h, w in [(0, 3, 5), (1, 3, 5), (7, 9, 13), (40, 30, 44), (5, 50, 70)]:
+            masks = torch.rand(n, h, w, generator=g) > 0.4
+            f = masks.flatten(1).float()
+            assert torch.equal(_intersections(masks), f @ f.T)
+
+
+def test_blocked_mask_scores_equal_unblocked(monkeypatch):
+    """The CPU path scores cache-sized blocks of masks: the same areas (exact counts), the same
+    soft sums within float rounding and the binary masks, whatever the block size."""
+    from solo_d2.modeling import postprocessing
+    from solo_d2.modeling.postprocessing import _score_masks
+
+    soft = torch.rand(37, 12, 20, generator=torch.Generator().manual_seed(0))
+    ref_area, ref_sum, none = _score_masks(soft, 0.5, False)
+    assert none is None
+    for floats in (2**20, 240, 1):  # one block, one mask a block, the 1-row rule
+        monkeypatch.setattr(postprocessing, "SCORE_BLOCK_FLOATS", floats)
+        area, soft_sum, hard = _score_masks(soft, 0.5, True)
+        assert torch.equal(area, ref_area) and torch.equal(hard, soft > 0.5)
+        torch.testing.assert_close(soft_sum, ref_sum, rtol=1e-6, atol=1e-5)
 
 
 def test_matrix_nms_bool_and_float_masks_agree():
