@@ -130,7 +130,7 @@ def fit_resizes(
     lo = min(1.0, base_test_short / median_short)
     hi = max(1.0, base_max_size_test / median_long)
     factor = float(np.clip(needed, lo, hi))
-    test_short = _round_to(median_short * factor, SIZE_DIVISIBILITY)
+    test_short = _round_to(median_short * factor, 8)
     max_size = SIZE_DIVISIBILITY * math.ceil(test_short * max_aspect / SIZE_DIVISIBILITY)
     train_shorts = sorted({_round_to(test_short * f, 8) for f in TRAIN_SIZE_FACTORS})
     return {
