@@ -17,7 +17,8 @@ scale_histogram.png into --output (default output/dataset_report/<name>).
 --fit OUT.yaml also writes a config fitted to the dataset (resizes, scale ranges, grids, class
 count, and where the data calls for it SIGMA and the detections per image; each value with the
 statistic it came from, solo_d2/visualization/dataset_fit.py) that inherits --config-file, and
-prints what it changes and where the objects go with it:
+prints what it changes and where the objects go with it. It keeps the architecture; --fit-model
+also drops the outer levels that receive no objects:
 
     python tools/analyze_dataset.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
         --dataset mydata=annotations.json:images/ --fit output/mydata.yaml
@@ -78,6 +79,12 @@ def get_parser() -> argparse.ArgumentParser:
         help="also write a config fitted to the dataset's statistics, inheriting --config-file",
     )
     add(
+        "--fit-model",
+        action="store_true",
+        help="with --fit: also change the architecture (drop the outer levels that receive no "
+        "objects)",
+    )
+    add(
         "--opts",
         nargs=argparse.REMAINDER,
         default=[],
@@ -107,7 +114,9 @@ def resolve_dataset(arg: str, max_image_pixels: int) -> str:
     return arg
 
 
-def fit_and_check(cfg, dicts, classes, name: str, config_file: str, out_yaml: str, opts=()):
+def fit_and_check(
+    cfg, dicts, classes, name: str, config_file: str, out_yaml: str, opts=(), fit_model=False
+):
     """Fit a config to the dataset, write it to ``out_yaml``, load it back and preflight it.
     The ``--opts`` overrides that the fit does not set are written too (the fit used them).
 
@@ -120,7 +129,13 @@ def fit_and_check(cfg, dicts, classes, name: str, config_file: str, out_yaml: st
     panoptic = any("segments_info" in d for d in dicts[:1])
     stuff = meta.get("stuff_classes", None) if panoptic else None
     fit = fit_config(
-        cfg, dicts, classes, base_config=config_file, dataset_name=name, stuff_classes=stuff
+        cfg,
+        dicts,
+        classes,
+        base_config=config_file,
+        dataset_name=name,
+        stuff_classes=stuff,
+        fit_model=fit_model,
     )
     for key in opts[::2]:
         if key not in fit.changes:
@@ -157,6 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.fit_model and not args.fit:
+        parser.error("--fit-model needs --fit OUT.yaml")
     if len(args.opts) % 2:
         parser.error(f"--opts needs KEY VALUE pairs, got {args.opts}")
     try:
@@ -168,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = analyze_dataset(cfg, dicts, classes, dataset_name=name)
         if args.fit:
             fit, fitted = fit_and_check(
-                cfg, dicts, classes, name, args.config_file, args.fit, args.opts
+                cfg, dicts, classes, name, args.config_file, args.fit, args.opts, args.fit_model
             )
             fitted_report = analyze_dataset(fitted, dicts, classes, dataset_name=name)
     except (ConfigError, ValueError, OSError, AssertionError) as e:  # DatasetError: ValueError

@@ -38,6 +38,12 @@ than ``SAME_CELL_FRACTION`` of the objects have such an overlap, the fit takes t
 **Classes and detections.** ``NUM_CLASSES`` is the dataset's class count (panoptic data:
 ``PANOPTIC.NUM_STUFF_CLASSES`` its stuff categories); ``TEST.DETECTIONS_PER_IMAGE`` grows to 1.5
 x the largest instance count of an image when the base's is below that.
+
+**Levels** (``fit_model=True``, ``--fit-model``: the architecture changes). The finest and
+coarsest levels that receive under 1% of the objects at every train and test size are dropped
+(``INSTANCE_IN_FEATURES``, ``FPN_INSTANCE_STRIDES`` and the per-level lists); the kept ranges
+still reach the outer ends. The heads' weights are shared across levels, so the base's weights
+still load.
 """
 
 import math
@@ -49,6 +55,7 @@ import numpy as np
 
 from ..atomic_io import atomic_write_text
 from .dataset_report import (
+    EMPTY_LEVEL,
     SIZE_DIVISIBILITY,
     collect_objects,
     level_statistics,
@@ -63,6 +70,7 @@ __all__ = [
     "fit_scale_ranges",
     "fit_grids",
     "fit_sigma",
+    "outer_empty_levels",
     "fit_config",
     "format_fit",
     "write_fit",
@@ -250,6 +258,25 @@ def fit_sigma(
     return choices[-1], tried
 
 
+def outer_empty_levels(
+    objects: Dict[str, np.ndarray],
+    resizes: Sequence[Tuple[int, int]],
+    ranges: Sequence[Sequence[float]],
+) -> List[int]:
+    """The levels to keep: all but the finest and coarsest ones that receive under EMPTY_LEVEL of
+    the objects at every one of ``resizes`` ((short, max_size) pairs); at least one level."""
+    r = np.asarray(ranges, dtype=np.float64)
+    share = np.zeros(len(r))
+    for resize in resizes:
+        scales = _scales_at(objects, *resize)
+        on = (scales[None] >= r[:, :1]) & (scales[None] <= r[:, 1:])
+        share = np.maximum(share, on.mean(1) if len(scales) else 0)
+    used = np.flatnonzero(share >= EMPTY_LEVEL)
+    if len(used) == 0:
+        return list(range(len(r)))
+    return list(range(int(used[0]), int(used[-1]) + 1))
+
+
 def fit_config(
     cfg,
     dicts: List[dict],
@@ -258,6 +285,7 @@ def fit_config(
     base_config: str,
     dataset_name: str = "",
     stuff_classes: Optional[Sequence[str]] = None,
+    fit_model: bool = False,
 ) -> ConfigFit:
     """Fit ``cfg`` (the loaded base config) to the dataset ``dicts`` (module docstring).
 
@@ -268,6 +296,8 @@ def fit_config(
         base_config: the base config's file, written as ``_BASE_``.
         dataset_name: the registered name, written as ``DATASETS.TRAIN``.
         stuff_classes: panoptic data: ``"things"`` then the stuff classes (its metadata).
+        fit_model: also change the architecture: drop the finest and coarsest levels that no
+            resize gives objects (:func:`outer_empty_levels`).
     Raises:
         ValueError: the dataset has no instance to fit to.
     """
@@ -350,6 +380,23 @@ def fit_config(
             "share of objects whose centre region overlaps a neighbour's on their level: "
             + ", ".join(f"{100 * v:.0f}% at {s:g}" for s, v in tried.items()),
         )
+    if fit_model:
+        sizes = [(short, rs["max_size"]) for short in rs["train_shorts"]] + [resize]
+        keep = outer_empty_levels(objects, sizes, ranges)
+        if keep != list(range(len(ranges))):
+            kept = [list(ranges[i]) for i in keep]
+            kept[0][0], kept[-1][1] = ranges[0][0], ranges[-1][1]
+            why = (
+                f"--fit-model: levels {keep} of {len(ranges)} kept; the others receive under "
+                f"{100 * EMPTY_LEVEL:g}% of the objects at every train and test size"
+            )
+            features = list(sc.INSTANCE_IN_FEATURES)
+            fit.set("MODEL.SOLO.INSTANCE_IN_FEATURES", [features[i] for i in keep], why)
+            fit.set("MODEL.SOLO.FPN_INSTANCE_STRIDES", [strides[i] for i in keep], why)
+            fit.set("MODEL.SOLO.FPN_SCALE_RANGES", kept, fit.changes[
+                "MODEL.SOLO.FPN_SCALE_RANGES"][1] + "; outer ends kept")  # fmt: skip
+            fit.set("MODEL.SOLO.NUM_GRIDS", [grids[i] for i in keep],
+                    fit.changes["MODEL.SOLO.NUM_GRIDS"][1])  # fmt: skip
     per_image = np.bincount(objects["image"], minlength=len(objects["image_hw"]))
     most = int(per_image.max())
     wanted = 10 * math.ceil(DETECTIONS_MARGIN * most / 10)

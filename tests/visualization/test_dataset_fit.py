@@ -141,3 +141,18 @@ def test_no_instances_is_a_one_line_error():
     cfg = solo_cfg("SOLOv2_R18_quickstart_shapes.yaml")
     with pytest.raises(ValueError, match="has no instances to fit a config to"):
         fit_config(cfg, square_dicts([[]], 10), ["x"], base_config="b.yaml", dataset_name="e")
+
+
+def test_fit_model_drops_the_outer_levels_without_objects():
+    # 576 px images, 48 px objects -> test 288 (24 px), train 232-288 (19-24 px): on P2 [1, 32]
+    # and P3 [16, 64] only; P4-P6 receive nothing at any size
+    cfg = solo_cfg("SOLOv2_R18_quickstart_shapes.yaml")
+    dicts = square_dicts([[(100, 100), (300, 300)]] * 4, 48)
+    plain = fit_config(cfg, dicts, ["square"], base_config="b.yaml")
+    assert "MODEL.SOLO.INSTANCE_IN_FEATURES" not in plain.changes  # the architecture is kept
+    fit = fit_config(cfg, dicts, ["square"], base_config="b.yaml", fit_model=True)
+    assert fit.changes["MODEL.SOLO.INSTANCE_IN_FEATURES"][0] == ["p2", "p3"]
+    assert fit.changes["MODEL.SOLO.FPN_INSTANCE_STRIDES"][0] == [8, 8]
+    assert fit.changes["MODEL.SOLO.FPN_SCALE_RANGES"][0] == [[1, 32], [16, 2048]]
+    assert fit.changes["MODEL.SOLO.NUM_GRIDS"][0] == plain.changes["MODEL.SOLO.NUM_GRIDS"][0][:2]
+    assert plain.changes["MODEL.SOLO.FPN_SCALE_RANGES"][0] == QUICKSTART_RANGES
