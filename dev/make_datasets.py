@@ -105,6 +105,7 @@ def make_image(rng, spec: dict, num_classes: int):
     h, w = spec["hw"](rng)
     img = _background(rng, h, w)
     masks, classes = [], []
+    diagonal = np.add.outer(np.arange(h), np.arange(w))  # stripes' phase
     for _ in range(int(rng.integers(spec["count"][0], spec["count"][1] + 1))):
         c = int(rng.integers(num_classes))
         outline = spec["outlines"][c % len(spec["outlines"])]
@@ -118,7 +119,7 @@ def make_image(rng, spec: dict, num_classes: int):
         hsv = np.uint8([[[hue, rng.integers(120, 256), rng.integers(120, 256)]]])
         colour = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
         shade = colour * rng.uniform(0.7, 0.95)
-        stripes = (np.indices((h, w)).sum(0) // max(int(size / 6), 2)) % 2 == 0
+        stripes = (diagonal // max(int(size / 6), 2)) % 2 == 0
         fill = np.where(stripes[..., None] & (rng.random() < 0.5), shade, colour)
         img = np.where(m[..., None] > 0, fill, img)
         for prev in masks:  # occlusion: earlier objects keep their visible part
