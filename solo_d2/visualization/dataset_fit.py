@@ -96,10 +96,6 @@ class ConfigFit:
     def set(self, key: str, value, comment: str) -> None:
         self.changes[key] = (value, comment)
 
-    def opts(self) -> List[str]:
-        """The changes as ``KEY VALUE`` overrides (for :func:`solo_d2.config.load_config`)."""
-        return [v for k, (value, _) in self.changes.items() for v in (k, repr(value))]
-
 
 def min_kept_scale(mask_stride: int, finest_stride: int) -> float:
     """The smallest object scale (px) whose mask, covering ``MASK_FILL`` of its box, passes the
