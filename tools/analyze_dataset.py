@@ -12,8 +12,18 @@ NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR or NAME=lvis:ANNOTATIONS.
 Prints image sizes, instances per image and per class, and where the objects go after the
 config's train and test resizes (per level, below / above / between the ranges, sharing a centre
 cell), then plain-language warnings naming the config keys to change. Writes report.json and
-scale_histogram.png into --output (default output/dataset_report/<name>). Exit status 0, or 2 on
-bad arguments, config or dataset (one "error: ..." line).
+scale_histogram.png into --output (default output/dataset_report/<name>).
+
+--fit OUT.yaml also writes a config fitted to the dataset (resizes, scale ranges, grids, class
+count, and where the data calls for it SIGMA and the detections per image; each value with the
+statistic it came from, solo_d2/visualization/dataset_fit.py) that inherits --config-file, and
+prints what it changes and where the objects go with it. It keeps the architecture; --fit-model
+also drops the outer levels that receive no objects:
+
+    python tools/analyze_dataset.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
+        --dataset mydata=annotations.json:images/ --fit output/mydata.yaml
+
+Exit status 0, or 2 on bad arguments, config, dataset or OUT (one "error: ..." line).
 """
 
 import argparse
@@ -30,7 +40,9 @@ from solo_d2.config import ConfigError, load_config
 from solo_d2.data.shapes import register_shapes
 from solo_d2.data.shapes_panoptic import register_shapes_panoptic
 from solo_d2.engine.cli import SPEC_FORMS, register_dataset
+from solo_d2.engine.preflight import check_config
 from solo_d2.model_zoo import resolve_config_file
+from solo_d2.visualization.dataset_fit import ConfigFit, fit_config, write_fit
 from solo_d2.visualization.dataset_report import (
     analyze_dataset,
     format_report,
@@ -62,6 +74,17 @@ def get_parser() -> argparse.ArgumentParser:
         "output/dataset_report/<dataset name>)",
     )
     add(
+        "--fit",
+        metavar="OUT.yaml",
+        help="also write a config fitted to the dataset's statistics, inheriting --config-file",
+    )
+    add(
+        "--fit-model",
+        action="store_true",
+        help="with --fit: also change the architecture (drop the outer levels that receive no "
+        "objects)",
+    )
+    add(
         "--opts",
         nargs=argparse.REMAINDER,
         default=[],
@@ -91,10 +114,66 @@ def resolve_dataset(arg: str, max_image_pixels: int) -> str:
     return arg
 
 
+def fit_and_check(
+    cfg, dicts, classes, name: str, config_file: str, out_yaml: str, opts=(), fit_model=False
+):
+    """Fit a config to the dataset, write it to ``out_yaml``, load it back and preflight it.
+    The ``--opts`` overrides that the fit does not set are written too (the fit used them).
+
+    Returns:
+        the :class:`ConfigFit` and the fitted config.
+    Raises:
+        ConfigError, ValueError, OSError: the fit or the written file is unusable (one line).
+    """
+    meta = MetadataCatalog.get(name)
+    panoptic = any("segments_info" in d for d in dicts[:1])
+    stuff = meta.get("stuff_classes", None) if panoptic else None
+    fit = fit_config(
+        cfg,
+        dicts,
+        classes,
+        base_config=config_file,
+        dataset_name=name,
+        stuff_classes=stuff,
+        fit_model=fit_model,
+    )
+    for key in opts[::2]:
+        if key not in fit.changes:
+            fit.set(key, cfg_value(cfg, key), "from --opts")
+    folder = Path(out_yaml).resolve().parent
+    if not folder.is_dir():
+        raise OSError(f"--fit {out_yaml}: folder {folder} does not exist")
+    write_fit(fit, out_yaml)
+    fitted = load_config(out_yaml)
+    check_config(fitted, splits=("TRAIN",), check_weights=False)
+    return fit, fitted
+
+
+def cfg_value(cfg, key: str):
+    """The value of the dotted ``key`` in ``cfg``."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def format_changes(fit: ConfigFit, cfg) -> str:
+    """What the fitted config changes, one line per key: base value -> fitted value."""
+    lines = []
+    for key, (value, comment) in fit.changes.items():
+        old = cfg_value(cfg, key)
+        if isinstance(old, (list, tuple)):
+            old = type(value)(old) if isinstance(value, (list, tuple)) else old
+        mark = "  " if old == value else "* "
+        lines.append(f"{mark}{key}: {old} -> {value}  ({comment})")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.fit_model and not args.fit:
+        parser.error("--fit-model needs --fit OUT.yaml")
     if len(args.opts) % 2:
         parser.error(f"--opts needs KEY VALUE pairs, got {args.opts}")
     try:
@@ -104,6 +183,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         dicts = DatasetCatalog.get(name)  # missing files of a builtin dataset raise here
         classes = MetadataCatalog.get(name).get("thing_classes", None) or []
         report = analyze_dataset(cfg, dicts, classes, dataset_name=name)
+        if args.fit:
+            fit, fitted = fit_and_check(
+                cfg, dicts, classes, name, args.config_file, args.fit, args.opts, args.fit_model
+            )
+            fitted_report = analyze_dataset(fitted, dicts, classes, dataset_name=name)
     except (ConfigError, ValueError, OSError, AssertionError) as e:  # DatasetError: ValueError
         message = " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
@@ -116,6 +200,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     plot_scale_histogram({**report, "_scales": scales}, str(out / "scale_histogram.png"))
     print(format_report(report))
     print(f"wrote {out / 'report.json'} and {out / 'scale_histogram.png'}")
+    if args.fit:
+        fitted_report.pop("_scales")
+        print(f"\nfitted config {args.fit} (* changed; base value -> fitted value):")
+        print(format_changes(fit, cfg))
+        print("with the fitted config:")
+        print(format_report(fitted_report, levels_only=True))
     return 0
 
 

@@ -227,7 +227,7 @@ class PanopticSOLO(SOLO):
         stuff_loss_weight: float = 0.5,
         overlap_threshold: float = 0.5,
         stuff_area_limit: int = 4096,
-        instances_score_threshold: float = 0.5,
+        instances_score_threshold: float = 0.2,
         **kwargs,
     ):
         """

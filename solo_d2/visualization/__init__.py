@@ -6,6 +6,8 @@
 * :mod:`.dataset_report`: a dataset's object sizes after the config's resizes against the FPN
   levels' scale ranges and grids, with warnings where they fit poorly
   (``tools/analyze_dataset.py``).
+* :mod:`.dataset_fit`: a config fitted to those statistics (resizes, scale ranges, grids,
+  classes, sigma, detections per image; ``tools/analyze_dataset.py --fit``, docs/your_data.md).
 * :mod:`.training_plots`: loss curves and per-class AP charts, written by the Trainer.
 * :mod:`.drawing`: predictions drawn on their image (instances or a panoptic segmentation, as
   ``demo/demo.py`` shows them), and the class names of a config's test dataset.

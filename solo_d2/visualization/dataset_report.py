@@ -511,8 +511,8 @@ def _q(stats: Dict[str, float]) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in stats.items()) or "none"
 
 
-def format_report(report: Dict) -> str:
-    """The report as text for the terminal."""
+def _format_dataset(report: Dict) -> List[str]:
+    """The dataset's own statistics: image sizes, instances per image and per class."""
     n = report["num_instances"]
     lines = [f"dataset {report['dataset']!r}: {report['num_images']} images, {n} instances"]
     sizes = report["image_sizes"]
@@ -535,6 +535,13 @@ def format_report(report: Dict) -> str:
     width = max([len(c) for c in report["instances_per_class"]] + [5])
     lines.append("instances per class:")
     lines += [f"  {c:<{width}} {k}" for c, k in report["instances_per_class"].items()]
+    return lines
+
+
+def format_report(report: Dict, levels_only: bool = False) -> str:
+    """The report as text for the terminal; ``levels_only``: the per-level tables and warnings
+    without the dataset's own statistics (image sizes, instances)."""
+    lines = [] if levels_only else _format_dataset(report)
     for when in ("train", "test"):
         s = report[when]
         lines.append(

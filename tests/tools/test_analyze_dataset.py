@@ -104,3 +104,39 @@ def test_bad_dataset_is_one_line_and_status_2(tmp_path, capsys, dataset, phrase)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_fit_writes_a_config_that_loads_and_passes_preflight(tmp_path, capsys):
+    spec = "hand_fit=" + write_coco(tmp_path / "data", hand_built_dicts())
+    out_yaml = tmp_path / "fitted" / "hand.yaml"
+    out_yaml.parent.mkdir()
+    argv = ["--config-file", CONFIG, "--dataset", spec, "--output", str(tmp_path / "r"),
+            "--fit", str(out_yaml), *OPTS, "MODEL.SOLO.NMS_PRE_TOPK", "300"]  # fmt: skip
+    assert analyze_dataset.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"fitted config {out_yaml}" in printed and "with the fitted config:" in printed
+    # changed keys are marked with "*"
+    assert "\n* DATASETS.TRAIN: ('shapes_train',) -> ('hand_fit',)  (the analysed" in printed
+    assert "\n  MODEL.SOLO.NUM_CLASSES: 3 -> 3  (the dataset's 3 thing classes)" in printed
+    fitted = analyze_dataset.load_config(str(out_yaml))
+    assert fitted.DATASETS.TRAIN == ("hand_fit",) and fitted.MODEL.SOLO.NUM_CLASSES == 3
+    # an --opts override the fit does not set is written too, with its source
+    assert fitted.MODEL.SOLO.NMS_PRE_TOPK == 300 and "# from --opts" in out_yaml.read_text()
+    assert fitted.MODEL.RESNETS.DEPTH == 18  # the base's architecture
+
+
+@pytest.mark.parametrize(
+    "dataset, fit, phrase",
+    [
+        (None, "missing_folder/fit.yaml", "missing_folder does not exist"),
+        ("nope_dataset", "fit.yaml", "'nope_dataset' is not a registered dataset"),
+    ],
+)
+def test_fit_bad_out_or_dataset_is_one_line_and_status_2(tmp_path, capsys, dataset, fit, phrase):
+    dataset = dataset or "hand_bad=" + write_coco(tmp_path / "data", hand_built_dicts())
+    argv = ["--config-file", CONFIG, "--dataset", dataset, "--output", str(tmp_path / "r"),
+            "--fit", str(tmp_path / fit)]  # fmt: skip
+    assert analyze_dataset.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
+    assert not (tmp_path / fit).exists()
