@@ -34,7 +34,7 @@ __all__ = ["MAX_JSON_NUMBERS", "LongArray", "read_json", "scan_layout", "JSONLay
 logger = logging.getLogger(__name__)
 
 # Numbers read in full in one JSON object (past them, only counted): more than any usable COCO
-# annotation or RLE holds (an RLE may have 10^6 runs).
+# annotation or RLE holds (validation.MAX_RLE_RUNS runs, MAX_POLYGON_POINTS points; a test checks).
 MAX_JSON_NUMBERS = 1_000_000 + 1000
 
 _SCAN_CHUNK = 1 << 24  # bytes scanned at a time (the scan's temporaries are a few times this)

@@ -149,17 +149,18 @@ def _faults_to_columns(faults: Sequence[DataFault]) -> Dict[str, list]:
 
 def _faults_from_columns(columns: Dict[str, list]) -> List[DataFault]:
     strings = [*columns["strings"], None]  # index -1: None
-    text = {key: [strings[i] for i in columns[key]] for key in ("kind", "message", "json_file")}
-    names = [strings[i] for i in columns["file_name"]]
+    text = {
+        k: [strings[i] for i in columns[k]] for k in ("kind", "message", "json_file", "file_name")
+    }
     return [
-        DataFault(kind, message, json_file, image_id, annotation_id, file_name)
-        for kind, message, json_file, image_id, annotation_id, file_name in zip(
+        DataFault(*fault)
+        for fault in zip(
             text["kind"],
             text["message"],
             text["json_file"],
             columns["image_id"],
             columns["annotation_id"],
-            names,
+            text["file_name"],
         )
     ]
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from solo_d2.data import json_reader
+from solo_d2.data import json_reader, validation
 from solo_d2.data.json_reader import MAX_JSON_NUMBERS, LongArray, read_json, scan_layout
 
 
@@ -105,3 +105,7 @@ def test_an_object_with_too_many_numbers_goes_to_the_bounded_reader(tmp_path):
     data = read_json(path)
     assert isinstance(data["annotations"][0]["segmentation"], LongArray)
     assert data["annotations"][0]["segmentation"].items == MAX_JSON_NUMBERS + 10
+
+
+def test_the_budget_reads_every_usable_annotation_in_full():
+    assert MAX_JSON_NUMBERS > max(validation.MAX_RLE_RUNS, 2 * validation.MAX_POLYGON_POINTS)
