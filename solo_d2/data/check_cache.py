@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SOLO_D2_CACHE"
 _OFF = ("off", "0", "false", "none")
-_CHECKING_MODULES = ("validation.py", "lvis.py", "check_cache.py", "json_reader.py")
+_CHECKING_MODULES = ("validation.py", "lvis.py", "check_cache.py", "json_reader.py", "packed.py")
 
 
 def cache_dir() -> Optional[str]:

@@ -13,8 +13,9 @@ from functools import partial
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
+from .packed import ensure_pack, open_pack
 from .specs import is_registered_with, parse_dataset_spec, resolve_spec_paths
-from .validation import load_checked_coco, read_and_check, summarize_faults
+from .validation import check_key, load_checked_coco, read_and_check, summarize_faults
 
 __all__ = ["register_coco_dataset", "warn_if_changed", "warn_instance_faults"]
 
@@ -22,26 +23,31 @@ logger = logging.getLogger(__name__)
 
 
 def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list:
-    """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
+    """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration),
+    from the file's pack when it has one (:mod:`~solo_d2.data.packed`)."""
+    pack = open_pack(check_key("coco", json_file, image_root, max_image_pixels))
+    if pack is not None:
+        warn_if_changed(name, json_file, pack.key, pack.num_faults)
+        return pack.to_dicts()
     _, checked, dicts = load_checked_coco(
         json_file, image_root, max_image_pixels=max_image_pixels, with_faults=False
     )
-    warn_if_changed(name, json_file, checked)
+    warn_if_changed(name, json_file, checked.key, checked.num_faults)
     return dicts
 
 
-def warn_if_changed(name: str, json_file: str, checked) -> None:
+def warn_if_changed(name: str, json_file: str, key: str, num_faults: int) -> None:
     """Warn when the annotation file (or image directory) of the registered dataset ``name``
     changed since it was registered: the dataset is now the checked new content.
 
     Args:
-        checked: the :class:`~solo_d2.data.validation.CheckedCOCO` of the content now.
+        key, num_faults: the check key of the content now, and the faults its check found.
     """
-    registered = MetadataCatalog.get(name).get("data_check_key", checked.key)
-    if checked.key != registered:
+    registered = MetadataCatalog.get(name).get("data_check_key", key)
+    if key != registered:
         logger.warning(
             f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
-            f"{checked.num_faults} faults, left out (they were listed when it was registered)"
+            f"{num_faults} faults, left out (they were listed when it was registered)"
         )
 
 
@@ -83,10 +89,18 @@ def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     files = {"json_file": json_file, "image_root": image_root}
     if is_registered_with(name, files, f"spec {spec!r}"):
         return name
-    _, checked, _ = read_and_check(
-        json_file, image_root, max_image_pixels, f"(dataset spec {spec!r})", need_data=False
+    what = f"(dataset spec {spec!r})"
+    data, checked, _ = read_and_check(
+        json_file, image_root, max_image_pixels, what, need_data=False
     )
     warn_instance_faults(name, json_file, checked)
+    ensure_pack(  # for the training processes: they map it instead of reading the file
+        checked,
+        json_file,
+        image_root,
+        data,
+        lambda: read_and_check(json_file, image_root, max_image_pixels, what)[0],
+    )
     loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(

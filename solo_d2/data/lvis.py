@@ -41,11 +41,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .coco import warn_if_changed, warn_instance_faults
+from .packed import ensure_pack, open_pack
 from .specs import LVIS_SPEC_FORM, is_registered_with, parse_dataset_spec, resolve_spec_paths
 from .validation import (
     CheckedCOCO,
     DatasetError,
     check_coco_dict,
+    check_key,
     clean_coco_dict,
     read_and_check,
     to_dataset_dicts,
@@ -250,10 +252,14 @@ def _class_info(data: Dict[str, Any], checked: CheckedCOCO) -> Tuple[List[str], 
 
 def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list:
     """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
+    pack = open_pack(check_key("lvis", json_file, image_root, max_image_pixels))
+    if pack is not None:
+        warn_if_changed(name, json_file, pack.key, pack.num_faults)
+        return pack.to_dicts()
     _, checked, dicts = load_checked_lvis(
         json_file, image_root, max_image_pixels=max_image_pixels, with_faults=False
     )
-    warn_if_changed(name, json_file, checked)
+    warn_if_changed(name, json_file, checked.key, checked.num_faults)
     return dicts
 
 
@@ -273,10 +279,19 @@ def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     expected = {"json_file": json_file, "image_root": image_root, "evaluator_type": "lvis"}
     if is_registered_with(name, expected, f"spec {spec!r}"):
         return name
-    _, checked, info = read_and_check_lvis(
-        json_file, image_root, f"(dataset spec {spec!r})", max_image_pixels, need_data=False
+    what = f"(dataset spec {spec!r})"
+    data, checked, info = read_and_check_lvis(
+        json_file, image_root, what, max_image_pixels, need_data=False
     )
     warn_instance_faults(name, json_file, checked)
+    ensure_pack(  # for the training processes: they map it instead of reading the file
+        checked,
+        json_file,
+        image_root,
+        data,
+        lambda: read_and_check_lvis(json_file, image_root, what, max_image_pixels)[0],
+        IMAGE_CATEGORY_LISTS,
+    )
     loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(

@@ -62,6 +62,8 @@ __all__ = [
     "read_and_check",
     "load_checked_coco",
     "clean_coco_dict",
+    "dict_segmentation",
+    "check_key",
     "summarize_faults",
     "MAX_LISTED_FAULTS",
     "MAX_DESCRIBED_FAULTS",
@@ -89,6 +91,8 @@ _short = reprlib.Repr()  # values quoted in messages: at most ~100 characters
 _short.maxstring = _short.maxother = 40
 _short.maxlist = _short.maxtuple = _short.maxdict = 6
 _short.maxlevel = 2
+_NUMBER_TYPES = frozenset((int, float))  # bool is not a number, nor an id, in a COCO file
+_ID_TYPES = frozenset((int, str))
 
 
 class DatasetError(ValueError):
@@ -336,7 +340,11 @@ def _check_images(images: list, json_file: str, max_pixels: Optional[int]) -> Di
 
 
 def _check_annotation_ids(annotations: list, json_file: str) -> None:
-    seen = set()
+    if set(map(type, annotations)) <= {dict}:  # the usual case, at C speed
+        ids = [a.get("id") for a in annotations]
+        if set(map(type, ids)) <= _ID_TYPES and len(set(ids)) == len(ids):
+            return
+    seen = set()  # find the first offender, for the message
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict) or not _is_id(ann.get("id")):
             raise DatasetError(
@@ -392,6 +400,106 @@ def _polygon_checks(polygons: Sequence[Sequence]) -> Tuple[np.ndarray, np.ndarra
     areas = 0.5 * np.abs(np.add.reduceat(cross, first))
     outlines = np.add.reduceat(np.abs(xy[nxt] - xy).max(axis=1), first)
     return ok, np.where(ok, areas, 0.0), np.where(ok, outlines, 0.0)
+
+
+def _positions(values: list, table: dict, types: frozenset) -> np.ndarray:
+    """(N,) int64: ``table[v]`` for each value of one of ``types`` found in ``table``, else -1."""
+    n = len(values)
+    if set(map(type, values)) <= types:
+        return np.fromiter((table.get(v, -1) for v in values), np.int64, n)
+    return np.fromiter((table.get(v, -1) if type(v) in types else -1 for v in values), np.int64, n)
+
+
+def _number_rows(rows: list, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(N,) bool "the row is a list of ``width`` int / float numbers" and (N, width) float64 of
+    those rows (0 in the others)."""
+    n = len(rows)
+    values = np.zeros((n, width))
+    try:
+        if set(map(type, rows)) <= {list} and set(map(len, rows)) <= {width}:
+            if set(map(type, itertools.chain.from_iterable(rows))) <= _NUMBER_TYPES:
+                flat = itertools.chain.from_iterable(rows)
+                values.reshape(-1)[:] = np.fromiter(flat, np.float64, n * width)
+                return np.ones(n, dtype=bool), values
+        ok = np.fromiter(
+            (
+                type(r) is list and len(r) == width and all(type(v) in _NUMBER_TYPES for v in r)
+                for r in rows
+            ),
+            bool,
+            n,
+        )
+        if ok.any():
+            values[ok] = np.array([rows[i] for i in np.flatnonzero(ok).tolist()], np.float64)
+    except OverflowError:  # integers beyond float64: left to the exact checks
+        return np.zeros(n, dtype=bool), values
+    return ok, values
+
+
+def _clean_polygons(segmentations: list) -> np.ndarray:
+    """(N,) bool: the segmentation is a non-empty list of polygons that all pass (lists of an
+    even number, at least 6, of coordinates within +-MAX_COORDINATE) with at most
+    MAX_POLYGON_POINTS points and MAX_POLYGON_OUTLINE pixels of outline in all, enclosing some
+    area. False for RLEs and for whatever else :func:`check_coco_dict` must look at closely."""
+    n = len(segmentations)
+    clean = np.zeros(n, dtype=bool)
+    is_list = np.fromiter((type(s) is list and len(s) > 0 for s in segmentations), bool, n)
+    rows = np.flatnonzero(is_list)
+    if not len(rows):
+        return clean
+    lists = [segmentations[i] for i in rows.tolist()]
+    counts = np.fromiter(map(len, lists), np.int64, len(lists))
+    polygons = list(itertools.chain.from_iterable(lists))
+    shaped = np.fromiter(
+        (type(p) is list and len(p) >= 6 and not len(p) % 2 for p in polygons), bool, len(polygons)
+    )
+    whole = np.logical_and.reduceat(shaped, np.cumsum(counts) - counts)  # all polygons shaped
+    polygons = list(itertools.compress(polygons, np.repeat(whole, counts).tolist()))
+    rows, counts = rows[whole], counts[whole]
+    if not len(rows):
+        return clean
+    usable, areas, outlines = _polygon_checks(polygons)
+    points = np.fromiter(map(len, polygons), np.int64, len(polygons)) // 2
+    starts = np.cumsum(counts) - counts
+    clean[rows] = (
+        np.logical_and.reduceat(usable, starts)
+        & (np.add.reduceat(areas, starts) > 0)
+        & (np.add.reduceat(outlines, starts) <= MAX_POLYGON_OUTLINE)
+        & (np.add.reduceat(points, starts) <= MAX_POLYGON_POINTS)
+    )
+    return clean
+
+
+def _clean_annotations(annotations: list, images: Dict[Any, dict], id_map: dict) -> np.ndarray:
+    """(N,) bool: the annotation certainly has no fault (a non-crowd or crowd annotation with
+    polygons, a known image and category, a usable box). Vectorised over the file; the others
+    (RLEs among them) are checked one by one by :func:`check_coco_dict`."""
+    n = len(annotations)
+    index = {img_id: k for k, img_id in enumerate(images)}
+    sizes = np.array([(img["height"], img["width"]) for img in images.values()], np.float64)
+    image = _positions([a.get("image_id") for a in annotations], index, _ID_TYPES)
+    category = _positions([a.get("category_id") for a in annotations], id_map, frozenset((int,)))
+    boxed, box = _number_rows([a.get("bbox") for a in annotations], 4)
+    crowd = np.fromiter(
+        (type(c) is int and (c == 0 or c == 1) for c in (a.get("iscrowd", 0) for a in annotations)),
+        bool,
+        n,
+    )
+    h, w = sizes[np.maximum(image, 0)].T if len(sizes) else (np.zeros(n), np.zeros(n))
+    x, y, bw, bh = box.T
+    with np.errstate(invalid="ignore", over="ignore"):
+        box_ok = (
+            boxed
+            & np.isfinite(box).all(axis=1)
+            & (bw >= 0)
+            & (bh >= 0)
+            & (x < w)
+            & (y < h)
+            & (x + bw > 0)
+            & (y + bh > 0)
+        )
+    clean = (image >= 0) & (category >= 0) & box_ok & crowd
+    return clean & _clean_polygons([a.get("segmentation") for a in annotations])
 
 
 def _rle_string_runs(counts: bytes) -> Optional[np.ndarray]:
@@ -584,7 +692,9 @@ def check_coco_dict(
     category_ids = _short.repr(sorted(id_map))
     kept_polygons = {}
     pending, candidates = [], []  # polygon annotations; polygons of the right shape
-    for i, ann in enumerate(data["annotations"]):
+    annotations = data["annotations"]
+    for i in np.flatnonzero(~_clean_annotations(annotations, images, id_map)).tolist():
+        ann = annotations[i]
         img = images.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
         file_name = img["file_name"] if img is not None else None
         problem = _annotation_problem(ann, img, id_map, category_ids)
@@ -655,8 +765,9 @@ def check_coco_dict(
     )
 
 
-def _segmentation(segm, h: int, w: int):
-    """Polygons as they are; an uncompressed RLE compressed (as detectron2's loader does)."""
+def dict_segmentation(segm, h: int, w: int):
+    """A checked segmentation as dataset dicts keep it: polygons as they are, an uncompressed
+    RLE compressed (as detectron2's loader does)."""
     if isinstance(segm, dict) and isinstance(segm["counts"], list):
         return mask_util.frPyObjects(segm, h, w)
     return segm
@@ -684,7 +795,7 @@ def to_dataset_dicts(
                 "bbox": list(ann["bbox"]),
                 "bbox_mode": BoxMode.XYWH_ABS,
                 "category_id": checked.id_map[ann["category_id"]],
-                "segmentation": _segmentation(segm, img["height"], img["width"]),
+                "segmentation": dict_segmentation(segm, img["height"], img["width"]),
             }
         )
     return [
@@ -734,6 +845,18 @@ def clean_coco_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any
     return {**data, "images": images, "annotations": annotations}
 
 
+def check_key(
+    kind: str, json_file: str, image_root: Optional[str], max_image_pixels: Optional[int]
+) -> str:
+    """The key of checking ``json_file`` with these parameters: it changes with the file's
+    content (:func:`~solo_d2.data.check_cache.entry_key`).
+
+    Raises:
+        OSError: the file (or ``image_root``) cannot be read.
+    """
+    return entry_key(kind, json_file, image_root, {"max_image_pixels": max_image_pixels})
+
+
 def read_and_check(
     json_file: str,
     image_root: Optional[str],
@@ -770,7 +893,7 @@ def read_and_check(
         def check(data):
             return check_coco_dict(data, json_file, image_root, max_image_pixels), {}
 
-    key = entry_key(kind, json_file, image_root, {"max_image_pixels": max_image_pixels})
+    key = check_key(kind, json_file, image_root, max_image_pixels)
     entry = load_entry(key)
     if entry is not None:
         checked, extra = CheckedCOCO.from_json(entry["checked"], with_faults), entry["extra"]

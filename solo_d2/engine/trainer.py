@@ -17,14 +17,22 @@ training writes ``loss_curve.png`` into ``OUTPUT_DIR``
 import json
 import logging
 import os
-from typing import Iterable
+from typing import Iterable, Optional, Tuple
 
+import numpy as np
 import torch
+import torch.utils.data as torchdata
 from detectron2.config import CfgNode
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
+    print_instances_class_histogram,
+)
+from detectron2.data.samplers import (
+    RandomSubsetTrainingSampler,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
 )
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
@@ -32,11 +40,13 @@ from detectron2.engine.hooks import EvalHook
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from torch import nn
+from torch.utils.data import Sampler
 
 from ..atomic_io import atomic_write_json, remove_stale_temporaries
 from ..checkpoint import AtomicCheckpointer
 from ..compat import default_trainer_ddp
 from ..data.dataset_mapper import SOLODatasetMapper
+from ..data.packed import open_packs, repeat_factors
 from ..data.panoptic_mapper import SOLOPanopticDatasetMapper
 from ..data.validation import DatasetError, summarize_faults
 from ..evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator, SOLOPanopticEvaluator
@@ -92,6 +102,41 @@ def _trim_metrics(path: str, start_iter: int) -> int:
     if keep < len(content):
         os.truncate(path, keep)
     return len(content) - keep
+
+
+def packed_train_data(cfg: CfgNode) -> Tuple[Optional[torchdata.Dataset], Optional[Sampler]]:
+    """The training datasets from their packs (:mod:`solo_d2.data.packed`: memory-mapped, shared
+    by the processes, no JSON read) and detectron2's sampler of ``DATALOADER.SAMPLER_TRAIN`` over
+    them, or (None, None) unless every dataset of ``DATASETS.TRAIN`` has a pack and the sampler
+    is one of TrainingSampler, RepeatFactorTrainingSampler, RandomSubsetTrainingSampler.
+
+    As detectron2's ``get_detection_dataset_dicts``: images without a non-crowd annotation are
+    left out with ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``, and the class histogram is logged.
+    """
+    kind = cfg.DATALOADER.SAMPLER_TRAIN
+    samplers = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
+    packs = open_packs(cfg.DATASETS.TRAIN) if kind in samplers else None
+    if packs is None:
+        return None, None
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        before = sum(map(len, packs))
+        packs = [pack.with_instances() for pack in packs]
+        after = sum(map(len, packs))
+        logger.info(f"Removed {before - after} images with no usable annotations. {after} left.")
+    classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
+    counts = sum(pack.class_histogram(len(classes)) for pack in packs)
+    annotations = [{"category_id": c} for c in np.repeat(np.arange(len(classes)), counts).tolist()]
+    print_instances_class_histogram([{"annotations": annotations}], classes)  # all images at once
+    dataset = packs[0] if len(packs) == 1 else torchdata.ConcatDataset(packs)
+    logger.info(f"Training on {len(dataset)} images mapped from packed datasets")
+    if kind == "RepeatFactorTrainingSampler":
+        factors = repeat_factors(packs, cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT)
+        return dataset, RepeatFactorTrainingSampler(factors, seed=cfg.SEED)
+    if kind == "RandomSubsetTrainingSampler":
+        return dataset, RandomSubsetTrainingSampler(
+            len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO
+        )
+    return dataset, TrainingSampler(len(dataset))
 
 
 def _report_training_faults(cfg: CfgNode, names: Iterable[str]) -> None:
@@ -162,7 +207,10 @@ class Trainer(DefaultTrainer):
         """detectron2's loader with SOLO targets; its workers leave SIGTERM and SIGUSR1 to the
         training process (:func:`~solo_d2.engine.hooks.leave_signals_to_trainer`)."""
         _report_training_faults(cfg, cfg.DATASETS.TRAIN)
-        loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))
+        dataset, sampler = packed_train_data(cfg)  # None: detectron2 reads the dataset dicts
+        loader = build_detection_train_loader(
+            cfg, mapper=build_mapper(cfg, True), dataset=dataset, sampler=sampler
+        )
         return leave_signals_to_trainer(loader)
 
     @classmethod
