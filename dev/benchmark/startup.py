@@ -13,8 +13,8 @@ with ``SOLO_D2_CACHE`` set to a temporary folder of the run:
 * ``d2``: detectron2's ``load_coco_json`` (LVIS: ``load_lvis_json``, which needs the ``lvis``
   package; the row says so when it is missing), the reference of the ratio column;
 * ``json``: ``json.load`` of the file;
-* ``register``: ``solo_d2.engine.cli.register_dataset(spec)`` with an empty cache folder (cold),
-  then again in a second process with the folder the first left (warm);
+* ``register``: ``solo_d2.engine.cli.register_dataset(spec)`` with an empty cache folder (cold:
+  read, check and pack), then again in a second process with the folder the first left (warm);
 * ``loader``: registration and ``DatasetCatalog.get`` in one process, cold then warm;
 * ``evaluator``: building ``SOLOCOCOEvaluator`` / ``SOLOLVISEvaluator`` for the dataset,
   registered first in the same process (warm cache; the row's time is the evaluator's alone);

@@ -93,6 +93,7 @@ _short.maxlist = _short.maxtuple = _short.maxdict = 6
 _short.maxlevel = 2
 _NUMBER_TYPES = frozenset((int, float))  # bool is not a number, nor an id, in a COCO file
 _ID_TYPES = frozenset((int, str))
+_SCREEN_CHUNK = 1 << 16  # annotations whose polygons the screen takes at once
 
 
 class DatasetError(ValueError):
@@ -440,7 +441,14 @@ def _clean_polygons(segmentations: list) -> np.ndarray:
     """(N,) bool: the segmentation is a non-empty list of polygons that all pass (lists of an
     even number, at least 6, of coordinates within +-MAX_COORDINATE) with at most
     MAX_POLYGON_POINTS points and MAX_POLYGON_OUTLINE pixels of outline in all, enclosing some
-    area. False for RLEs and for whatever else :func:`check_coco_dict` must look at closely."""
+    area. False for RLEs and for whatever else :func:`check_coco_dict` must look at closely.
+    ``_SCREEN_CHUNK`` annotations at a time (the arrays of a chunk's coordinates are temporary)."""
+    chunks = range(0, len(segmentations), _SCREEN_CHUNK)
+    parts = [_clean_polygons_chunk(segmentations[i : i + _SCREEN_CHUNK]) for i in chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+def _clean_polygons_chunk(segmentations: list) -> np.ndarray:
     n = len(segmentations)
     clean = np.zeros(n, dtype=bool)
     is_list = np.fromiter((type(s) is list and len(s) > 0 for s in segmentations), bool, n)

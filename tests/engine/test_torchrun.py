@@ -209,6 +209,8 @@ def test_one_training_of_world_size_2(small_train, tmp_path):
     log0, log1 = (out / "log.txt").read_text(), (out / "log.txt.rank1").read_text()
     assert "Rank of current process: 0. World size: 2" in log0
     assert "Rank of current process: 1. World size: 2" in log1
+    # both ranks map the dataset the preflight's registration packed (solo_d2.data.packed)
+    assert "mapped from packed datasets" in log0 and "mapped from packed datasets" in log1
     assert res.stdout.count("Starting training from iteration 0") == 1
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [3]  # one writer: not twice
