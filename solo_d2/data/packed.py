@@ -23,6 +23,8 @@ import logging
 import os
 import pickle
 import shutil
+import time
+import uuid
 from itertools import chain, compress
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -167,9 +169,10 @@ def write_pack(
     if root is None or columns is None:
         return
     target = os.path.join(root, key)
-    temporary = f"{target}.tmp-{os.getpid()}"
+    temporary = f"{target}.tmp-{uuid.uuid4().hex}"  # unique across machines sharing the folder
     source = os.path.realpath(json_file)
     try:
+        _remove_abandoned(root)
         os.makedirs(temporary, exist_ok=True)
         for name, array in columns.items():
             np.save(os.path.join(temporary, name + ".npy"), array, allow_pickle=False)
@@ -190,6 +193,16 @@ def write_pack(
             f"Could not write the packed dataset of {json_file} in {root} "
             f"({type(e).__name__}: {e}); each process reads the annotation file itself"
         )
+
+
+def _remove_abandoned(root: str, age: float = 3600.0) -> None:
+    """Remove the temporary folders of writes that crashed (untouched for ``age`` seconds)."""
+    for folder in glob.glob(os.path.join(root, "*.tmp-*")):
+        try:
+            if time.time() - os.stat(folder).st_mtime > age:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _read_meta(folder: str) -> dict:

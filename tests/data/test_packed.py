@@ -91,6 +91,23 @@ def test_a_pack_gives_the_dataset_dicts(tmp_path, cache, str_ids):
     assert len(pickle.dumps(pack)) < 1000 and again.to_dicts() == [dicts[3], dicts[1]]
 
 
+def test_a_crashed_write_leaves_no_pack_and_is_cleaned_up_later(tmp_path, cache, monkeypatch):
+    data = _mixed_dataset()
+    columns = packed.pack_dataset(data, check_coco_dict(data, "a.json"), "/x")
+
+    def full_disk(path, array, allow_pickle):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "save", full_disk)
+        packed.write_pack("a" * 32, str(tmp_path / "a.json"), columns, {"num_faults": 0})
+    assert packed.open_pack("a" * 32) is None and os.listdir(cache) == []
+    abandoned = cache / ("b" * 32 + ".tmp-0123")  # a process killed while writing
+    abandoned.mkdir()
+    os.utime(abandoned, (0, 0))
+    assert _pack_folder(tmp_path, columns) is not None and not abandoned.exists()
+
+
 def test_mixed_id_types_are_not_packed():
     data = _mixed_dataset()
     data["images"][0]["id"] = "five"
