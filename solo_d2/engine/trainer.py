@@ -128,7 +128,9 @@ def packed_train_data(cfg: CfgNode) -> Tuple[Optional[torchdata.Dataset], Option
     annotations = [{"category_id": c} for c in np.repeat(np.arange(len(classes)), counts).tolist()]
     print_instances_class_histogram([{"annotations": annotations}], classes)  # all images at once
     dataset = packs[0] if len(packs) == 1 else torchdata.ConcatDataset(packs)
-    logger.info(f"Training on {len(dataset)} images mapped from packed datasets")
+    logger.info(
+        f"Using training sampler {kind} over {len(dataset)} images mapped from packed datasets"
+    )
     if kind == "RepeatFactorTrainingSampler":
         factors = repeat_factors(packs, cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT)
         return dataset, RepeatFactorTrainingSampler(factors, seed=cfg.SEED)
