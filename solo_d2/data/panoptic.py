@@ -417,12 +417,13 @@ def panoptic_things_coco(name: str) -> dict[str, Any]:
         BadImageError: a PNG is missing, unreadable, not its image's size, or holds a segment id
             that its segments_info lacks (:func:`read_panoptic_png`).
     """
+    # first: a generated dataset (shapes_panoptic) writes its files on its first load
+    image_ids = list(dict.fromkeys(d["image_id"] for d in DatasetCatalog.get(name)))
     meta = MetadataCatalog.get(name)
     json_file, png_dir = meta.panoptic_json, meta.panoptic_root
     data = read_coco_json(json_file, f"(panoptic dataset {name!r})")
     things, _ = _check_panoptic_categories(data["categories"], json_file)
     thing_ids = {c["id"] for c in things}
-    image_ids = list(dict.fromkeys(d["image_id"] for d in DatasetCatalog.get(name)))
     images = {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
     annotations = {a["image_id"]: a for a in data["annotations"] if isinstance(a, dict)}
     missing = [i for i in image_ids if i not in images or i not in annotations]

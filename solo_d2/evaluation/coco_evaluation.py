@@ -43,7 +43,8 @@ class SOLOCOCOEvaluator(COCOEvaluator):
     * When the model predicts nothing on any image, AP is reported as 0, not NaN.
     * For a panoptic dataset (``evaluator_type`` "coco_panoptic_seg"), the ground truth is its
       thing instances (:func:`solo_d2.data.panoptic.panoptic_things_coco`), written to
-      ``<output_dir>/<dataset>_coco_format.json``: the instance AP of a panoptic model's
+      ``<output_dir>/<dataset>_coco_format.json`` (the metadata's ``json_file`` from then on,
+      as after detectron2's conversion of non-COCO data): the instance AP of a panoptic model's
       "instances" output, beside PQ.
     """
 
