@@ -41,6 +41,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .images import BadImageError
@@ -67,6 +68,7 @@ __all__ = [
     "adopt_builtin_panoptic",
     "read_panoptic_png",
     "rgb_to_id",
+    "panoptic_things_coco",
 ]
 
 logger = logging.getLogger(__name__)
@@ -398,3 +400,69 @@ def read_panoptic_png(dataset_dict: dict, image_hw: tuple[int, int]) -> np.ndarr
             f"{dataset_dict.get('image_id')} lacks",
         )
     return rgb
+
+
+def panoptic_things_coco(name: str) -> dict[str, Any]:
+    """The thing instances of the registered panoptic dataset ``name`` as a COCO instances dict,
+    for COCO mask and box AP beside PQ (as detectron2 evaluates its COCO panoptic datasets).
+
+    The ground truth is the one PQ is computed on: the annotations of the panoptic JSON
+    (``panoptic_json``) of the dataset's images, their PNGs (``panoptic_root``). Each thing
+    segment becomes an annotation: its PNG pixels as an RLE mask, the box and area of that mask,
+    its ``iscrowd``, its dataset category id; categories are the thing categories. A thing
+    segment without pixels in its PNG is left out. Stuff segments are not instances.
+
+    Raises:
+        DatasetError: the panoptic JSON is unusable or lacks an annotation of a dataset image.
+        BadImageError: a PNG is missing, unreadable, not its image's size, or holds a segment id
+            that its segments_info lacks (:func:`read_panoptic_png`).
+    """
+    # first: a generated dataset (shapes_panoptic) writes its files on its first load
+    image_ids = list(dict.fromkeys(d["image_id"] for d in DatasetCatalog.get(name)))
+    meta = MetadataCatalog.get(name)
+    json_file, png_dir = meta.panoptic_json, meta.panoptic_root
+    data = read_coco_json(json_file, f"(panoptic dataset {name!r})")
+    things, _ = _check_panoptic_categories(data["categories"], json_file)
+    thing_ids = {c["id"] for c in things}
+    images = {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
+    annotations = {a["image_id"]: a for a in data["annotations"] if isinstance(a, dict)}
+    missing = [i for i in image_ids if i not in images or i not in annotations]
+    if missing:
+        raise DatasetError(
+            f"Panoptic file {json_file!r} has no image entry or annotation for {len(missing)} "
+            f"of the {len(image_ids)} images of dataset {name!r} (image ids {missing[:5]})"
+        )
+    instances = []
+    for image_id in image_ids:
+        image, ann = images[image_id], annotations[image_id]
+        segments = [s for s in ann["segments_info"] if s["category_id"] in thing_ids]
+        if not segments:
+            continue
+        record = {
+            "file_name": image["file_name"],
+            "image_id": image_id,
+            "pan_seg_file_name": os.path.join(png_dir, ann["file_name"]),
+            "segments_info": ann["segments_info"],
+        }
+        ids = rgb_to_id(read_panoptic_png(record, (image["height"], image["width"])))
+        for s in segments:
+            mask = ids == s["id"]
+            if not mask.any():
+                continue
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            instances.append(
+                {
+                    "id": len(instances) + 1,
+                    "image_id": image_id,
+                    "category_id": s["category_id"],
+                    "iscrowd": int(s.get("iscrowd", 0)),
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                    "area": float(mask_util.area(rle)),
+                }
+            )
+    return {
+        "images": [images[i] for i in image_ids],
+        "annotations": instances,
+        "categories": things,
+    }

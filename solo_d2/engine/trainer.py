@@ -37,6 +37,7 @@ from detectron2.data.samplers import (
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine.hooks import EvalHook
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from torch import nn
@@ -240,7 +241,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """The evaluation the dataset's ``evaluator_type`` asks for: COCO mask and box AP
-        ("coco", the default), PQ ("coco_panoptic_seg") or LVIS's federated AP ("lvis")."""
+        ("coco", the default), PQ and the things' mask and box AP ("coco_panoptic_seg", as
+        detectron2 evaluates its COCO panoptic datasets; the AP's files in the ``things``
+        subfolder) or LVIS's federated AP ("lvis")."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if kind == "coco_panoptic_seg":
@@ -249,7 +252,10 @@ class Trainer(DefaultTrainer):
                     f"Dataset {dataset_name!r} is a panoptic dataset: evaluating it needs a "
                     'panoptic model (MODEL.META_ARCHITECTURE "PanopticSOLO")'
                 )
-            return SOLOPanopticEvaluator(dataset_name, output_dir=output_folder)
+            pq = SOLOPanopticEvaluator(dataset_name, output_dir=output_folder)
+            things_folder = os.path.join(output_folder, "things")
+            things = SOLOCOCOEvaluator(dataset_name, ("segm", "bbox"), output_dir=things_folder)
+            return DatasetEvaluators([pq, things])
         if kind == "lvis":
             return SOLOLVISEvaluator(dataset_name, cfg, output_dir=output_folder)
         return SOLOCOCOEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)

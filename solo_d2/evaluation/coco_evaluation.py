@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 
 from ..atomic_io import TMP_MARKER, atomic_write_json, remove_stale_temporaries
 from ..compat import set_coco_ground_truth
+from ..data.panoptic import panoptic_things_coco
 from ..data.validation import clean_coco_dict, read_and_check, summarize_faults
 
 __all__ = ["SOLOCOCOEvaluator"]
@@ -40,6 +41,11 @@ class SOLOCOCOEvaluator(COCOEvaluator):
       ``output_dir`` detectron2's evaluator is given), then each is renamed into ``output_dir``:
       a killed evaluation leaves the previous files intact.
     * When the model predicts nothing on any image, AP is reported as 0, not NaN.
+    * For a panoptic dataset (``evaluator_type`` "coco_panoptic_seg"), the ground truth is its
+      thing instances (:func:`solo_d2.data.panoptic.panoptic_things_coco`), written to
+      ``<output_dir>/<dataset>_coco_format.json`` (the metadata's ``json_file`` from then on,
+      as after detectron2's conversion of non-COCO data): the instance AP of a panoptic model's
+      "instances" output, beside PQ.
     """
 
     def __init__(
@@ -57,17 +63,23 @@ class SOLOCOCOEvaluator(COCOEvaluator):
         self.faults = []
         self.num_detections = 0
         metadata = MetadataCatalog.get(dataset_name)
+        panoptic = metadata.get("evaluator_type", None) == "coco_panoptic_seg"
         if output_dir and not hasattr(metadata, "json_file"):
             # as detectron2 does, but into output_dir itself rather than the staging folder
             os.makedirs(output_dir, exist_ok=True)
             cache = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
-            convert_to_coco_json(
-                dataset_name, cache, allow_cached=kwargs.get("allow_cached_coco", True)
-            )
+            if panoptic:  # its thing instances, made once per process
+                if comm.is_main_process():
+                    atomic_write_json(cache, panoptic_things_coco(dataset_name))
+                comm.synchronize()
+            else:
+                convert_to_coco_json(
+                    dataset_name, cache, allow_cached=kwargs.get("allow_cached_coco", True)
+                )
             metadata.json_file = cache
         staging = _staging_dir(output_dir) if output_dir and comm.is_main_process() else output_dir
         super().__init__(dataset_name, tasks, distributed, staging, **kwargs)
-        if metadata.get("data_faults", None) is not None:
+        if metadata.get("data_faults", None) is not None and not panoptic:
             set_coco_ground_truth(self, self.checked_ground_truth(metadata))
 
     def checked_ground_truth(self, metadata) -> COCO:

@@ -10,6 +10,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from solo_d2.data.panoptic import panoptic_things_coco
 from solo_d2.data.shapes import MIN_VISIBLE_AREA, SHAPES_CLASSES
 from solo_d2.data.shapes_panoptic import (
     STUFF,
@@ -222,6 +223,13 @@ def test_register_shapes_panoptic(tmp_path: Path) -> None:
             else:
                 assert 1 <= s["category_id"] <= len(STUFF_CLASSES) and not s["iscrowd"]
     assert any(not any(s["isthing"] for s in d["segments_info"]) for d in dicts)
+
+    # the things as COCO instances (the instance AP beside PQ): one per thing segment
+    coco = panoptic_things_coco("shapes_panoptic_val")
+    things = [s for d in dicts for s in d["segments_info"] if s["isthing"]]
+    assert len(coco["annotations"]) == len(things) and len(coco["images"]) == 50
+    assert [c["id"] for c in coco["categories"]] == [1, 2, 3, 5]
+    assert sum(a["iscrowd"] for a in coco["annotations"]) == sum(s["iscrowd"] for s in things)
 
 
 def test_entry_points_register_the_panoptic_splits(tmp_path: Path, monkeypatch) -> None:

@@ -15,6 +15,7 @@ from solo_d2.data.shapes_panoptic import register_shapes_panoptic
 from solo_d2.engine import Trainer
 from solo_d2.engine.cli import register_dataset
 from solo_d2.engine.preflight import check_config
+from solo_d2.evaluation import SOLOCOCOEvaluator, SOLOPanopticEvaluator
 from solo_d2.modeling import is_panoptic
 
 CONFIG = REPO / "configs" / "SOLOv2_R18_quickstart_panoptic_shapes.yaml"
@@ -50,6 +51,12 @@ def test_train_net_trains_and_evaluates_panoptic_data(tiny_panoptic, tmp_path):
     results = json.loads((out / "inference" / "tiny_pan" / "evaluation_results.json").read_text())
     assert set(results["panoptic_seg"]) >= {"PQ", "PQ_th", "PQ_st", "SQ", "RQ"}
     assert all(0 <= v <= 100 for v in results["panoptic_seg"].values() if v is not None)
+    # the things' instance AP beside PQ, its files in the "things" subfolder
+    assert "copypaste: Task: segm" in log and "copypaste: Task: bbox" in log
+    things = out / "inference" / "tiny_pan" / "things"
+    ap = json.loads((things / "evaluation_results.json").read_text())
+    assert set(ap) == {"segm", "bbox"} and 0 <= ap["segm"]["AP"] <= 100
+    assert (things / "coco_instances_results.json").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert any("loss_sem_seg" in m for m in metrics)
 
@@ -60,7 +67,7 @@ def _cfg(train: str, test: str, *opts):
     return cfg
 
 
-def test_panoptic_config_checks(tiny_panoptic):
+def test_panoptic_config_checks(tiny_panoptic, tmp_path):
     name = register_dataset(f"pan_{uuid.uuid4().hex[:6]}=panoptic:{tiny_panoptic}")
     register_shapes()
     register_shapes_panoptic()
@@ -78,6 +85,14 @@ def test_panoptic_config_checks(tiny_panoptic):
     assert str(e.value).endswith(
         "register it with --dataset pan_missing=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
     )
+    # a panoptic dataset: PQ, and mask and box AP of its things
+    evaluators = Trainer.build_evaluator(_cfg(name, name), name, str(tmp_path))
+    pq, things = evaluators._evaluators
+    assert isinstance(pq, SOLOPanopticEvaluator) and isinstance(things, SOLOCOCOEvaluator)
+    assert things.output_dir == str(tmp_path / "things")
+    # the square and the bar of each of the 6 images, and image 1's crowd of squares
+    crowd = [a["iscrowd"] for a in things._coco_api.dataset["annotations"]]
+    assert (len(crowd), sum(crowd)) == (13, 1)
     # an instance model cannot be evaluated on panoptic data
     cfg = _cfg(name, name, "MODEL.META_ARCHITECTURE", "SOLO")
     with pytest.raises(ValueError, match="needs a panoptic model"):

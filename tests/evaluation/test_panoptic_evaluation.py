@@ -1,4 +1,5 @@
-"""SOLOPanopticEvaluator: PQ / SQ / RQ of tiny hand-checkable cases, dataset subsets, result files.
+"""SOLOPanopticEvaluator: PQ / SQ / RQ of tiny hand-checkable cases, dataset subsets, result files;
+SOLOCOCOEvaluator on a panoptic dataset: the things' instance AP (at the end).
 
 Every image is 10 x 10 pixels, painted by rows, so that each row is 10 pixels. Ground-truth
 categories (dataset ids): person 1 and car 3 (things; contiguous 0 and 1), sky 10 and grass 12
@@ -18,9 +19,14 @@ import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import Boxes, Instances
 from PIL import Image
+from pycocotools import mask as mask_util
 
-from solo_d2.evaluation import SOLOPanopticEvaluator
+from solo_d2.data.images import BadImageError
+from solo_d2.data.panoptic import panoptic_things_coco
+from solo_d2.data.validation import DatasetError
+from solo_d2.evaluation import SOLOCOCOEvaluator, SOLOPanopticEvaluator
 from solo_d2.evaluation import panoptic_evaluation as pe
 
 id2rgb = pytest.importorskip("panopticapi.utils").id2rgb
@@ -370,3 +376,78 @@ def test_same_numbers_as_panopticapi_pq_compute(register, tmp_path):
             assert res[metric.upper() + suffix] == pytest.approx(
                 100 * reference[group][metric], abs=1e-9
             )
+
+
+# The things' instance AP beside PQ: SOLOCOCOEvaluator on a panoptic dataset, whose ground truth
+# is the thing segments of the panoptic PNGs (panoptic_things_coco).
+
+
+def instances_output(masks, classes, scores):
+    """A model's "instances" output: masks [(H, W) bool], contiguous thing classes, scores."""
+    masks = torch.as_tensor(np.stack(masks))
+    ys, xs = masks.any(2), masks.any(1)
+    boxes = [
+        [x.nonzero().min(), y.nonzero().min(), x.nonzero().max() + 1, y.nonzero().max() + 1]
+        for x, y in zip(xs, ys)
+    ]
+    instances = Instances((SIZE, SIZE))
+    instances.pred_masks = masks
+    instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    instances.pred_classes = torch.tensor(classes)
+    instances.scores = torch.tensor(scores)
+    return {"instances": instances}
+
+
+def test_things_of_the_panoptic_ground_truth_as_coco_instances(register):
+    # person rows 0-4 (segment 1), a crowd of cars rows 5-6 (segment 3), sky rows 7-9 (segment 2)
+    ids = paint([(0, 4, 1), (5, 6, 3), (7, 9, 2)])
+    name = register([(7, ids, {1: (PERSON, 0), 2: (SKY, 0), 3: (CAR, 1)})])
+    coco = panoptic_things_coco(name)
+    assert [c["id"] for c in coco["categories"]] == [PERSON, CAR]  # no stuff category
+    assert [im["id"] for im in coco["images"]] == [7]
+    person, cars = coco["annotations"]  # sky is no instance
+    assert (person["category_id"], person["iscrowd"], person["area"]) == (PERSON, 0, 50)
+    assert person["bbox"] == [0, 0, 10, 5]  # x, y, w, h
+    assert (cars["category_id"], cars["iscrowd"], cars["area"], cars["bbox"]) == (
+        CAR, 1, 20, [0, 5, 10, 2]
+    )  # fmt: skip
+    assert np.array_equal(mask_util.decode(person["segmentation"]).astype(bool), ids == 1)
+    assert len({a["id"] for a in coco["annotations"]}) == 2
+
+
+def test_panoptic_dataset_things_mask_and_box_ap(register, tmp_path):
+    """One person (rows 0-4, 50 px); predicted rows 0-3 x columns 0-8 (36 px, inside it): mask
+    IoU 36 / 50 = 0.72 and box IoU (9 x 4) / (10 x 5) = 0.72, a match at the IoU thresholds
+    0.5-0.7 (5 of COCO's 10): AP 50, AP50 100, AP75 0."""
+    name = register([(1, *PERSON_SKY)])
+    evaluator = SOLOCOCOEvaluator(name, ("segm", "bbox"), output_dir=str(tmp_path / "things"))
+    mask = paint([(0, 3, 1)]) == 1
+    mask[:, 9] = False
+    evaluator.reset()
+    evaluator.process([model_input(1)], [instances_output([mask], [0], [0.9])])
+    results = evaluator.evaluate()
+    for task in ("segm", "bbox"):
+        assert results[task]["AP"] == pytest.approx(50.0, abs=1e-6)
+        assert results[task]["AP50"] == pytest.approx(100.0, abs=1e-6)
+        assert results[task]["AP75"] == pytest.approx(0.0, abs=1e-6)
+    written = json.loads((tmp_path / "things" / "evaluation_results.json").read_text())
+    assert written["segm"]["AP50"] == pytest.approx(100.0, abs=1e-6)
+    gt = json.loads((tmp_path / "things" / f"{name}_coco_format.json").read_text())
+    assert [a["category_id"] for a in gt["annotations"]] == [PERSON]
+
+
+def test_things_ground_truth_errors_name_the_file(register, tmp_path):
+    name = register([(1, *PERSON_SKY)])
+    png = os.path.join(MetadataCatalog.get(name).panoptic_root, f"{1:012d}.png")
+    os.remove(png)
+    with pytest.raises(BadImageError, match=f"image {png}: panoptic PNG does not exist"):
+        panoptic_things_coco(name)
+    other = register([(1, *PERSON_SKY)])
+    extra = {"file_name": "x.jpg", "image_id": 5, "height": SIZE, "width": SIZE}
+    dicts = DatasetCatalog.get(other) + [extra]
+    DatasetCatalog.remove(other)
+    DatasetCatalog.register(other, lambda: dicts)
+    with pytest.raises(
+        DatasetError, match=r"no image entry or annotation for 1 of the 2 images.*\[5\]"
+    ):
+        panoptic_things_coco(other)
