@@ -125,13 +125,6 @@ def add_solo_config(cfg: CN) -> None:
     # backbone weights in memory (R50-FPN: ~110 MB); False runs the backbone as it is. The copy
     # is made again after train()/eval() and after loading weights. The constructor's default too.
     _C.MODEL.SOLO.FOLD_FROZEN_BN = True
-    # At inference without autograd (detectron2's evaluation, DefaultPredictor), run the heads
-    # (category and kernel towers over the grids, mask features) through torch.compile (inductor,
-    # weights frozen). The first call per process compiles (1-2 min on a CPU; needs a C++
-    # compiler, else one warning and eager); the heads measured 0.74-0.87x their eager time on an
-    # AVX2 CPU (docs/benchmarks.md). Off by default: a short run (a demo, a small evaluation)
-    # spends more on compiling than it saves.
-    _C.MODEL.SOLO.COMPILE = False
 
     # ---- solver --------------------------------------------------------------------------------
     # "SGD" (detectron2's, the published recipes) or "ADAMW" (BASE_LR, WEIGHT_DECAY as usual).

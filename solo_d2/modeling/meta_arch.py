@@ -57,7 +57,6 @@ def _log_checkpoint_layout(module, state_dict, prefix, *args):
 
 def _drop_folded_backbone(module, incompatible_keys) -> None:
     module._folded_backbone.clear()  # the weights were loaded: fold them again when needed
-    module._compiled.clear()  # and compile again (the compiled code holds the weights)
 
 
 @META_ARCH_REGISTRY.register()
@@ -105,7 +104,6 @@ class SOLO(nn.Module):
         channels_last: bool = True,
         fold_frozen_bn: bool = True,
         channels_last_train: bool = False,
-        compile_network: bool = False,
     ):
         """
         Args:
@@ -135,21 +133,11 @@ class SOLO(nn.Module):
             channels_last_train: channels-last in training mode too. The config's
                 ``CHANNELS_LAST_TRAIN`` None ("auto") turns it on where the CPU has AVX-512 (a
                 training step 0.88x the time there, 1.22x on an AVX2-only CPU).
-            compile_network: in eval mode without autograd (``torch.no_grad()``, as detectron2's
-                evaluation and predictor run), run the heads (where the time goes at small
-                inputs; the backbone measured no faster compiled) through ``torch.compile``
-                (inductor, weights frozen into the compiled code): the first call per process
-                compiles (1-2 min on a CPU), later ones are faster
-                (:meth:`network_function`). As the config (``COMPILE``), False.
         """
         super().__init__()
         # (folded copy of the backbone, (device, dtype) it was made for); a list, so that the
         # copy is not a submodule: not in state_dict(), parameters() or .to()
         self._folded_backbone: list = []
-        # name -> (torch.compile'd function, (device, dtype) it was made for)
-        self._compiled: Dict[str, tuple] = {}
-        self._compile_failed = False  # torch.compile failed once here: eager from then on
-        self.compile_network = compile_network
         self.backbone = backbone
         self.ins_head = ins_head
         self.mask_head = mask_head
@@ -246,7 +234,6 @@ class SOLO(nn.Module):
             "fold_frozen_bn": sc.FOLD_FROZEN_BN,
             "channels_last_train": _channels_last_train(sc.CHANNELS_LAST_TRAIN)
             and torch.device(cfg.MODEL.DEVICE).type == "cpu",
-            "compile_network": sc.COMPILE,
         }
 
     @property
@@ -284,7 +271,6 @@ class SOLO(nn.Module):
         weights when next needed (the weights change in training), and gives the weights the
         mode's memory layout (:meth:`apply_memory_format`)."""
         self._folded_backbone.clear()
-        self._compiled.clear()
         super().train(mode)
         self.apply_memory_format()
         return self
@@ -322,48 +308,8 @@ class SOLO(nn.Module):
             self._folded_backbone[:] = [folded, key]
         return self._folded_backbone[0]
 
-    def network_function(self, name: str, function):
-        """``function`` (a part of the network), compiled when ``compile_network`` applies: in
-        eval mode, without autograd, not traced for export. Compiled once per part and
-        (device, dtype); the compiled code is dropped with the folded backbone (it holds the
-        weights). Where ``torch.compile`` fails (e.g. no C++ compiler), one warning, then eager.
-        """
-        if (
-            not self.compile_network
-            or self._compile_failed
-            or torch.is_grad_enabled()
-            or torch.jit.is_tracing()
-        ):
-            return function
-        key = (self.pixel_mean.device, self.pixel_mean.dtype)
-        compiled, made_for = self._compiled.get(name, (None, None))
-        if made_for != key:
-            options = {"freezing": True}  # weights are constants: folded and prepacked
-            compiled = torch.compile(function, options=options)
-            self._compiled[name] = (compiled, key)
-
-        def run(*args):
-            try:
-                return compiled(*args)
-            except Exception as e:  # noqa: BLE001 (a failed compile: eager says what is wrong)
-                logger.warning(
-                    f"MODEL.SOLO.COMPILE: torch.compile of the {name} failed "
-                    f"({type(e).__name__}: {str(e)[:200]}); the model runs eagerly"
-                )
-                self._compile_failed = True
-                self._compiled.clear()
-                return function(*args)
-
-        return run
-
     def _predict(self, features: Dict[str, Tensor]) -> HeadOutputs:
-        """:meth:`predict` from the backbone's features (the heads compiled when
-        :meth:`network_function` says so)."""
-        if self.training:
-            return self._heads(features)
-        return self.network_function("heads", self._heads)(features)
-
-    def _heads(self, features: Dict[str, Tensor]) -> HeadOutputs:
+        """:meth:`predict` from the backbone's features."""
         ins_feats = split_instance_features([features[f] for f in self.instance_in_features])
         cate_logits, mask_preds = self.ins_head(ins_feats)
         mask_feat = None
