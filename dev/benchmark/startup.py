@@ -110,7 +110,8 @@ def dataset_spec(kind: str, files: Dict[str, str]) -> str:
 
 
 def _status_kb(field: str, pid: str = "self") -> Optional[int]:
-    """A ``kB`` field (VmHWM, VmRSS) of ``/proc/<pid>/status``; None where unreadable."""
+    """A numeric field of ``/proc/<pid>/status`` (VmHWM, VmRSS in kB; PPid); None where
+    unreadable."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -280,8 +281,9 @@ def _sample_peaks(root: int, peaks: Dict[int, Dict]) -> None:
             role = "main"
         elif "resource_tracker" in cmd:
             role = "tracker"
-        else:  # a spawned process has the parent's command line until its exec
-            role = "worker" if "multiprocessing" in cmd else "other"
+        else:  # spawned by root; a fork of a worker (a subprocess before its exec) is "other"
+            spawned = "multiprocessing" in cmd and _status_kb("PPid", str(pid)) == root
+            role = "worker" if spawned else "other"
         old = peaks.get(pid, {}).get("peak_rss_kb", 0)
         peaks[pid] = {"pid": pid, "role": role, "cmd": cmd[:200], "peak_rss_kb": max(old, hwm)}
 
