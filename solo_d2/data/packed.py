@@ -229,13 +229,15 @@ def open_pack(key: str) -> Optional["PackedDataset"]:
 
 
 @functools.lru_cache(maxsize=None)
-def _mapped(folder: str) -> Dict[str, np.ndarray]:
-    """The columns of the pack in ``folder``, memory-mapped read-only (one map per process)."""
+def _mapped(folder: str) -> tuple:
+    """(meta, columns) of the pack in ``folder``, the columns memory-mapped read-only; read
+    once per process."""
     meta = _read_meta(folder)
-    return {
+    columns = {
         name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r", allow_pickle=False)
         for name in meta["columns"]
     }
+    return meta, columns
 
 
 class PackedDataset(torchdata.Dataset):
@@ -248,8 +250,7 @@ class PackedDataset(torchdata.Dataset):
 
     def __init__(self, folder: str, indices: Optional[np.ndarray] = None):
         self.folder = folder
-        self.meta = _read_meta(folder)
-        self._columns = _mapped(folder)
+        self.meta, self._columns = _mapped(folder)
         n = len(self._columns["image_height"])
         self.indices = np.arange(n) if indices is None else np.asarray(indices, np.int64)
         self._lists = [c[len("list_") :] for c in self.meta["columns"] if _is_list(c)]
