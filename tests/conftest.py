@@ -1,9 +1,11 @@
 """Shared test helpers: configs, synthetic inputs, tiny models that detect, a training step."""
 
+import atexit
 import copy
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -24,8 +26,9 @@ from solo_d2.modeling.targets import instance_targets
 
 REPO = Path(__file__).resolve().parent.parent
 # The dataset check cache of this test run (also seen by the processes the tests start), never
-# the user's ~/.cache/solo_d2.
+# the user's ~/.cache/solo_d2; removed when the run ends (dataset packs make it hundreds of MB).
 os.environ["SOLO_D2_CACHE"] = tempfile.mkdtemp(prefix="solo_d2_test_cache_")
+atexit.register(shutil.rmtree, os.environ["SOLO_D2_CACHE"], ignore_errors=True)
 PARITY_FIXTURE = REPO.parent / "shared" / "parity" / "solov2_adelaidet_r18_public.pt"
 
 
