@@ -25,10 +25,17 @@ from solo_d2.export.compare import MIN_IOU, SCORE_TOL, compare_detections
 from solo_d2.modeling.targets import instance_targets
 
 REPO = Path(__file__).resolve().parent.parent
-# The dataset check cache of this test run (also seen by the processes the tests start), never
-# the user's ~/.cache/solo_d2; removed when the run ends (dataset packs make it hundreds of MB).
-os.environ["SOLO_D2_CACHE"] = tempfile.mkdtemp(prefix="solo_d2_test_cache_")
-atexit.register(shutil.rmtree, os.environ["SOLO_D2_CACHE"], ignore_errors=True)
+# The dataset check cache of this test run, never the user's ~/.cache/solo_d2. The processes the
+# tests start share it (a spawned worker that imports this file keeps its parent's); the pytest
+# process that made it removes it when the run ends (dataset packs make it hundreds of MB).
+if "SOLO_D2_TEST_CACHE" not in os.environ:
+    os.environ["SOLO_D2_TEST_CACHE"] = tempfile.mkdtemp(prefix="solo_d2_test_cache_")
+    _owner = os.getpid()
+    atexit.register(
+        lambda: os.getpid() == _owner
+        and shutil.rmtree(os.environ["SOLO_D2_TEST_CACHE"], ignore_errors=True)
+    )
+os.environ["SOLO_D2_CACHE"] = os.environ["SOLO_D2_TEST_CACHE"]
 PARITY_FIXTURE = REPO.parent / "shared" / "parity" / "solov2_adelaidet_r18_public.pt"
 
 
