@@ -6,6 +6,7 @@ import importlib
 import inspect
 
 import pytest
+import torch.distributed as dist
 from detectron2.engine import DefaultTrainer
 
 from solo_d2 import compat
@@ -69,3 +70,24 @@ def test_compiled_ops_import_is_an_import_error_when_absent():
     except ImportError:
         return
     assert module.__name__ == "detectron2._C"
+
+
+def test_released_process_groups_are_forgotten_and_can_be_made_again(tmp_path):
+    """After destroy_process_group, release_process_groups drops detectron2's local group and its
+    cached Gloo group (freed while the interpreter lives); a new process group can then be made
+    in the same process, which detectron2's create_local_process_group otherwise refuses."""
+    comm = importlib.import_module("detectron2.utils.comm")
+    for attempt in range(2):
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / f'store{attempt}'}", world_size=1, rank=0
+        )
+        try:
+            comm.create_local_process_group(1)
+            assert comm.get_local_size() == 1 and comm.get_local_rank() == 0
+            assert comm._get_global_gloo_group() is dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
+            compat.release_process_groups()
+        assert comm._LOCAL_PROCESS_GROUP is None
+        assert comm._get_global_gloo_group.cache_info().currsize == 0
+        assert comm.create_local_process_group.cache_info().currsize == 0

@@ -16,7 +16,7 @@ from detectron2.utils import comm
 
 # two private helpers of detectron2's launch (through solo_d2.compat): the worker's entry point
 # (process group, local group, device) and the free port of dist_url "auto"
-from ..compat import distributed_worker, find_free_port
+from ..compat import distributed_worker, find_free_port, release_process_groups
 from .hooks import PREEMPTED_EXIT_STATUS, PREEMPTION_SIGNALS, TrainingPreempted
 
 __all__ = [
@@ -256,6 +256,7 @@ def launch_from_env(
             result = main_func(*args)
         finally:
             dist.destroy_process_group()
+            release_process_groups()
     except (TrainingPreempted, PreflightFailed):
         _ignore_preemption_signals()  # until the process exits, with its status
         raise
