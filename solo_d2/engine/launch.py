@@ -2,6 +2,7 @@
 detectron2's ``launch`` (:func:`launch`: this process spawns one per GPU), or torchrun
 (:func:`launch_from_env`: torchrun started them, its variables give the ranks)."""
 
+import functools
 import logging
 import os
 import signal
@@ -70,7 +71,15 @@ def launch(
     context = mp.start_processes(
         distributed_worker,
         nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        args=(
+            functools.partial(_spawned_main, main_func),
+            world_size,
+            num_gpus_per_machine,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+        ),
         daemon=False,
         join=False,
     )
@@ -90,6 +99,30 @@ def launch(
         raise
     finally:
         _restore_handlers(previous_handlers)
+
+
+def _spawned_main(main_func, *args):
+    """``main_func(*args)`` in a worker that :func:`launch` spawned; after it returns, or stops
+    the training by a preemption (all ranks together), the process groups are closed
+    (:func:`_close_process_groups`), so that the worker exits with its own status."""
+    try:
+        result = main_func(*args)
+    except TrainingPreempted:
+        _close_process_groups()
+        raise
+    _close_process_groups()
+    return result
+
+
+def _close_process_groups() -> None:
+    """Destroy the process groups and free them now
+    (:func:`~solo_d2.compat.release_process_groups`): left to the interpreter's shutdown, Gloo's
+    threads sometimes abort the process (SIGABRT, "terminate called without an active
+    exception") after its work is done, which turns a finished training, or a preempted one's
+    status 75, into a failure."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    release_process_groups()
 
 
 # ---- torchrun ------------------------------------------------------------------------------------
@@ -255,8 +288,7 @@ def launch_from_env(
             comm.synchronize()
             result = main_func(*args)
         finally:
-            dist.destroy_process_group()
-            release_process_groups()
+            _close_process_groups()
     except (TrainingPreempted, PreflightFailed):
         _ignore_preemption_signals()  # until the process exits, with its status
         raise
