@@ -30,11 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 # process that made it removes it when the run ends (dataset packs make it hundreds of MB).
 if "SOLO_D2_TEST_CACHE" not in os.environ:
     os.environ["SOLO_D2_TEST_CACHE"] = tempfile.mkdtemp(prefix="solo_d2_test_cache_")
-    _owner = os.getpid()
-    atexit.register(
-        lambda: os.getpid() == _owner
-        and shutil.rmtree(os.environ["SOLO_D2_TEST_CACHE"], ignore_errors=True)
-    )
+
+    def _remove_test_cache(folder: str, owner: int) -> None:
+        if os.getpid() == owner:  # not in a forked child that exits through atexit
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(_remove_test_cache, os.environ["SOLO_D2_TEST_CACHE"], os.getpid())
 os.environ["SOLO_D2_CACHE"] = os.environ["SOLO_D2_TEST_CACHE"]
 PARITY_FIXTURE = REPO.parent / "shared" / "parity" / "solov2_adelaidet_r18_public.pt"
 

@@ -22,7 +22,10 @@ from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 from test_preemption import ENV, STOPPED, check_stopped, train_net_command
 
+from solo_d2.engine import TrainingPreempted
 from solo_d2.engine.launch import TorchrunEnv, check_torchrun_arguments, torchrun_env
+
+solo_launch = importlib.import_module("solo_d2.engine.launch")  # the module, not the function
 
 launch = importlib.import_module("solo_d2.engine.launch")  # solo_d2.engine.launch: the function
 small_train = test_preemption.small_train  # the fixture: a small training set
@@ -172,6 +175,37 @@ def test_launch_from_env_in_one_process(tmp_path, argument, status, output):
     assert res.stdout.splitlines()[0] == output
     if argument == "signal":
         assert "SIGTERM received outside training: exiting with status 75" in res.stderr
+
+
+@pytest.mark.parametrize("outcome", ["return", "preempted", "error"])
+def test_a_spawned_worker_closes_its_process_groups_after_main(tmp_path, outcome):
+    """launch's workers destroy and release their process groups when main returns or the training
+    is preempted (not freed at interpreter shutdown, where Gloo can abort the process); after
+    another error they are left alone (a destroy could wait for ranks still in a collective)."""
+    import torch.distributed as dist
+
+    def main(value):
+        assert dist.is_initialized() and comm.get_local_size() == 1
+        if outcome == "preempted":
+            raise TrainingPreempted()
+        if outcome == "error":
+            raise ValueError(value)
+        return value
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", world_size=1, rank=0
+    )
+    try:
+        comm.create_local_process_group(1)
+        if outcome == "return":
+            assert solo_launch._spawned_main(main, 42) == 42
+        else:
+            with pytest.raises((TrainingPreempted, ValueError)):
+                solo_launch._spawned_main(main, 42)
+        assert dist.is_initialized() == (outcome == "error")
+        assert (comm._LOCAL_PROCESS_GROUP is None) == (outcome != "error")
+    finally:
+        solo_launch._close_process_groups()
 
 
 def torchrun_command(small_train, out, opts, *flags):
