@@ -1,4 +1,4 @@
-"""Four small COCO-format instance datasets that differ from the shapes dataset, for checking
+"""Six small COCO-format instance datasets that differ from the shapes dataset, for checking
 configs fitted with ``tools/analyze_dataset.py --fit`` (docs/your_data.md).
 
     python -m dev.make_datasets --out /tmp/fit_datasets
@@ -9,14 +9,20 @@ not the shapes dataset's: ellipses with a hole, many-pointed stars, thin rotated
 smooth random blobs, in a per-class hue on a textured background. Masks are the visible parts
 (later objects occlude earlier ones), stored as compressed RLE; boxes and areas come from them.
 
-=============  ===========================  =======  ===========================  ===========
-name           image size (h x w)           classes  object size (px, long side)  per image
-=============  ===========================  =======  ===========================  ===========
-vga_crowd      480 x 640 (some portrait)    3        10-120                       8-25
-megapixel      700-800 x 1024               1        5-24 (mostly under 16)       20-50
-big_objects    300-360 x 400                2        55%-95% of the short side    1-3
-many_classes   300 x 400                    22       20-100                       3-8
-=============  ===========================  =======  ===========================  ===========
+==============  ===========================  =======  ===========================  ===========
+name            image size (h x w)           classes  object size (px, long side)  per image
+==============  ===========================  =======  ===========================  ===========
+vga_crowd       480 x 640 (some portrait)    3        10-120                       8-25
+megapixel       700-800 x 1024               1        5-24 (mostly under 16)       20-50
+big_objects     300-360 x 400                2        55%-95% of the short side    1-3
+many_classes    300 x 400                    22       20-100                       3-8
+wide_triangles  240 x 720 (panoramas)        3        8-150                        6-20
+xsmall_crosses  128 x 160                    4        12-70                        2-6
+==============  ===========================  =======  ===========================  ===========
+
+The last two (triangles, crosses, crescents, hexagons; 3:1 panoramas and thumbnail-sized
+images) were made after the fit's trial stage, to check it on outlines and image sizes it was
+not written on.
 """
 
 import argparse
@@ -28,7 +34,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-OUTLINES = ("ring", "star", "bar", "blob")
+OUTLINES = ("ring", "star", "bar", "blob")  # the first four datasets'
+NEW_OUTLINES = ("triangle", "cross", "crescent", "hexagon")
 MIN_VISIBLE_AREA = 6
 
 # name -> (image size sampler, outlines of the classes, hues per outline, size sampler, count)
@@ -62,6 +69,20 @@ DATASETS = {
         count=(3, 8),
         num_classes=22,
     ),
+    "wide_triangles": dict(
+        hw=lambda r: (240, 720),
+        outlines=("triangle", "crescent", "cross"),
+        hues=1,
+        size=lambda r, short: math.exp(r.uniform(math.log(8), math.log(150))),
+        count=(6, 20),
+    ),
+    "xsmall_crosses": dict(
+        hw=lambda r: (128, 160),
+        outlines=NEW_OUTLINES,
+        hues=1,
+        size=lambda r, short: math.exp(r.uniform(math.log(12), math.log(70))),
+        count=(2, 6),
+    ),
 }
 SPLITS = {"train": (48, 0), "val": (20, 1)}  # images, seed offset
 
@@ -79,6 +100,22 @@ def _outline_mask(rng, outline: str, h: int, w: int, cx: float, cy: float, size:
         length, width = size, max(size * rng.uniform(0.08, 0.18), 2.0)
         box = cv2.boxPoints(((cx, cy), (length, width), angle))
         cv2.fillPoly(m, [np.round(box).astype(np.int32)], 1)
+    elif outline == "crescent":  # a disc with an offset disc cut out
+        r = max(int(size / 2), 2)
+        cv2.circle(m, (int(cx), int(cy)), r, 1, -1)
+        off = rng.uniform(0.35, 0.6) * size
+        a = np.deg2rad(angle)
+        cv2.circle(m, (int(cx + off * np.cos(a)), int(cy + off * np.sin(a))), r, 0, -1)
+    elif outline == "cross":
+        arm = max(size * rng.uniform(0.2, 0.35), 2.0)
+        for extra in (0, 90):
+            box = cv2.boxPoints(((cx, cy), (size, arm), angle + extra))
+            cv2.fillPoly(m, [np.round(box).astype(np.int32)], 1)
+    elif outline in ("triangle", "hexagon"):
+        n = 3 if outline == "triangle" else 6
+        t = np.linspace(0, 2 * np.pi, n, endpoint=False) + np.deg2rad(angle)
+        pts = np.stack([cx + size / 2 * np.cos(t), cy + size / 2 * np.sin(t)], 1)
+        cv2.fillPoly(m, [np.round(pts).astype(np.int32)], 1)
     else:
         n = int(rng.integers(7, 10)) * 2 if outline == "star" else 24
         t = np.linspace(0, 2 * np.pi, n, endpoint=False) + np.deg2rad(angle)

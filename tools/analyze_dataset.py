@@ -23,7 +23,22 @@ also drops the outer levels that receive no objects:
     python tools/analyze_dataset.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
         --dataset mydata=annotations.json:images/ --fit output/mydata.yaml
 
-Exit status 0, or 2 on bad arguments, config, dataset or OUT (one "error: ..." line).
+--fit also counts the objects lost to shared grid cells (every cell of their centre region also
+another object's) at the test resize with the base and the fitted config, as the rules predict
+them from boxes and as the model's own target assignment gives them on the decoded masks.
+
+--trials ITERS checks the fit by measurement (solo_d2/engine/fit_trials.py): the base config and
+a few fitted candidates are each trained ITERS iterations on the dataset and evaluated on
+--val-dataset (a name or spec), or on a deterministic held-out share of its images; OUT.yaml is
+the best one's (the base unless a fitted one wins by more than --trial-margin points), with the
+trial table in its comments and in OUT.trials.json. Trial outputs go to OUT's folder, <OUT
+stem>_trials/.
+
+    python tools/analyze_dataset.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
+        --dataset mydata=annotations.json:images/ --fit output/mydata.yaml --trials 300
+
+Exit status 0, or 2 on bad arguments, config, dataset or OUT, or when every trial fails (one
+"error: ..." line).
 """
 
 import argparse
@@ -40,12 +55,24 @@ from solo_d2.config import ConfigError, load_config
 from solo_d2.data.shapes import register_shapes
 from solo_d2.data.shapes_panoptic import register_shapes_panoptic
 from solo_d2.engine.cli import SPEC_FORMS, register_dataset
+from solo_d2.engine.fit_trials import (
+    MARGIN,
+    VAL_FRACTION,
+    choose,
+    format_trials,
+    run_trials,
+    split_dataset,
+    training_progress,
+    trial_candidates,
+    trials_record,
+)
 from solo_d2.engine.preflight import check_config
 from solo_d2.model_zoo import resolve_config_file
 from solo_d2.visualization.dataset_fit import ConfigFit, fit_config, write_fit
 from solo_d2.visualization.dataset_report import (
     analyze_dataset,
     format_report,
+    measure_lost_targets,
     plot_scale_histogram,
 )
 
@@ -83,6 +110,28 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --fit: also change the architecture (drop the outer levels that receive no "
         "objects)",
+    )
+    add(
+        "--trials",
+        type=int,
+        default=0,
+        metavar="ITERS",
+        help="with --fit: train the base config and fitted candidates ITERS iterations each and "
+        "write the best on the validation split (0: off)",
+    )
+    add(
+        "--val-dataset",
+        metavar="NAME|SPEC",
+        help="with --trials: the validation set (default: a deterministic held-out "
+        f"{100 * VAL_FRACTION:g}%% of --dataset's images)",
+    )
+    add(
+        "--trial-margin",
+        type=float,
+        default=MARGIN,
+        metavar="POINTS",
+        help="with --trials: a fitted candidate replaces the base config only when its "
+        f"validation AP (PQ) is higher by more than this (default {MARGIN:g})",
     )
     add(
         "--opts",
@@ -168,14 +217,103 @@ def format_changes(fit: ConfigFit, cfg) -> str:
     return "\n".join(lines)
 
 
+def lost_targets_check(cfg, fitted, dicts, base_report, fitted_report) -> dict:
+    """Objects lost to shared cells at the test resize, base vs fitted config: predicted from the
+    boxes (the reports) and measured with the model's target assignment on decoded masks."""
+    out = {}
+    for name, c, report in (("base", cfg, base_report), ("fitted", fitted, fitted_report)):
+        sc = c.MODEL.SOLO
+        measured = measure_lost_targets(
+            dicts, c.INPUT.MIN_SIZE_TEST, c.INPUT.MAX_SIZE_TEST, sc.FPN_SCALE_RANGES,
+            sc.NUM_GRIDS, float(sc.SIGMA),
+        )  # fmt: skip
+        out[name] = {"predicted": report["test"]["lost_targets"], "measured": measured}
+    return out
+
+
+def format_lost_check(check: dict) -> str:
+    """The lost-targets line: (object, level) pairs without a cell of their own, base -> fitted."""
+    b, f = check["base"], check["fitted"]
+    mb, mf = b["measured"], f["measured"]
+    return (
+        "objects without a grid cell of their own at the test resize, base -> fitted (a cell "
+        "predicts one mask; counted per level): predicted from the boxes of every image "
+        f"{sum(b['predicted']):g} -> {sum(f['predicted']):g} (per level {b['predicted']} -> "
+        f"{f['predicted']}); measured with the model's target assignment on the masks of "
+        f"{mb['images']} images {sum(mb['lost_per_level'])} -> {sum(mf['lost_per_level'])} "
+        f"(per level {mb['lost_per_level']} -> {mf['lost_per_level']}; without a cell on "
+        f"every level they are on: {mb['lost']} -> {mf['lost']} of {mb['instances']})"
+    )
+
+
+def trials_folder(out_yaml: str) -> Path:
+    """``<OUT stem>_trials/`` beside OUT.yaml, made here (OUT's folder must exist)."""
+    out = Path(out_yaml).resolve()
+    if not out.parent.is_dir():
+        raise OSError(f"--fit {out_yaml}: folder {out.parent} does not exist")
+    folder = out.parent / f"{out.stem}_trials"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def check_by_trials(args, cfg, fit, name: str, opts_keys) -> dict:
+    """The trial stage (solo_d2/engine/fit_trials.py): returns the trial record written beside
+    OUT.yaml; OUT.yaml becomes the chosen candidate's config.
+
+    Raises:
+        ValueError, OSError, ConfigError: a bad --val-dataset, a dataset that cannot be split,
+            or every trial failed (one line).
+    """
+    out_yaml = Path(args.fit).resolve()
+    folder = trials_folder(args.fit)
+    if args.val_dataset:
+        val = resolve_dataset(args.val_dataset, cfg.INPUT.MAX_IMAGE_PIXELS)
+        train, held_out = name, False
+    else:
+        train, val = split_dataset(name, str(folder / "split"))
+        held_out = True
+    candidates = trial_candidates(cfg, fit, opts_keys)
+    for c in candidates:  # each candidate's config, for the user to train or compare
+        write_fit(c.fit, str(folder / f"{c.name}.yaml"))
+    with training_progress(str(folder / "log.txt")):  # as train_net.py shows training
+        results = run_trials(cfg, candidates, train, val, args.trials, str(folder))
+    chosen = choose(results, args.trial_margin)
+    winner = next(c for c in candidates if c.name == chosen.candidate)
+    table = format_trials(results, chosen, args.trials)
+    where = f"held-out {len(DatasetCatalog.get(val))} images of {name!r}" if held_out else repr(val)
+    notes = [
+        f"Checked by training (--trials {args.trials}): each candidate trained on {train!r} and "
+        f"evaluated on {where}; a fitted candidate replaces the base only when it wins by more "
+        f"than {args.trial_margin:g} points.",
+        *table,
+    ]
+    write_fit(winner.fit, str(out_yaml), notes)
+    check_config(load_config(str(out_yaml)), splits=("TRAIN",), check_weights=False)
+    record = trials_record(
+        results, chosen, dataset=name, train_dataset=train, val_dataset=val,
+        held_out=held_out, iterations=args.trials, margin=args.trial_margin,
+        config=str(out_yaml),
+    )  # fmt: skip
+    atomic_write_json(str(out_yaml.with_suffix(".trials.json")), record, indent=1)
+    print("\n".join(table))
+    return record
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.fit_model and not args.fit:
         parser.error("--fit-model needs --fit OUT.yaml")
+    if (args.trials or args.val_dataset) and not args.fit:
+        parser.error("--trials and --val-dataset need --fit OUT.yaml")
+    if args.trials < 0:
+        parser.error(f"--trials must be 0 (off) or a number of iterations, got {args.trials}")
+    if args.val_dataset and not args.trials:
+        parser.error("--val-dataset needs --trials ITERS")
     if len(args.opts) % 2:
         parser.error(f"--opts needs KEY VALUE pairs, got {args.opts}")
+    record = None
     try:
         args.config_file = resolve_config_file(args.config_file)  # a file, else a zoo name
         cfg = load_config(args.config_file, args.opts)  # ConfigError: one line on a mistake
@@ -184,10 +322,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         classes = MetadataCatalog.get(name).get("thing_classes", None) or []
         report = analyze_dataset(cfg, dicts, classes, dataset_name=name)
         if args.fit:
+            # with --trials, OUT.yaml is written once the trials chose; the rules' fit goes
+            # to the trials folder
+            rules = str(trials_folder(args.fit) / "rules.yaml") if args.trials else args.fit
             fit, fitted = fit_and_check(
-                cfg, dicts, classes, name, args.config_file, args.fit, args.opts, args.fit_model
+                cfg, dicts, classes, name, args.config_file, rules, args.opts, args.fit_model
             )
             fitted_report = analyze_dataset(fitted, dicts, classes, dataset_name=name)
+            lost = lost_targets_check(cfg, fitted, dicts, report, fitted_report)
+            if args.trials:
+                record = check_by_trials(args, cfg, fit, name, args.opts[::2])
     except (ConfigError, ValueError, OSError, AssertionError) as e:  # DatasetError: ValueError
         message = " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
@@ -196,6 +340,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scales = report.pop("_scales")
     report["config_file"] = str(Path(args.config_file).resolve())
+    if args.fit:
+        report["lost_targets_check"] = lost
     atomic_write_json(str(out / "report.json"), report, indent=1)
     plot_scale_histogram({**report, "_scales": scales}, str(out / "scale_histogram.png"))
     print(format_report(report))
@@ -206,6 +352,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_changes(fit, cfg))
         print("with the fitted config:")
         print(format_report(fitted_report, levels_only=True))
+        print(format_lost_check(lost))
+        if record is not None:
+            print(
+                f"\nchecked by {len(record['trials'])} trials of {args.trials} iterations: "
+                f"{args.fit} is the {record['chosen']!r} candidate's config; table in "
+                f"{Path(args.fit).with_suffix('.trials.json')}"
+            )
     return 0
 
 

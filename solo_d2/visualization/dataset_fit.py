@@ -26,9 +26,13 @@ coarsest its upper end (or doubles it).
 
 **Grids.** Each level keeps the base's ratio of object scale to grid cell: ``S' = S * 2**-k *
 test short' / test short``, capped at the level's feature resolution (``test short / stride``)
-and at least 2; then, while more than ``SAME_CELL_FRACTION`` of the level's objects share their
-centre cell with an object of the same class (one of them is lost as a category target), the
-grid grows by ``GRID_STEP`` up to the cap.
+and at least 2; then, while more than ``SAME_CELL_FRACTION`` of the level's objects are lost to
+shared cells (every cell of their positive centre region is also another object's, of any
+class: a cell predicts one category and one mask;
+:func:`~solo_d2.visualization.dataset_report.lost_to_shared_cells`, equal to the model's own
+assignment on the same centres), the grid grows by ``GRID_STEP`` up to the cap. (Counting only
+objects of the same class, as this rule first did, let a fit halve the grids of an unseen
+four-class dataset and lose 12x more objects to shared cells than the base config.)
 
 **Sigma.** The centre region (``SIGMA`` x the box) of crowded objects overlaps that of a
 neighbour on the same level, so both claim the same cells. If with the base's ``SIGMA`` more
@@ -188,12 +192,14 @@ def fit_grids(
     base_test_short: int,
     level_strides: Sequence[int],
     mask_stride: int,
+    sigma: float,
 ) -> Tuple[List[int], List[int], List[float]]:
     """The grids (module docstring) at the test resize ``resize`` = (short, max_size).
 
     Returns:
         the grids, the scale-only grids before the collision rule, and each level's share of
-        objects sharing a centre cell with one of the same class at the returned grids.
+        objects lost to shared cells (any class, centre regions at ``sigma``) at the returned
+        grids.
     """
     short = resize[0]
     ratio = 2.0**-octave_shift * short / base_test_short
@@ -202,8 +208,8 @@ def fit_grids(
     grids = list(start)
     args = (objects, resize[0], resize[1], ranges)
     while True:
-        stats = level_statistics(*args, grids, level_strides, mask_stride)
-        shared = stats["same_class_same_cell"] / np.maximum(stats["per_level"], 1)
+        stats = level_statistics(*args, grids, level_strides, mask_stride, sigma=sigma)
+        shared = stats["lost_targets"] / np.maximum(stats["per_level"], 1)
         grow = [i for i, f in enumerate(shared) if f > SAME_CELL_FRACTION and grids[i] < caps[i]]
         if not grow:
             return grids, start, [round(float(f), 3) for f in shared]
@@ -357,17 +363,6 @@ def fit_config(
         f"base ranges x 2^{k}: median object scale {median:.1f} px at the test resize vs the "
         f"finest range's upper end {base_ranges[0][1]:g}",
     )
-    grids, start, shared = fit_grids(
-        objects, resize, ranges, list(sc.NUM_GRIDS), k, cfg.INPUT.MIN_SIZE_TEST, strides,
-        mask_stride,
-    )  # fmt: skip
-    fit.set(
-        "MODEL.SOLO.NUM_GRIDS",
-        grids,
-        f"base grids x 2^{-k} x {rs['test_short']}/{cfg.INPUT.MIN_SIZE_TEST} = {start} (capped "
-        f"at test size / stride), grown while > {100 * SAME_CELL_FRACTION:g}% share a "
-        f"same-class cell: now {[f'{100 * f:.0f}%' for f in shared]}",
-    )
     sigma, tried = fit_sigma(objects, resize, ranges, float(sc.SIGMA))
     if sigma != sc.SIGMA:
         fit.set(
@@ -376,6 +371,17 @@ def fit_config(
             "share of objects whose centre region overlaps a neighbour's on their level: "
             + ", ".join(f"{100 * v:.0f}% at {s:g}" for s, v in tried.items()),
         )
+    grids, start, shared = fit_grids(
+        objects, resize, ranges, list(sc.NUM_GRIDS), k, cfg.INPUT.MIN_SIZE_TEST, strides,
+        mask_stride, sigma,
+    )  # fmt: skip
+    fit.set(
+        "MODEL.SOLO.NUM_GRIDS",
+        grids,
+        f"base grids x 2^{-k} x {rs['test_short']}/{cfg.INPUT.MIN_SIZE_TEST} = {start} (capped "
+        f"at test size / stride), grown while > {100 * SAME_CELL_FRACTION:g}% have no cell of "
+        f"their own (any class): now {[f'{100 * f:.0f}%' for f in shared]}",
+    )
     if fit_model:
         sizes = [(short, rs["max_size"]) for short in rs["train_shorts"]] + [resize]
         keep = outer_empty_levels(objects, sizes, ranges)
@@ -418,14 +424,16 @@ def _yaml_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def format_fit(fit: ConfigFit, out_path: str) -> str:
-    """The YAML text of ``fit``; ``_BASE_`` is relative to ``out_path``'s folder."""
+def format_fit(fit: ConfigFit, out_path: str, notes: Sequence[str] = ()) -> str:
+    """The YAML text of ``fit``; ``_BASE_`` is relative to ``out_path``'s folder; ``notes``:
+    more comment lines for the header (the trial table of ``--trials``)."""
     base = os.path.relpath(
         os.path.abspath(fit.base_config), os.path.dirname(os.path.abspath(out_path))
     )
     lines = [
         f"# Fitted to the statistics of dataset {fit.dataset!r} by tools/analyze_dataset.py --fit",
         "# (solo_d2/visualization/dataset_fit.py); each value's comment names its statistic.",
+        *(f"# {line}" for note in notes for line in note.splitlines()),
         f'_BASE_: "{base}"',
     ]
     tree: Dict = {}
@@ -450,6 +458,6 @@ def format_fit(fit: ConfigFit, out_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_fit(fit: ConfigFit, out_path: str) -> None:
-    """Write ``fit`` as a YAML config to ``out_path`` (atomically)."""
-    atomic_write_text(out_path, format_fit(fit, out_path))
+def write_fit(fit: ConfigFit, out_path: str, notes: Sequence[str] = ()) -> None:
+    """Write ``fit`` as a YAML config to ``out_path`` (atomically), ``notes`` as comments."""
+    atomic_write_text(out_path, format_fit(fit, out_path, notes))

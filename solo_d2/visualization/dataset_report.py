@@ -16,8 +16,13 @@ is decoded here, for polygons and RLE alike.
 
 * how many objects each level receives, how many fall below the finest level's range, above the
   coarsest one's or between two ranges (in no level), and how many are on two levels;
-* how many share their centre cell on a level with another object of the same class (one of them
-  is lost as a category target: the cell's class is the last object's), and with any object;
+* how many share their centre cell on a level with another object of the same class, and with
+  any object; and how many are **lost to shared cells**: every cell of the object's positive
+  region on the level (its centre region at ``SIGMA`` x the box, within the 3 x 3 cells around
+  its centre cell, as :func:`solo_d2.modeling.targets.assign_grid_targets` assigns it) is also
+  positive for another object, of any class. A cell predicts one category and one mask, so such
+  an object has no cell of its own to be detected from (:func:`lost_to_shared_cells`;
+  :func:`measure_lost_targets` counts the same with the model's own assignment on the masks);
 * how many would be dropped at inference by the area filter even with a perfect mask (the mask
   area at the mask stride must exceed the level's stride; the box area is the upper bound of the
   mask area used here);
@@ -46,6 +51,9 @@ __all__ = [
     "train_short_sizes",
     "collect_objects",
     "level_statistics",
+    "lost_to_shared_cells",
+    "lost_in_positives",
+    "measure_lost_targets",
     "analyze_dataset",
     "format_report",
     "plot_scale_histogram",
@@ -58,7 +66,9 @@ DOMINANT_LEVEL = 0.6  # one level receives more than this share of the (object, 
 MISSED_FRACTION = 0.05  # below the finest range / too small for the area filter
 LARGE_FRACTION = 0.01  # above the coarsest range, or between ranges
 EMPTY_LEVEL = 0.01  # a level receives less than this
-SAME_CELL_FRACTION = 0.05  # a level's objects sharing their centre cell with a same-class one
+SAME_CELL_FRACTION = 0.05  # a level's objects lost to cells shared with other objects
+DEFAULT_SIGMA = 0.2  # SOLOv2's centre region (MODEL.SOLO.SIGMA's default)
+MEASURED_IMAGES = 200  # images whose masks measure_lost_targets decodes
 MIN_CLASS_INSTANCES = 10
 
 
@@ -182,6 +192,83 @@ def _shared_cell(keys: np.ndarray) -> np.ndarray:
     return counts[inverse.reshape(-1)] > 1
 
 
+_OFFSETS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=np.int64)  # (9, 2)
+
+
+def _floor_cell(x: np.ndarray, num_grid: int) -> np.ndarray:
+    # as assign_grid_targets: floor(x / (1 / S)) in float32
+    x = np.asarray(x, dtype=np.float32)
+    return np.floor(x / np.float32(1.0 / num_grid)).astype(np.int64)
+
+
+def lost_to_shared_cells(
+    image: np.ndarray,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    w: np.ndarray,
+    h: np.ndarray,
+    canvas_hw: np.ndarray,
+    num_grid: int,
+    sigma: float,
+) -> np.ndarray:
+    """Objects of one level whose every positive cell is also positive for another object.
+
+    The positive region is :func:`solo_d2.modeling.targets.assign_grid_targets`'s: the cells hit
+    by the ``sigma`` x box around the centre, clamped to the 3 x 3 cells around the centre cell.
+
+    Args:
+        image: (n,) int image index of each object (objects of other images never collide).
+        cx, cy, w, h: (n,) centre and box size in input pixels.
+        canvas_hw: (n, 2) the padded canvas the grid divides, per object.
+        num_grid: S of the level.
+        sigma: MODEL.SOLO.SIGMA.
+    Returns:
+        (n,) bool: lost (no cell of its own, any class).
+    """
+    n = len(image)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    s = num_grid
+    ch, cw = canvas_hw[:, 0].astype(np.float32), canvas_hw[:, 1].astype(np.float32)
+    cx, cy = np.asarray(cx, np.float32), np.asarray(cy, np.float32)
+    half_w, half_h = np.float32(0.5 * sigma) * w, np.float32(0.5 * sigma) * h
+    col, row = _floor_cell(cx / cw, s), _floor_cell(cy / ch, s)
+    top = np.maximum(_floor_cell((cy - half_h) / ch, s).clip(min=0), row - 1)
+    down = np.minimum(_floor_cell((cy + half_h) / ch, s).clip(max=s - 1), row + 1)
+    left = np.maximum(_floor_cell((cx - half_w) / cw, s).clip(min=0), col - 1)
+    right = np.minimum(_floor_cell((cx + half_w) / cw, s).clip(max=s - 1), col + 1)
+    r = row[:, None] + _OFFSETS[None, :, 0]  # (n, 9)
+    c = col[:, None] + _OFFSETS[None, :, 1]
+    inside = (
+        (r >= top[:, None]) & (r <= down[:, None]) & (c >= left[:, None]) & (c <= right[:, None])
+    )
+    keys = (np.asarray(image, np.int64)[:, None] * s + r) * s + c
+    shared = np.zeros(inside.shape, dtype=bool)
+    shared[inside] = _shared_cell(keys[inside])
+    # an empty region (centre outside the canvas) owns nothing either
+    return (shared | ~inside).all(1)
+
+
+def lost_in_positives(positives: np.ndarray, num_instances: int) -> np.ndarray:
+    """The same from a level's positives of :func:`~solo_d2.modeling.targets.assign_grid_targets`.
+
+    Args:
+        positives: (P, 3) int rows [image, cell, instance] of one level (SOLOv2's assignment: a
+            cell appears once per instance covering it).
+        num_instances: M.
+    Returns:
+        (M,) bool: positive on the level and every one of its cells shared with another instance.
+    """
+    positives = np.asarray(positives, dtype=np.int64).reshape(-1, 3)
+    on_level = np.zeros(num_instances, dtype=bool)
+    owns = np.zeros(num_instances, dtype=bool)
+    if len(positives):
+        cell = positives[:, 0] * (positives[:, 1].max() + 1) + positives[:, 1]
+        on_level[positives[:, 2]] = True
+        owns[positives[~_shared_cell(cell), 2]] = True
+    return on_level & ~owns
+
+
 def level_statistics(
     objects: Dict[str, np.ndarray],
     short: int,
@@ -191,6 +278,7 @@ def level_statistics(
     level_strides: Sequence[int],
     mask_stride: int,
     size_divisibility: int = SIZE_DIVISIBILITY,
+    sigma: float = DEFAULT_SIGMA,
 ) -> Dict[str, np.ndarray]:
     """Where the objects go at one resize.
 
@@ -201,12 +289,13 @@ def level_statistics(
         num_grids: (L,) grid size S per level.
         level_strides: (L,) instance stride per level (the inference area filter's minimum).
         mask_stride: stride of the soft masks at inference.
+        sigma: MODEL.SOLO.SIGMA, the centre region's share of the box.
     Returns:
         scale: (N,) sqrt(w * h) of the resized boxes; on_level: (L, N) bool; per_level,
-        same_class_same_cell, same_cell_any_class, too_small_for_area_filter: (L,) int64
-        (the last counts each object on its finest level); below_finest / above_coarsest:
-        objects smaller / larger than every range; between_levels: in no range otherwise;
-        on_two_levels: objects in two or more ranges.
+        same_class_same_cell, same_cell_any_class, lost_targets (:func:`lost_to_shared_cells`),
+        too_small_for_area_filter: (L,) int64 (the last counts each object on its finest
+        level); below_finest / above_coarsest: objects smaller / larger than every range;
+        between_levels: in no range otherwise; on_two_levels: objects in two or more ranges.
     """
     hw = objects["image_hw"]
     newh, neww = resized_shape(hw[:, 0], hw[:, 1], short, max_size)
@@ -222,7 +311,8 @@ def level_statistics(
     ranges = np.asarray(scale_ranges, dtype=np.float64).reshape(-1, 2)
     on_level = (scale[None] >= ranges[:, :1]) & (scale[None] <= ranges[:, 1:])  # (L, N)
     num_classes = int(objects["category"].max()) + 1 if len(scale) else 1
-    same_class, same_any, too_small = [], [], []
+    same_class, same_any, lost, too_small = [], [], [], []
+    canvas = np.stack([canvas_h, canvas_w], axis=1)[img]  # (N, 2)
     finest_level = np.where(on_level.any(0), on_level.argmax(0), -1)
     box_area_at_mask_stride = w * h / mask_stride**2
     for level, s in enumerate(num_grids):
@@ -232,6 +322,8 @@ def level_statistics(
         cell = img[sel] * s * s + row * s + col
         same_any.append(int(_shared_cell(cell).sum()))
         same_class.append(int(_shared_cell(cell * num_classes + objects["category"][sel]).sum()))
+        args = (img[sel], cx[sel], cy[sel], w[sel], h[sel], canvas[sel], s, sigma)
+        lost.append(int(lost_to_shared_cells(*args).sum()))
         first = finest_level == level
         too_small.append(int((box_area_at_mask_stride[first] <= level_strides[level]).sum()))
     in_any = on_level.any(0)
@@ -246,7 +338,90 @@ def level_statistics(
         "on_two_levels": int((on_level.sum(0) >= 2).sum()),
         "same_class_same_cell": np.array(same_class, dtype=np.int64),
         "same_cell_any_class": np.array(same_any, dtype=np.int64),
+        "lost_targets": np.array(lost, dtype=np.int64),
         "too_small_for_area_filter": np.array(too_small, dtype=np.int64),
+    }
+
+
+def measure_lost_targets(
+    dicts: List[dict],
+    short: int,
+    max_size: int,
+    scale_ranges: Sequence[Sequence[float]],
+    num_grids: Sequence[int],
+    sigma: float,
+    max_images: int = MEASURED_IMAGES,
+    size_divisibility: int = SIZE_DIVISIBILITY,
+) -> Dict[str, object]:
+    """Targets lost to shared cells, measured with the model's own assignment on the masks.
+
+    What :func:`level_statistics` predicts from boxes ("lost_targets"), counted the way the model
+    sees an image at one resize: the annotations rasterised at the resized size (detectron2's
+    transforms, as :class:`~solo_d2.data.SOLODatasetMapper`), boxes recomputed from the masks,
+    centres of mass, then :func:`~solo_d2.modeling.targets.assign_grid_targets` on the image's
+    padded canvas and :func:`lost_in_positives` per level. Images are taken evenly spaced over
+    the dataset, at most ``max_images`` of them (masks are decoded).
+
+    Returns:
+        images, instances (measured), per_level (L,) instances positive on the level,
+        lost_per_level (L,), lost (instances positive on a level but lost on every level they
+        are positive on: no cell of their own anywhere) and on_no_level.
+    """
+    import detectron2.data.transforms as T
+    import torch
+    from detectron2.data import detection_utils as utils
+
+    from ..modeling.targets import assign_grid_targets, instance_targets
+
+    step = max(1, math.ceil(len(dicts) / max(max_images, 1)))
+    chosen = dicts[::step][:max_images]
+    levels = len(num_grids)
+    per_level, lost_level = np.zeros(levels, np.int64), np.zeros(levels, np.int64)
+    lost_total = instances = nowhere = 0
+    for d in chosen:
+        anns = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
+        anns = [a for a in anns if a.get("segmentation")]
+        if not anns:
+            continue
+        h, w = int(d["height"]), int(d["width"])
+        newh, neww = (
+            int(v[0]) for v in resized_shape(np.array([h]), np.array([w]), short, max_size)
+        )
+        tfm = T.TransformList([T.ResizeTransform(h, w, newh, neww)])
+        anns = [utils.transform_instance_annotations(dict(a), tfm, (newh, neww)) for a in anns]
+        inst = utils.annotations_to_instances(anns, (newh, neww), mask_format="bitmask")
+        masks = inst.gt_masks.tensor
+        valid, centers, _ = instance_targets(masks, 4)
+        masks, centers, labels = masks[valid], centers[valid], inst.gt_classes[valid]
+        if not len(masks):
+            continue
+        boxes = inst.gt_masks[valid].get_bounding_boxes().tensor
+        canvas = tuple(-(-v // size_divisibility) * size_divisibility for v in (newh, neww))
+        m = len(labels)
+        _, positives = assign_grid_targets(
+            boxes, centers, labels, torch.zeros(m, dtype=torch.int64), 1, canvas,
+            list(num_grids), [list(r) for r in scale_ranges], sigma, int(labels.max()) + 1,
+        )  # fmt: skip
+        seen, owned = np.zeros(m, bool), np.zeros(m, bool)
+        for level, pos in enumerate(positives):
+            pos = pos.numpy()
+            lost = lost_in_positives(pos, m)
+            on = np.zeros(m, bool)
+            on[pos[:, 2]] = True
+            per_level[level] += on.sum()
+            lost_level[level] += lost.sum()
+            seen |= on
+            owned |= on & ~lost
+        instances += m
+        lost_total += int((seen & ~owned).sum())
+        nowhere += int((~seen).sum())
+    return {
+        "images": len(chosen),
+        "instances": instances,
+        "per_level": per_level.tolist(),
+        "lost_per_level": lost_level.tolist(),
+        "lost": lost_total,
+        "on_no_level": nowhere,
     }
 
 
@@ -276,6 +451,7 @@ def _summary(stats: List[Dict[str, np.ndarray]], num_objects: int) -> Dict:
         "on_two_levels": mean("on_two_levels"),
         "same_class_same_cell": mean("same_class_same_cell"),
         "same_cell_any_class": mean("same_cell_any_class"),
+        "lost_targets": mean("lost_targets"),
         "too_small_for_area_filter": mean("too_small_for_area_filter"),
     }
 
@@ -336,13 +512,14 @@ def _warnings(report: Dict) -> List[str]:
                     "grid learns background only; shift MODEL.SOLO.FPN_SCALE_RANGES (or drop "
                     "the level from MODEL.SOLO.INSTANCE_IN_FEATURES and the other per-level keys)"
                 )
-            shared = s["same_class_same_cell"][level]
-            if s["per_level"][level] and shared > SAME_CELL_FRACTION * s["per_level"][level]:
+            lost = s["lost_targets"][level]
+            if s["per_level"][level] and lost > SAME_CELL_FRACTION * s["per_level"][level]:
                 out.append(
-                    f"after the {when} resize {shared:g} of the {s['per_level'][level]:g} objects "
-                    f"of level {name} share their centre cell with an object of the same class "
-                    f"(one of them is lost as a category target): raise "
-                    f"MODEL.SOLO.NUM_GRIDS[{level}] (now {report['levels'][level]['num_grid']})"
+                    f"after the {when} resize {lost:g} of the {s['per_level'][level]:g} objects "
+                    f"of level {name} have no grid cell of their own (every cell of their centre "
+                    "region is also another object's, of any class; a cell predicts one mask): "
+                    f"raise MODEL.SOLO.NUM_GRIDS[{level}] (now "
+                    f"{report['levels'][level]['num_grid']}) or lower MODEL.SOLO.SIGMA"
                 )
     small = sum(report["test"]["too_small_for_area_filter"])
     if small > MISSED_FRACTION * n:
@@ -383,6 +560,7 @@ def _args_from_config(cfg, dicts, class_names, dataset_name=""):
         "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         "num_classes": sc.NUM_CLASSES,
         "crop": bool(cfg.INPUT.CROP.ENABLED),
+        "sigma": float(sc.SIGMA),
     }
 
 
@@ -403,6 +581,7 @@ def analyze_dataset(
     max_size_test: int,
     num_classes: Optional[int] = None,
     crop: bool = False,
+    sigma: float = DEFAULT_SIGMA,
 ) -> Dict:
     """The statistics of a dataset against a config's levels (module docstring), as a plain dict.
 
@@ -418,6 +597,7 @@ def analyze_dataset(
         test_size, max_size_test: the test resize.
         num_classes: MODEL.SOLO.NUM_CLASSES, checked against ``class_names``.
         crop: INPUT.CROP.ENABLED (not modelled: a warning says so).
+        sigma: MODEL.SOLO.SIGMA (the positive centre regions, :func:`lost_to_shared_cells`).
     Returns:
         a dict: dataset, num_images, num_images_without_instances, image_sizes,
         instances_per_image, num_instances, left_out, instances_per_class, num_classes_config,
@@ -455,8 +635,9 @@ def analyze_dataset(
         for name, r, s, st in zip(level_names, scale_ranges, num_grids, level_strides)
     ]
     args = (scale_ranges, num_grids, level_strides, mask_stride)
-    train = [level_statistics(objects, s, max_size_train, *args) for s in train_sizes]
-    test = [level_statistics(objects, test_size, max_size_test, *args)]
+    kw = {"sigma": sigma}
+    train = [level_statistics(objects, s, max_size_train, *args, **kw) for s in train_sizes]
+    test = [level_statistics(objects, test_size, max_size_test, *args, **kw)]
     num = len(category)
     report = {
         "dataset": dataset_name,
@@ -551,7 +732,7 @@ def format_report(report: Dict, levels_only: bool = False) -> str:
         )
         lines.append(
             "  level  range          grid   objects (of all)  same-class same cell  "
-            "same cell  too small (area filter)"
+            "same cell  lost (no own cell)  too small (area filter)"
         )
         for i, lv in enumerate(report["levels"]):
             lo, hi = lv["scale_range"]
@@ -560,7 +741,7 @@ def format_report(report: Dict, levels_only: bool = False) -> str:
                 + f"{lv['num_grid']:>4}  {s['per_level'][i]:>8g}"
                 + f"  ({100 * s['fraction_per_level'][i]:4.1f}%)"
                 + f"  {s['same_class_same_cell'][i]:>20g}  {s['same_cell_any_class'][i]:>9g}"
-                + f"  {s['too_small_for_area_filter'][i]:>10g}"
+                + f"  {s['lost_targets'][i]:>18g}  {s['too_small_for_area_filter'][i]:>10g}"
             )
         lines.append(
             f"  below the finest range: {s['below_finest']:g}, above the coarsest: "

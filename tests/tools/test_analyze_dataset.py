@@ -140,3 +140,29 @@ def test_fit_bad_out_or_dataset_is_one_line_and_status_2(tmp_path, capsys, datas
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and phrase in err[0], err
     assert not (tmp_path / fit).exists()
+
+
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--trials", "10"], "--trials and --val-dataset need --fit OUT.yaml"),
+        (["--fit", "x.yaml", "--val-dataset", "shapes_val"], "--val-dataset needs --trials"),
+        (["--fit", "x.yaml", "--trials", "-3"], "--trials must be 0 (off) or a number"),
+    ],
+)
+def test_trial_arguments_are_checked(tmp_path, capsys, extra, phrase):
+    argv = ["--config-file", CONFIG, "--dataset", "shapes_train", *extra]
+    with pytest.raises(SystemExit) as e:
+        analyze_dataset.main(argv)
+    assert e.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_trials_with_a_bad_validation_set_is_one_line_and_status_2(tmp_path, capsys):
+    spec = "hand_val=" + write_coco(tmp_path / "data", hand_built_dicts())
+    argv = ["--config-file", CONFIG, "--dataset", spec, "--output", str(tmp_path / "r"),
+            "--fit", str(tmp_path / "fit.yaml"), "--trials", "5", "--val-dataset",
+            "nope_val", *OPTS]  # fmt: skip
+    assert analyze_dataset.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nope_val' is not a registered dataset" in err[0], err
+    assert not (tmp_path / "fit.yaml").exists()  # OUT.yaml only once the trials chose

@@ -72,20 +72,30 @@ def test_scale_ranges_shift_by_octaves():
     assert fit_scale_ranges(np.array([20.0, 75.0, 300.0]), COCO_RANGES)[:2] == (COCO_RANGES, 0)
 
 
-def test_grids_scale_with_the_resize_then_grow_until_same_class_cells_are_rare():
-    # two same-class 48 px squares 20 px apart (centres x 40 and 60): on levels P2 [1, 64] and
-    # P3 [32, 128]. P2 at S=16 (cell 36 px) puts both in column 1; S=18 (32 px) too; S=20
-    # (28.8 px) separates them (columns 1 and 2). P3 at S=12 (48 px): columns 0 and 1.
-    objects = collect_objects(square_dicts([[(40, 40), (60, 40)]], 48))
+def test_grids_scale_with_the_resize_then_grow_until_few_objects_lack_a_cell_of_their_own():
+    """Two 48 px squares of *different* classes, centres (40, 40) and (60, 40), sigma 0.2 (centre
+    regions 9.6 px wide): on levels P2 [1, 64] and P3 [32, 128]. Worked by hand (cells as
+    floor(x / (576 / S)), regions clamped to the 3 x 3 cells around the centre cell):
+
+    P2, S=16 (36 px): A's region x 35.2-44.8 -> columns 0-1, rows 0-1; B's x 55.2-64.8 ->
+    column 1, rows 0-1: every cell of B is also A's: B lost (1 of 2). S=18 (32 px): A -> (1, 1)
+    only, B -> columns 1-2: A lost. S=20 (28.8 px): A -> column 1, B -> columns 1-2: A lost.
+    S=22 (26.2 px): A -> column 1, B -> column 2: both own a cell. P3, S=12 (48 px): columns 0
+    and 1 from the start. A cell predicts one mask whatever the classes, so the classes do not
+    matter (the first rule counted only same-class pairs and kept S=16).
+    """
+    dicts = square_dicts([[(40, 40), (60, 40)]], 48)
+    dicts[0]["annotations"][1]["category_id"] = 1
+    objects = collect_objects(dicts)
     ranges = [[1, 64], [32, 128], [64, 256], [128, 512], [256, 4096]]
     grids, start, shared = fit_grids(
-        objects, (576, 576), ranges, [16, 12, 8, 6, 4], 1, 288, STRIDES, 4
+        objects, (576, 576), ranges, [16, 12, 8, 6, 4], 1, 288, STRIDES, 4, 0.2
     )
     assert start == [16, 12, 8, 6, 4]  # 2^-1 x 576 / 288 = 1
-    assert grids == [20, 12, 8, 6, 4] and shared == [0, 0, 0, 0, 0]
+    assert grids == [22, 12, 8, 6, 4] and shared == [0, 0, 0, 0, 0]
     # the scale rule alone: x 2^2 x 576/288 = 8, capped at 576 / stride (72, 72, 36, 18, 18)
-    _, start, _ = fit_grids(objects, (576, 576), ranges, [16, 12, 8, 6, 4], -2, 288, STRIDES, 4)
-    assert start == [72, 72, 36, 18, 18]
+    args = (objects, (576, 576), ranges, [16, 12, 8, 6, 4], -2, 288, STRIDES, 4, 0.2)
+    assert fit_grids(*args)[1] == [72, 72, 36, 18, 18]
 
 
 def test_sigma_shrinks_until_crowded_centre_regions_separate():

@@ -7,16 +7,21 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import HAND_CLASSES as CLASSES
 from conftest import HAND_GRIDS as GRIDS
 from conftest import HAND_RANGES as RANGES
 from conftest import hand_ann as ann
 from conftest import hand_built_dicts, solo_cfg
 
+from solo_d2.modeling.targets import assign_grid_targets
 from solo_d2.visualization.dataset_report import (
     analyze_dataset,
     collect_objects,
     format_report,
+    lost_in_positives,
+    lost_to_shared_cells,
+    measure_lost_targets,
     plot_scale_histogram,
     resized_shape,
     train_short_sizes,
@@ -49,6 +54,11 @@ def test_hand_built_dataset_counts():
     5.33 px): A (2.5) and B (3) -> (0, 0), class a; C and D at (55, 55) -> (10, 10), class b:
     4 same-class; J (37.5) and K (38) -> (7, 7), other classes: 6 in all. P3 (S=10): E (17.5)
     -> 2, G (23.75) -> 3: none. P4 (S=8): E -> 2, G -> 2 (2.97), class c -> 2; I (30) -> 3.
+
+    Lost to shared cells (sigma 0.2; every cell of the centre region also another object's, any
+    class): at test, P2 A and B (regions both cell (0, 0)): 2; P3 C and D (the same centre) and
+    J, K (regions columns 5-6, rows 5-6 both): 4. At train, P2 A B, C D, J K pairwise: 6; P3 E's
+    region (x 14-21 px: columns 2-3 of 6.4 px) inside G's (x 19-28.5: columns 2-4): E lost, 1.
     """
     report = analyze_dataset(hand_built_dicts(), CLASSES, **HAND_BUILT)
     assert report["num_images"] == 4 and report["num_images_without_instances"] == 1
@@ -65,6 +75,7 @@ def test_hand_built_dataset_counts():
     assert test["on_two_levels"] == 3
     assert test["same_class_same_cell"] == [2, 2, 0, 0, 0]
     assert test["same_cell_any_class"] == [2, 4, 0, 0, 0]
+    assert test["lost_targets"] == [2, 4, 0, 0, 0]
     assert test["too_small_for_area_filter"] == [2, 0, 0, 0, 0]
     assert test["scale"]["min"] == 3.0 and test["scale"]["max"] == 120.0
 
@@ -74,6 +85,7 @@ def test_hand_built_dataset_counts():
     assert train["on_two_levels"] == 2
     assert train["same_class_same_cell"] == [4, 0, 2, 0, 0]
     assert train["same_cell_any_class"] == [6, 0, 2, 0, 0]
+    assert train["lost_targets"] == [6, 1, 0, 0, 0]
 
     warnings = "\n".join(report["warnings"])
     assert "most objects go to level" not in warnings  # at most 7 of 12 assignments (58%)
@@ -168,3 +180,61 @@ def test_resized_shape_equals_detectron2_resize_shortest_edge():
             ResizeShortestEdge.get_output_shape(a, b, short, max_size) for a, b in zip(h, w)
         ]
         assert list(zip(got_h.tolist(), got_w.tolist())) == [tuple(e) for e in expected]
+
+
+def test_lost_to_shared_cells_equals_the_models_assignment():
+    """The report's count from boxes is the model's own: on random centres, sizes, grids and
+    sigmas, an object is lost exactly when assign_grid_targets gives each of its cells to
+    another instance too (lost_in_positives)."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n, images, (h, w) = int(rng.integers(1, 40)), 3, (256, 320)
+        img = np.sort(rng.integers(0, images, n))
+        bw, bh = rng.uniform(4, 120, n), rng.uniform(4, 120, n)
+        cx, cy = rng.uniform(0, w, n), rng.uniform(0, h, n)
+        s, sigma = int(rng.integers(2, 30)), float(rng.choice([0.1, 0.2, 0.4]))
+        boxes = torch.tensor(np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1),
+                             dtype=torch.float32)  # fmt: skip
+        centers = torch.tensor(np.stack([cx, cy], 1), dtype=torch.float32)
+        _, positives = assign_grid_targets(
+            boxes, centers, torch.zeros(n, dtype=torch.int64), torch.tensor(img), images, (h, w),
+            [s], [[0, 1e9]], sigma, 1,
+        )  # fmt: skip
+        wh = (boxes[:, 2:] - boxes[:, :2]).numpy()
+        canvas = np.tile([h, w], (n, 1))
+        predicted = lost_to_shared_cells(img, cx, cy, wh[:, 0], wh[:, 1], canvas, s, sigma)
+        np.testing.assert_array_equal(predicted, lost_in_positives(positives[0].numpy(), n))
+
+
+def test_lost_in_positives_by_hand():
+    # instance 0 owns cell 5; instance 1's cells 5 and 6 are both also 0's or 2's; 2 owns 7
+    positives = np.array([[0, 5, 0], [0, 4, 0], [0, 4, 1], [0, 6, 1], [0, 6, 2], [0, 7, 2]])
+    assert lost_in_positives(positives, 4).tolist() == [False, True, False, False]
+    # the same cell in another image is another cell
+    assert lost_in_positives(np.array([[0, 3, 0], [1, 3, 1]]), 2).tolist() == [False, False]
+
+
+def test_measured_lost_targets_agree_with_the_prediction():
+    """Squares as polygons, of sizes away from the ranges' ends: the count measured with the
+    model's assignment on decoded masks (centres of mass, boxes of the rasterised masks) is the
+    one predicted from the annotation boxes, within the half-pixel by which a rasterised square's
+    centre of mass differs from its box centre (a few objects change cells)."""
+    rng = np.random.default_rng(1)
+    dicts = []
+    for _ in range(6):
+        anns = []
+        for k in range(int(rng.integers(3, 12))):
+            size, (x, y) = float(rng.choice([12, 20, 36, 60, 80])), rng.integers(0, 150, 2)
+            poly = [x, y, x + size, y, x + size, y + size, x, y + size]
+            anns.append({"bbox": [x, y, size, size], "bbox_mode": 1, "category_id": k % 2,
+                         "iscrowd": 0, "segmentation": [poly]})  # fmt: skip
+        dicts.append({"height": 256, "width": 256, "annotations": anns})
+    args = dict(HAND_BUILT, scale_ranges=[[1, 48], [24, 96], [48, 192], [96, 384], [192, 2048]],
+                num_grids=[14, 10, 8, 6, 4], test_size=256, max_size_test=256)  # fmt: skip
+    report = analyze_dataset(dicts, ["a", "b"], **args, sigma=0.4)
+    measured = measure_lost_targets(dicts, 256, 256, args["scale_ranges"], args["num_grids"], 0.4)
+    assert measured["images"] == 6 and measured["instances"] == report["num_instances"]
+    assert measured["per_level"] == [int(v) for v in report["test"]["per_level"]]
+    predicted = np.array(report["test"]["lost_targets"])
+    assert predicted.sum() >= 5  # the case is not trivial
+    np.testing.assert_allclose(measured["lost_per_level"], predicted, atol=2)

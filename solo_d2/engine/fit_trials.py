@@ -1,0 +1,516 @@
+"""A fitted config checked by measurement: short trainings on the user's data decide what
+``tools/analyze_dataset.py --fit OUT.yaml --trials ITERS`` writes.
+
+The fit's rules (:mod:`solo_d2.visualization.dataset_fit`) are hypotheses chosen on datasets made
+alongside them; on a dataset they were never shown, a rule can make the model worse. So the
+trial stage trains, for the same short budget, the config the user started from and a few
+fitted candidates (:func:`trial_candidates`):
+
+* ``start``: the base config as it is, with only the dataset's class counts set (what preflight
+  requires to train it at all);
+* ``fit``: every value the rules propose;
+* ``fit_base_levels``: the fit's resizes, with the base's scale ranges and centre region and the
+  base's grids scaled with the resize only (the range choice undone);
+* ``fit_finer_grids``: the fit with 1.5x its grids, capped at the feature resolution (the grid
+  choice pushed the other way: fewer objects sharing a cell, fewer samples per cell).
+
+Candidates whose values equal an earlier one's are trained once. Each trial trains ``ITERS``
+iterations (cosine decay over them, the base's optimiser, batch and seed; seed 0 where the base
+draws one) on the training split and evaluates on the validation split: the user's
+(``--val-dataset``), else a deterministic held-out share of the training images
+(:func:`holdout_split`: ranked by a hash of each image's file name and id, so the same images on
+every machine and in every run). The metric follows the dataset kind (:func:`trial_metric`):
+mask AP (COCO), LVIS's mask AP, PQ (panoptic). For panoptic data each trained candidate is also
+evaluated at several instance paste thresholds (``PANOPTIC_THRESHOLDS``) and keeps its best one.
+
+The written config is the best candidate's; a fitted candidate replaces the start only when it
+wins by more than ``margin`` points (:func:`choose`: short trainings are noisy). The start is
+always trained, so at the trial budget the written config is never worse on the validation split
+than the one the user started from. A candidate that fails to train (a config the checks refuse,
+an exception in training) is reported with its error and skipped.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..atomic_io import atomic_write_json
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
+from ..visualization.dataset_fit import ConfigFit
+from .cli import register_dataset
+
+__all__ = [
+    "TRIAL_KEYS",
+    "Candidate",
+    "TrialResult",
+    "candidate_values",
+    "trial_candidates",
+    "holdout_split",
+    "split_dataset",
+    "trial_config",
+    "trial_metric",
+    "run_trial",
+    "run_trials",
+    "training_progress",
+    "choose",
+    "format_trials",
+    "trials_record",
+]
+
+logger = logging.getLogger(__name__)
+
+VAL_FRACTION = 0.2  # share of the training images held out when no validation set is given
+MARGIN = 0.5  # points (AP or PQ) a fitted candidate must win by to replace the start
+FINER_GRIDS = 1.5
+PANOPTIC_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+THRESH_KEY = "MODEL.SOLO.PANOPTIC.INSTANCES_CONFIDENCE_THRESH"
+# the values a candidate is told apart by (the trial table's columns)
+TRIAL_KEYS = (
+    "INPUT.MIN_SIZE_TEST",
+    "INPUT.MIN_SIZE_TRAIN",
+    "MODEL.SOLO.FPN_SCALE_RANGES",
+    "MODEL.SOLO.NUM_GRIDS",
+    "MODEL.SOLO.SIGMA",
+)
+# keys every candidate keeps from the fit: the dataset itself, not a choice
+_DATASET_KEYS = (
+    "DATASETS.TRAIN",
+    "DATASETS.TEST",
+    "MODEL.SOLO.NUM_CLASSES",
+    "MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES",
+)
+_LEVEL_KEYS = ("MODEL.SOLO.FPN_SCALE_RANGES", "MODEL.SOLO.NUM_GRIDS", "MODEL.SOLO.SIGMA")
+
+
+@dataclass
+class Candidate:
+    """A config to try: ``fit`` holds the keys it sets over the base config."""
+
+    name: str
+    description: str
+    fit: ConfigFit
+
+
+@dataclass
+class TrialResult:
+    """One trial: the candidate, its key values, the validation metric and the time it took."""
+
+    candidate: str
+    description: str
+    values: Dict[str, object]
+    metric_name: str = ""
+    metric: Optional[float] = None  # None: failed (``error`` says why)
+    seconds: float = 0.0
+    error: Optional[str] = None
+    thresholds: Dict[str, float] = field(default_factory=dict)  # panoptic: PQ per threshold
+
+
+def _value(cfg: CfgNode, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def candidate_values(cfg: CfgNode, fit: ConfigFit) -> Dict[str, object]:
+    """The :data:`TRIAL_KEYS` of the base ``cfg`` with ``fit``'s changes over it."""
+    out = {}
+    for key in TRIAL_KEYS:
+        value = fit.changes[key][0] if key in fit.changes else _value(cfg, key)
+        out[key] = _plain(value)
+    return out
+
+
+def _derived(fit: ConfigFit, keep: Sequence[str] = ()) -> ConfigFit:
+    """A copy of ``fit`` with the dataset keys and ``keep`` (all keys when ``keep`` is "all")."""
+    out = ConfigFit(base_config=fit.base_config, dataset=fit.dataset)
+    for key, (value, comment) in fit.changes.items():
+        if key in _DATASET_KEYS or keep == "all" or key in keep:
+            out.set(key, value, comment)
+    return out
+
+
+def trial_candidates(
+    cfg: CfgNode, fit: ConfigFit, opts_keys: Sequence[str] = ()
+) -> List[Candidate]:
+    """The start config and the fitted candidates around the rules' proposal (module docstring),
+    without repeats.
+
+    Args:
+        cfg: the base config (with the user's ``--opts``).
+        fit: the rules' :class:`ConfigFit` of it.
+        opts_keys: keys the user set with ``--opts``: every candidate keeps them.
+    """
+    start = _derived(fit, keep=tuple(opts_keys))
+    full = _derived(fit, keep="all")
+    sc = cfg.MODEL.SOLO
+    test_short = int(full.changes.get("INPUT.MIN_SIZE_TEST", (cfg.INPUT.MIN_SIZE_TEST,))[0])
+    strides = list(sc.FPN_INSTANCE_STRIDES)
+    if "MODEL.SOLO.FPN_INSTANCE_STRIDES" in full.changes:
+        strides = list(full.changes["MODEL.SOLO.FPN_INSTANCE_STRIDES"][0])
+    caps = [max(2, math.ceil(test_short / s)) for s in strides]
+
+    base_levels = _derived(fit, keep=[k for k in fit.changes if k not in _LEVEL_KEYS])
+    if "MODEL.SOLO.INSTANCE_IN_FEATURES" not in fit.changes:  # same levels as the base
+        ratio = test_short / cfg.INPUT.MIN_SIZE_TEST
+        grids = [int(min(c, max(2, round(g * ratio)))) for g, c in zip(sc.NUM_GRIDS, caps)]
+        base_levels.set(
+            "MODEL.SOLO.NUM_GRIDS",
+            grids,
+            f"base grids x {test_short}/{cfg.INPUT.MIN_SIZE_TEST} (the resize only), capped at "
+            "test size / stride; base scale ranges and SIGMA",
+        )
+    finer = _derived(fit, keep="all")
+    fit_grids = candidate_values(cfg, full)["MODEL.SOLO.NUM_GRIDS"]
+    finer.set(
+        "MODEL.SOLO.NUM_GRIDS",
+        [int(min(c, max(2, round(g * FINER_GRIDS)))) for g, c in zip(fit_grids, caps)],
+        f"the fit's grids {fit_grids} x {FINER_GRIDS:g}, capped at test size / stride",
+    )
+    made = [
+        Candidate("start", "the base config as it is (class counts set)", start),
+        Candidate("fit", "the rules' proposal (every fitted value)", full),
+        Candidate(
+            "fit_base_levels",
+            "the fit's resizes; the base's ranges, SIGMA, grids " "scaled with the resize",
+            base_levels,
+        ),
+        Candidate("fit_finer_grids", f"the fit with {FINER_GRIDS:g}x its grids", finer),
+    ]
+    out, seen = [], []
+    for candidate in made:
+        values = candidate_values(cfg, candidate.fit)
+        if values not in seen:
+            seen.append(values)
+            out.append(candidate)
+    return out
+
+
+def holdout_split(
+    keys: Sequence[str], fraction: float = VAL_FRACTION
+) -> Tuple[List[int], List[int]]:
+    """A deterministic split of images into training and held-out validation indices.
+
+    Images are ranked by the SHA-1 of their key (file name and id): the same images are held
+    out on every machine, in every run and whatever the order of the file.
+
+    Returns:
+        (train, val) sorted index lists; val has ``round(fraction * n)`` images, at least one,
+        and train at least one.
+    Raises:
+        ValueError: fewer than two images.
+    """
+    n = len(keys)
+    if n < 2:
+        raise ValueError(
+            f"a held-out validation split needs at least 2 images, the dataset has {n}"
+        )
+    n_val = min(n - 1, max(1, int(round(fraction * n))))
+    rank = sorted(range(n), key=lambda i: hashlib.sha1(keys[i].encode()).hexdigest())
+    val = sorted(rank[:n_val])
+    held = set(val)
+    return [i for i in range(n) if i not in held], val
+
+
+def _image_key(image: dict) -> str:
+    name = os.path.basename(str(image.get("file_name") or image.get("coco_url") or ""))
+    return f"{name}#{image.get('id')}"
+
+
+def split_dataset(name: str, out_dir: str, fraction: float = VAL_FRACTION) -> Tuple[str, str]:
+    """Hold out a share of the registered dataset ``name`` (:func:`holdout_split`).
+
+    The dataset's annotation file (COCO, LVIS or COCO panoptic) is written again as two files in
+    ``out_dir``, images and annotations split by image, and each is registered as a spec of its
+    kind (checked as the user's would be), named ``<name>_trial_train`` and ``<name>_trial_val``.
+
+    Returns:
+        the two registered names.
+    Raises:
+        ValueError: the dataset has no annotation file on record (give ``--val-dataset``), or
+            too few images.
+    """
+    meta = MetadataCatalog.get(name)
+    kind = meta.get("evaluator_type", "coco")
+    source = meta.get("panoptic_json", None) if kind == "coco_panoptic_seg" else None
+    source = source or meta.get("json_file", None)
+    image_root = meta.get("image_root", None)
+    if not source or not image_root or not os.path.isfile(source):
+        raise ValueError(
+            f"dataset {name!r} has no annotation file on record to hold images out of; give a "
+            "validation set with --val-dataset"
+        )
+    with open(source) as f:
+        data = json.load(f)
+    images = data.get("images") or []
+    train_idx, val_idx = holdout_split([_image_key(im) for im in images], fraction)
+    os.makedirs(out_dir, exist_ok=True)
+    names = []
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        ids = {images[i]["id"] for i in idx}
+        part = dict(data)
+        part["images"] = [images[i] for i in idx]
+        part["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in ids]
+        path = os.path.join(out_dir, f"{name}_{split}.json")
+        atomic_write_json(path, part)
+        split_name = f"{name}_trial_{split}"
+        if kind == "coco_panoptic_seg":
+            spec = f"{split_name}=panoptic:{path}:{meta.panoptic_root}:{image_root}"
+        elif kind == "lvis":
+            spec = f"{split_name}=lvis:{path}:{image_root}"
+        else:
+            spec = f"{split_name}={path}:{image_root}"
+        for catalog in (DatasetCatalog, MetadataCatalog):
+            if split_name in catalog.list():
+                catalog.remove(split_name)  # a new split of a changed file
+        max_pixels = meta.get("max_image_pixels", None) or DEFAULT_MAX_IMAGE_PIXELS
+        names.append(register_dataset(spec, max_pixels))
+    return names[0], names[1]
+
+
+def trial_config(
+    cfg: CfgNode,
+    candidate: Candidate,
+    train_name: str,
+    val_name: str,
+    iters: int,
+    output_dir: str,
+) -> CfgNode:
+    """The config of one trial: ``cfg`` with the candidate's values, trained ``iters`` iterations
+    on ``train_name`` (cosine decay over them) and evaluated on ``val_name`` at the end only.
+
+    Raises:
+        ConfigError: a value the config refuses (the trial is reported as failed).
+    """
+    out = cfg.clone()
+    out.defrost()
+    pairs = []
+    for key, (value, _) in candidate.fit.changes.items():
+        pairs += [key, value]
+    out.merge_from_list(pairs)
+    out.DATASETS.TRAIN = (train_name,)
+    out.DATASETS.TEST = (val_name,)
+    out.SOLVER.MAX_ITER = int(iters)
+    out.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
+    out.SOLVER.STEPS = ()
+    out.SOLVER.WARMUP_ITERS = min(int(out.SOLVER.WARMUP_ITERS), max(1, int(iters) // 5))
+    out.SOLVER.CHECKPOINT_PERIOD = int(iters)
+    out.TEST.EVAL_PERIOD = 0  # evaluated once, after the last iteration
+    out.TEST.SAVE_PLOTS = False
+    out.TEST.EXPECTED_RESULTS = []
+    out.SEED = out.SEED if out.SEED >= 0 else 0  # candidates compared on the same draws
+    out.OUTPUT_DIR = os.path.join(output_dir, candidate.name)
+    out.freeze()
+    return out
+
+
+def trial_metric(results: dict, kind: str) -> Tuple[str, float]:
+    """The validation metric of a dataset kind (``evaluator_type``) from evaluation results:
+    PQ for panoptic data, LVIS's mask AP for LVIS, COCO's mask AP otherwise (0 where the
+    evaluation has no number: no prediction)."""
+    if kind == "coco_panoptic_seg":
+        name, value = "PQ", results.get("panoptic_seg", {}).get("PQ")
+    else:
+        name = "LVIS mask AP" if kind == "lvis" else "mask AP"
+        value = results.get("segm", {}).get("AP")
+    if value is None or not math.isfinite(float(value)):
+        value = 0.0
+    return name, float(value)
+
+
+def _panoptic_sweep(trainer, cfg: CfgNode, val_name: str, own: float) -> Dict[str, float]:
+    """PQ on ``val_name`` at each of PANOPTIC_THRESHOLDS (``own``: the trained config's, already
+    evaluated), with the trained weights."""
+    from ..evaluation import SOLOPanopticEvaluator
+    from .trainer import Trainer
+
+    table = {}
+    state = trainer.model.state_dict()
+    current = float(_value(cfg, THRESH_KEY))
+    for t in PANOPTIC_THRESHOLDS:
+        if math.isclose(t, current):
+            table[f"{t:g}"] = own
+            continue
+        swept = cfg.clone()
+        swept.defrost()
+        swept.merge_from_list([THRESH_KEY, t])
+        swept.freeze()
+        model = Trainer.build_model(swept)
+        model.load_state_dict(state)
+        folder = os.path.join(cfg.OUTPUT_DIR, f"inference_thresh_{t:g}")
+        evaluator = SOLOPanopticEvaluator(val_name, output_dir=folder)
+        results = Trainer.test(swept, model, evaluators=[evaluator])
+        table[f"{t:g}"] = trial_metric(results, "coco_panoptic_seg")[1]
+    return table
+
+
+def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> TrialResult:
+    """Train and evaluate one candidate (``cfg``: its :func:`trial_config`); a failure is
+    returned as the result's ``error``, not raised."""
+    from .trainer import Trainer
+
+    result = TrialResult(candidate.name, candidate.description, {})
+    begin = time.perf_counter()
+    try:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        results = trainer.train() or {}
+        result.metric_name, result.metric = trial_metric(results, kind)
+        if kind == "coco_panoptic_seg":
+            result.thresholds = _panoptic_sweep(trainer, cfg, val_name, result.metric)
+            best = max(result.thresholds, key=lambda t: result.thresholds[t])
+            result.metric = result.thresholds[best]
+            candidate.fit.set(
+                THRESH_KEY,
+                float(best),
+                "best PQ on the validation split of the trials: "
+                + ", ".join(f"{v:.1f} at {t}" for t, v in result.thresholds.items()),
+            )
+    except Exception as e:  # noqa: BLE001 - any failure of one candidate is reported, skipped
+        result.metric = None
+        result.error = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+        logger.warning(f"trial {candidate.name!r} failed: {result.error}")
+    finally:
+        result.seconds = round(time.perf_counter() - begin, 1)
+        _drop_checkpoints(cfg.OUTPUT_DIR)
+    return result
+
+
+def _drop_checkpoints(folder: str) -> None:
+    """Remove a trial's checkpoints (only its metric is kept): trials leave logs, not weights."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.endswith(".pth") or name == "last_checkpoint":
+            os.remove(os.path.join(folder, name))
+    for name in os.listdir(folder):  # per-threshold inference folders of the sweep
+        if name.startswith("inference_thresh_"):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def training_progress(log_file: str):
+    """Training's log lines (detectron2's and the package's, INFO and up) on stdout and in
+    ``log_file`` while the trials run, as ``train_net.py`` shows them; the loggers are restored
+    afterwards (no handler is left behind)."""
+    formatter = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(log_file)]
+    loggers = [logging.getLogger(name) for name in ("detectron2", "solo_d2", "fvcore")]
+    saved = [(lg, lg.level, lg.propagate) for lg in loggers]
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+        for handler in handlers:
+            lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, level, propagate in saved:
+            for handler in handlers:
+                lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+        handlers[1].close()
+
+
+def run_trials(
+    cfg: CfgNode,
+    candidates: Sequence[Candidate],
+    train_name: str,
+    val_name: str,
+    iters: int,
+    output_dir: str,
+    progress: Callable[[str], None] = print,
+) -> List[TrialResult]:
+    """Train and evaluate every candidate in turn (:func:`run_trial`); ``progress`` gets a line
+    before and after each (training itself logs as ``train_net.py`` does)."""
+    kind = MetadataCatalog.get(val_name).get("evaluator_type", "coco")
+    results = []
+    for i, candidate in enumerate(candidates, 1):
+        values = candidate_values(cfg, candidate.fit)
+        progress(
+            f"trial {i}/{len(candidates)} {candidate.name!r}: {candidate.description}; "
+            f"{iters} iterations on {train_name!r}, evaluated on {val_name!r}"
+        )
+        try:
+            trial_cfg = trial_config(cfg, candidate, train_name, val_name, iters, output_dir)
+        except Exception as e:  # noqa: BLE001 - a value the config refuses: this trial fails
+            result = TrialResult(candidate.name, candidate.description, values)
+            result.error = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+        else:
+            result = run_trial(trial_cfg, candidate, kind, val_name)
+        result.values = values
+        results.append(result)
+        if result.error:
+            progress(
+                f"trial {candidate.name!r} failed after {result.seconds:g} s, skipped: "
+                f"{result.error}"
+            )
+        else:
+            progress(
+                f"trial {candidate.name!r}: {result.metric_name} {result.metric:.2f} in "
+                f"{result.seconds:g} s"
+            )
+    return results
+
+
+def choose(results: Sequence[TrialResult], margin: float = MARGIN) -> TrialResult:
+    """The trial whose config is written: the best metric; the start (named "start") unless
+    another beats it by more than ``margin`` points. Failed trials are never chosen.
+
+    Raises:
+        ValueError: every trial failed (their errors are in the message).
+    """
+    done = [r for r in results if r.error is None and r.metric is not None]
+    if not done:
+        errors = "; ".join(f"{r.candidate}: {r.error}" for r in results)
+        raise ValueError(f"every trial failed to train: {errors}")
+    best = max(done, key=lambda r: r.metric)  # the first of equals: candidates' order
+    start = next((r for r in done if r.candidate == "start"), None)
+    if start is not None and best.metric <= start.metric + margin:
+        return start
+    return best
+
+
+def format_trials(results: Sequence[TrialResult], chosen: TrialResult, iters: int) -> List[str]:
+    """The trial table as lines (no comment marks): one row per candidate."""
+    lines = [
+        f"trials: {iters} iterations each, metric on the validation split; chosen: "
+        f"{chosen.candidate!r}"
+    ]
+    for r in results:
+        values = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in r.values.items())
+        mark = "*" if r is chosen else " "
+        score = f"{r.metric_name} {r.metric:.2f}" if r.error is None else f"FAILED ({r.error})"
+        extra = ""
+        if r.thresholds:
+            extra = "; PQ by paste threshold " + ", ".join(
+                f"{t}: {v:.1f}" for t, v in r.thresholds.items()
+            )
+        lines.append(f"{mark} {r.candidate}: {score}, {r.seconds:g} s{extra}; {values}")
+    return lines
+
+
+def trials_record(
+    results: Sequence[TrialResult], chosen: TrialResult, **context
+) -> Dict[str, object]:
+    """The JSON written beside the YAML: the context (datasets, budget, margin) and every trial."""
+    return {**context, "chosen": chosen.candidate, "trials": [asdict(r) for r in results]}
