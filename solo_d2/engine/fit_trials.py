@@ -60,6 +60,7 @@ __all__ = [
     "split_dataset",
     "trial_config",
     "trial_metric",
+    "evaluation_results",
     "run_trial",
     "run_trials",
     "training_progress",
@@ -334,6 +335,19 @@ def trial_metric(results: dict, kind: str) -> Tuple[str, float]:
     return name, float(value)
 
 
+def evaluation_results(storage) -> Dict[str, Dict[str, float]]:
+    """The last evaluation's results, nested as the evaluators return them ({"segm": {"AP":
+    ...}}), from a trainer's EventStorage: detectron2's EvalHook puts them there flattened
+    ("segm/AP"); ``DefaultTrainer.train`` returns them only when ``TEST.EXPECTED_RESULTS`` is
+    set."""
+    out: Dict[str, Dict[str, float]] = {}
+    for key, (value, _) in storage.latest().items():
+        task, _, metric = key.partition("/")
+        if metric:
+            out.setdefault(task, {})[metric] = float(value)
+    return out
+
+
 def _panoptic_sweep(trainer, cfg: CfgNode, val_name: str, own: float) -> Dict[str, float]:
     """PQ on ``val_name`` at each of PANOPTIC_THRESHOLDS (``own``: the trained config's, already
     evaluated), with the trained weights."""
@@ -370,8 +384,8 @@ def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> T
     try:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
-        results = trainer.train() or {}
-        result.metric_name, result.metric = trial_metric(results, kind)
+        trainer.train()
+        result.metric_name, result.metric = trial_metric(evaluation_results(trainer.storage), kind)
         if kind == "coco_panoptic_seg":
             result.thresholds = _panoptic_sweep(trainer, cfg, val_name, result.metric)
             best = max(result.thresholds, key=lambda t: result.thresholds[t])

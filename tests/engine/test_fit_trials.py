@@ -18,6 +18,7 @@ from solo_d2.engine.fit_trials import (
     TrialResult,
     candidate_values,
     choose,
+    evaluation_results,
     format_trials,
     holdout_split,
     run_trials,
@@ -74,6 +75,18 @@ def test_trial_metric_follows_the_dataset_kind():
     assert trial_metric(res, "coco_panoptic_seg") == ("PQ", 44.0)
     assert trial_metric({"segm": {"AP": math.nan}}, "coco") == ("mask AP", 0.0)  # no detection
     assert trial_metric({}, "coco") == ("mask AP", 0.0)
+
+
+def test_the_metric_is_the_last_evaluation_in_the_trainers_storage():
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as storage:
+        storage.put_scalars(total_loss=2.0, lr=0.1)
+        storage.put_scalars(**{"segm/AP": 16.2, "bbox/AP": 11.8, "panoptic_seg/PQ": 40.0},
+                            smoothing_hint=False)  # fmt: skip
+        results = evaluation_results(storage)
+    assert results == {"segm": {"AP": 16.2}, "bbox": {"AP": 11.8}, "panoptic_seg": {"PQ": 40.0}}
+    assert trial_metric(results, "coco") == ("mask AP", 16.2)
 
 
 def square_dicts(n_images=4):
@@ -163,6 +176,9 @@ def test_a_candidate_that_fails_to_train_is_reported_and_skipped(tmp_path):
     candidates = [Candidate("start", "start", start), Candidate("broken", "broken", bad)]
     results = run_trials(cfg, candidates, train, val, 1, str(tmp_path / "trials"), lines.append)
     assert results[0].error is None and results[0].metric is not None
+    # the metric is the evaluation's own number (its results file)
+    evaluated = tmp_path / "trials" / "start" / "inference" / val / "evaluation_results.json"
+    assert json.loads(evaluated.read_text())["segm"]["AP"] == pytest.approx(results[0].metric)
     assert results[1].metric is None and "NUM_GRIDS" in results[1].error
     assert any("'broken' failed" in line and "skipped" in line for line in lines)
     assert choose(results).candidate == "start"
