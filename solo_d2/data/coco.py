@@ -29,10 +29,12 @@ def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: 
     if pack is not None:
         warn_if_changed(name, json_file, pack.key, pack.num_faults)
         return pack.to_dicts()
-    _, checked, dicts = load_checked_coco(
+    data, checked, dicts = load_checked_coco(
         json_file, image_root, max_image_pixels=max_image_pixels, with_faults=False
     )
     warn_if_changed(name, json_file, checked.key, checked.num_faults)
+    # no pack (cache off, or a damaged one removed): written again from what was just read
+    ensure_pack(checked, json_file, image_root, data, lambda: data)
     return dicts
 
 

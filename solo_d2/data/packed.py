@@ -5,7 +5,8 @@ process, and each process then pickles its own copy of the dataset dicts. Here t
 that reads and checks an annotation file (the launcher's registration, normally) also writes the
 dataset dicts it gives (:func:`~solo_d2.data.validation.to_dataset_dicts`) as columns: per image
 its file path, size, id and the range of its annotations; per annotation its id, crowd flag, box
-and class; all polygon coordinates in one float64 array with offsets; RLEs pickled. The
+and class; all polygon coordinates in one float64 array with offsets; RLEs as their counts'
+bytes with offsets and their sizes (plain arrays: nothing read from a pack runs code). The
 training processes map those files instead of reading the JSON, so they share the pages; each
 builds only the dicts its data loader asks for (:class:`PackedDataset`); the filtering of images
 without annotations, LVIS's repeat factors and the class histogram are array operations.
@@ -15,13 +16,19 @@ file's path, size and modification time, the image folder, the check's parameter
 lives in ``$SOLO_D2_CACHE/dataset_packs/<key>/``, written atomically (a folder renamed into place
 once complete). Writing a pack for an annotation file removes its older packs.
 ``SOLO_D2_CACHE=off`` turns packs off too: every process then reads the file, as detectron2's do.
+
+A pack is checked when it is opened (:func:`check_columns`): its meta, every column's presence,
+dtype and shape, the offsets (from 0, non-decreasing, ending at their data's length) and the
+indices into other columns. A pack that fails (tampered with, truncated, inconsistent, a file
+missing) gets one warning naming its folder and is removed: the dataset is read from its JSON
+again and the pack rewritten (:func:`has_pack` is False for it, so :func:`ensure_pack` writes a
+new one). Only ``np.load(..., allow_pickle=False)`` reads a pack.
 """
 
 import functools
 import glob
 import logging
 import os
-import pickle
 import shutil
 import time
 import uuid
@@ -46,13 +53,42 @@ __all__ = [
     "open_packs",
     "has_pack",
     "ensure_pack",
+    "check_columns",
+    "DamagedPackError",
     "repeat_factors",
 ]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1  # the layout written here; packs of another format are ignored
+_FORMAT = 2  # the layout written here; packs of another format are ignored (1: pickled RLEs)
 _META = "meta.json"
+# column -> (dtype, ndim); "offsets" columns have one entry more than what they index
+_COLUMNS = {
+    "image_height": ("int64", 1),
+    "image_width": ("int64", 1),
+    "image_anns": ("int64", 1),
+    "image_file_bytes": ("uint8", 1),
+    "image_file_offsets": ("int64", 1),
+    "ann_iscrowd": ("int8", 1),
+    "ann_bbox": ("float64", 2),
+    "ann_category": ("int64", 1),
+    "ann_polygons": ("int64", 1),
+    "ann_rle": ("int64", 1),
+    "polygon_coords": ("int64", 1),
+    "coords": ("float64", 1),
+    "rle_counts": ("uint8", 1),
+    "rle_offsets": ("int64", 1),
+    "rle_size": ("int64", 2),
+    "rle_counts_str": ("int8", 1),
+}
+
+
+class DamagedPackError(ValueError):
+    """A pack on disk is not what :func:`write_pack` writes (its folder and the fault)."""
+
+    def __init__(self, folder: str, fault: str):
+        super().__init__(f"{folder}: {fault}")
+        self.folder, self.fault = folder, fault
 
 
 def _offsets(lengths) -> np.ndarray:
@@ -117,8 +153,14 @@ def pack_dataset(
     polygons = list(chain.from_iterable(compress(segms, (~is_rle).tolist())))
     lengths = np.fromiter(map(len, polygons), np.int64, len(polygons))
     rles = [
-        pickle.dumps(dict_segmentation(segms[k], *_size(images[owner[k]])), protocol=-1)
+        dict_segmentation(segms[k], *_size(images[owner[k]]))
         for k in np.flatnonzero(is_rle).tolist()
+    ]
+    if any(set(r) != {"size", "counts"} for r in rles):
+        return None  # an RLE with more keys than COCO's: kept as dicts, not packed
+    is_str = [isinstance(r["counts"], str) for r in rles]
+    counts = [
+        r["counts"].encode("utf-8") if t else bytes(r["counts"]) for r, t in zip(rles, is_str)
     ]
     boxes = np.fromiter(chain.from_iterable([a["bbox"] for a in anns]), np.float64, 4 * n)
     classes = map(checked.id_map.__getitem__, [a["category_id"] for a in anns])
@@ -133,8 +175,10 @@ def pack_dataset(
         "ann_rle": np.where(is_rle, np.cumsum(is_rle) - 1, -1).astype(np.int64),
         "polygon_coords": _offsets(lengths),
         "coords": np.fromiter(chain.from_iterable(polygons), np.float64, int(lengths.sum())),
-        "rle_bytes": np.frombuffer(b"".join(rles), np.uint8),
-        "rle_offsets": _offsets([len(r) for r in rles]),
+        "rle_counts": np.frombuffer(b"".join(counts), np.uint8),
+        "rle_offsets": _offsets([len(c) for c in counts]),
+        "rle_size": np.array([r["size"] for r in rles], np.int64).reshape(-1, 2),
+        "rle_counts_str": np.array(is_str, np.int8),
         **_strings("image_file", [os.path.join(image_root, img["file_name"]) for img in images]),
         **_ids("image_id", [img["id"] for img in images]),
         **_ids("ann_id", ids),
@@ -176,7 +220,14 @@ def write_pack(
         os.makedirs(temporary, exist_ok=True)
         for name, array in columns.items():
             np.save(os.path.join(temporary, name + ".npy"), array, allow_pickle=False)
-        meta = {"format": _FORMAT, "json_file": source, "columns": sorted(columns), **info}
+        meta = {
+            "format": _FORMAT,
+            "json_file": source,
+            "columns": sorted(columns),
+            "num_images": len(columns["image_height"]),
+            "num_annotations": len(columns["ann_iscrowd"]),
+            **info,
+        }
         with open(os.path.join(temporary, _META), "wb") as f:
             f.write(orjson.dumps(meta))
         try:
@@ -214,7 +265,9 @@ def _read_meta(folder: str) -> dict:
 
 
 def open_pack(key: str) -> Optional["PackedDataset"]:
-    """The pack of check ``key``, memory-mapped, or None (absent, incomplete, cache off)."""
+    """The pack of check ``key``, memory-mapped and checked (:func:`check_columns`), or None:
+    absent, incomplete, another format, the cache off, or damaged (then removed, with one
+    warning naming its folder, so that it is written again from the annotation file)."""
     root = _packs_dir()
     if root is None or not key:
         return None
@@ -223,20 +276,102 @@ def open_pack(key: str) -> Optional["PackedDataset"]:
         return None
     try:
         return PackedDataset(folder)
-    except (OSError, ValueError) as e:
-        logger.warning(f"Ignoring the unreadable packed dataset {folder}: {e}")
+    except (OSError, ValueError) as e:  # DamagedPackError is a ValueError
+        reason = e.fault if isinstance(e, DamagedPackError) else f"{type(e).__name__}: {e}"
+        logger.warning(
+            f"The packed dataset {folder} is damaged ({reason}); removed, the annotation file "
+            "is read instead and the pack written again"
+        )
+        shutil.rmtree(folder, ignore_errors=True)
         return None
+
+
+def _check_offsets(folder: str, name: str, offsets: np.ndarray, entries: int, end: int) -> None:
+    if len(offsets) != entries + 1:
+        raise DamagedPackError(folder, f"{name} has {len(offsets)} entries, expected {entries + 1}")
+    if len(offsets) and (offsets[0] != 0 or offsets[-1] != end):
+        raise DamagedPackError(folder, f"{name} does not run from 0 to {end}")
+    if (np.diff(offsets) < 0).any():
+        raise DamagedPackError(folder, f"{name} decreases")
+
+
+def check_columns(folder: str, meta: dict, columns: Dict[str, np.ndarray]) -> None:
+    """Check that the columns of the pack in ``folder`` are what :func:`write_pack` writes.
+
+    Raises:
+        DamagedPackError: the first fault found (a column missing or of the wrong dtype, shape
+            or length, offsets out of range or decreasing, indices out of range, meta that
+            does not match).
+    """
+    expected = dict(_COLUMNS)
+    for prefix in ("image_id", "ann_id"):
+        if prefix in columns:
+            expected[prefix] = ("int64", 1)
+        else:
+            expected.update({f"{prefix}_bytes": ("uint8", 1), f"{prefix}_offsets": ("int64", 1)})
+    for name in columns:
+        if name.startswith("list_"):
+            expected[name] = ("int64", 1)
+    if sorted(expected) != sorted(meta.get("columns", ())) or set(expected) != set(columns):
+        raise DamagedPackError(folder, "its columns are not the ones its meta.json lists")
+    for name, (dtype, ndim) in expected.items():
+        column = columns[name]
+        if column.dtype != np.dtype(dtype) or column.ndim != ndim:
+            raise DamagedPackError(
+                folder, f"column {name} is {column.dtype} {column.ndim}-D, expected {dtype}"
+            )
+    n, a = len(columns["image_height"]), len(columns["ann_iscrowd"])
+    if (meta.get("num_images"), meta.get("num_annotations")) != (n, a):
+        raise DamagedPackError(folder, f"meta.json does not match its {n} images, {a} annotations")
+    for name in ("image_width", *(k for k in ("image_id",) if k in columns)):
+        if len(columns[name]) != n:
+            raise DamagedPackError(folder, f"column {name} has the wrong length")
+    for name in ("ann_bbox", "ann_category", "ann_rle", *(k for k in ("ann_id",) if k in columns)):
+        if len(columns[name]) != a:
+            raise DamagedPackError(folder, f"column {name} has the wrong length")
+    if columns["ann_bbox"].shape[1:] != (4,):
+        raise DamagedPackError(folder, "column ann_bbox is not (A, 4)")
+    c = columns
+    _check_offsets(folder, "image_anns", c["image_anns"], n, a)
+    _check_offsets(folder, "ann_polygons", c["ann_polygons"], a, len(c["polygon_coords"]) - 1)
+    _check_offsets(folder, "polygon_coords", c["polygon_coords"],
+                   len(c["polygon_coords"]) - 1, len(c["coords"]))  # fmt: skip
+    r = len(c["rle_offsets"]) - 1
+    _check_offsets(folder, "rle_offsets", c["rle_offsets"], r, len(c["rle_counts"]))
+    if c["rle_size"].shape != (r, 2) or len(c["rle_counts_str"]) != r:
+        raise DamagedPackError(folder, "rle_size / rle_counts_str do not match rle_offsets")
+    if len(c["ann_rle"]) and ((c["ann_rle"] < -1).any() or (c["ann_rle"] >= r).any()):
+        raise DamagedPackError(folder, "ann_rle points outside the RLEs")
+    for prefix, entries in (("image_file", n), ("image_id", n), ("ann_id", a)):
+        if f"{prefix}_bytes" in c:
+            _check_offsets(folder, f"{prefix}_offsets", c[f"{prefix}_offsets"], entries,
+                           len(c[f"{prefix}_bytes"]))  # fmt: skip
+    for name in columns:
+        if _is_list(name):
+            _check_offsets(folder, f"{name}_offsets", c[f"{name}_offsets"], n, len(c[name]))
 
 
 @functools.lru_cache(maxsize=None)
 def _mapped(folder: str) -> tuple:
-    """(meta, columns) of the pack in ``folder``, the columns memory-mapped read-only; read
-    once per process."""
+    """(meta, columns) of the pack in ``folder``, the columns memory-mapped read-only and
+    checked (:func:`check_columns`); read once per process.
+
+    Raises:
+        DamagedPackError, OSError: a damaged or missing file (not cached: tried again).
+    """
     meta = _read_meta(folder)
-    columns = {
-        name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r", allow_pickle=False)
-        for name in meta["columns"]
-    }
+    if meta.get("format") != _FORMAT or not isinstance(meta.get("columns"), list):
+        raise DamagedPackError(folder, "meta.json is missing or not this format's")
+    columns = {}
+    for name in meta["columns"]:
+        path = os.path.join(folder, f"{name}.npy")
+        try:
+            columns[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:  # truncated, not an .npy, or an object array
+            raise DamagedPackError(folder, f"{name}.npy cannot be read as an array ({e})") from None
+        except FileNotFoundError:
+            raise DamagedPackError(folder, f"{name}.npy is missing") from None
+    check_columns(folder, meta, columns)
     return meta, columns
 
 
@@ -292,8 +427,13 @@ class PackedDataset(torchdata.Dataset):
         annotations = []
         for j in range(last - first):
             if rles[j] >= 0:
-                start, end = c["rle_offsets"][rles[j] : rles[j] + 2].tolist()
-                segm = pickle.loads(c["rle_bytes"][start:end].tobytes())
+                r = rles[j]
+                start, end = c["rle_offsets"][r : r + 2].tolist()
+                counts = c["rle_counts"][start:end].tobytes()
+                segm = {
+                    "size": c["rle_size"][r].tolist(),
+                    "counts": counts.decode("utf-8") if c["rle_counts_str"][r] else counts,
+                }
             else:
                 segm = [
                     coords[coord_ends[p] : coord_ends[p + 1]]
@@ -391,13 +531,9 @@ def repeat_factors(
 
 
 def has_pack(key: str) -> bool:
-    """Whether a complete pack of check ``key`` exists (False with the cache off)."""
-    root = _packs_dir()
-    return (
-        root is not None
-        and bool(key)
-        and (_read_meta(os.path.join(root, key)).get("format") == _FORMAT)
-    )
+    """Whether a complete, undamaged pack of check ``key`` exists (False with the cache off; a
+    damaged one is removed: :func:`open_pack`)."""
+    return open_pack(key) is not None
 
 
 def ensure_pack(

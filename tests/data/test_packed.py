@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +248,109 @@ def test_without_cache_or_with_a_broken_pack_the_file_is_read(tmp_path, cache, m
     assert check_key("coco", ann, images, MetadataCatalog.get(name).max_image_pixels) == key
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
+
+
+class _Payload:
+    """Unpickled, it would create the file ``path`` (what an attacker's pickle would do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _save(folder, name, array):
+    np.save(folder / f"{name}.npy", array, allow_pickle=True)
+
+
+def _pickle_as_counts(folder, marker):
+    """A consistent tampering: the RLE counts are the bytes of a pickle, the offsets fit them."""
+    payload = np.frombuffer(pickle.dumps(_Payload(marker)), np.uint8)
+    offsets = np.load(folder / "rle_offsets.npy").copy()
+    offsets[1:] = len(payload)
+    _save(folder, "rle_counts", payload)
+    _save(folder, "rle_offsets", offsets)
+
+
+# Each kind of damage an attacker or a crash can leave: (what is done to the pack folder).
+DAMAGE = {
+    "pickled object column": lambda f, marker: _save(
+        f, "rle_counts", np.array([_Payload(marker)], dtype=object)
+    ),
+    "pickle bytes as RLE counts": lambda f, marker: _pickle_as_counts(f, marker),
+    "truncated file": lambda f, marker: (f / "coords.npy").write_bytes(
+        (f / "coords.npy").read_bytes()[:90]
+    ),
+    "wrong dtype": lambda f, marker: _save(
+        f, "ann_category", np.load(f / "ann_category.npy").astype(np.float32)
+    ),
+    "wrong length": lambda f, marker: _save(f, "ann_bbox", np.load(f / "ann_bbox.npy")[:-1]),
+    "offsets out of range": lambda f, marker: _save(
+        f, "image_anns", np.load(f / "image_anns.npy") + 5
+    ),
+    "index out of range": lambda f, marker: _save(
+        f, "ann_rle", np.full_like(np.load(f / "ann_rle.npy"), 10**6)
+    ),
+    "missing file": lambda f, marker: os.remove(f / "polygon_coords.npy"),
+    "meta that does not match": lambda f, marker: (f / "meta.json").write_text(
+        json.dumps({**json.loads((f / "meta.json").read_text()), "num_images": 1})
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_pack_is_detected_removed_and_rewritten(tmp_path, cache, caplog, damage):
+    """Tampered with, truncated or inconsistent: found when the pack is opened, one warning naming
+    its folder, the dataset read from its JSON again (the same dicts), the pack written again;
+    nothing in the pack runs code (the payload's marker file never appears)."""
+    ann, images = _write(tmp_path, _mixed_dataset())
+    name = register_coco_dataset(f"packed_{uuid.uuid4().hex[:8]}={ann}:{images}")
+    key = MetadataCatalog.get(name).data_check_key
+    expected = DatasetCatalog.get(name)
+    folder, marker = cache / key, tmp_path / "code_ran"
+    DAMAGE[damage](folder, marker)
+    packed._mapped.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="solo_d2.data.packed"):
+        opened = packed.open_packs([name])
+        dicts = DatasetCatalog.get(name)
+    if damage == "pickle bytes as RLE counts":  # consistent: bytes read as bytes, never unpickled
+        assert opened is not None
+        assert not marker.exists()
+        rles = [a["segmentation"] for d in opened[0].to_dicts() for a in d["annotations"]]
+        assert all(isinstance(r["counts"], (str, bytes)) for r in rles if isinstance(r, dict))
+        return
+    assert opened is None and dicts == expected and not marker.exists()
+    warnings = [r.getMessage() for r in caplog.records if "is damaged (" in r.getMessage()]
+    assert len(warnings) == 1 and str(folder) in warnings[0], warnings
+    # read again from the JSON, and packed again: the next process maps a sound pack
+    packed._mapped.cache_clear()
+    assert packed.has_pack(key) and packed.open_pack(key).to_dicts() == expected
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+# The one place that may read pickles: converting a checkpoint the user trusts
+# (load_torch_file / load_checkpoint_file with trust_pickle=True, tools/convert_official.py).
+TRUSTED_PICKLE_MODULES = {"solo_d2/checkpoint/safe_load.py"}
+
+
+def test_nothing_in_the_package_unpickles_outside_the_trusted_conversion():
+    import re
+
+    import solo_d2
+
+    root = Path(solo_d2.__file__).resolve().parent
+    pattern = re.compile(r"pickle\.loads?\(|allow_pickle\s*=\s*True|weights_only\s*=\s*False")
+    found = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root.parent).as_posix()
+        hits = [
+            n for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)
+        ]
+        if hits:
+            found[rel] = hits
+    assert set(found) <= TRUSTED_PICKLE_MODULES, found
+    # and there, only behind trust_pickle
+    text = (root / "checkpoint" / "safe_load.py").read_text()
+    assert "if trust_pickle:\n            return pickle.load(" in text
