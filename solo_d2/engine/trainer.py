@@ -17,22 +17,12 @@ training writes ``loss_curve.png`` into ``OUTPUT_DIR``
 import json
 import logging
 import os
-from typing import Iterable, Optional, Tuple
 
-import numpy as np
 import torch
-import torch.utils.data as torchdata
 from detectron2.config import CfgNode
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
-    build_detection_train_loader,
-    print_instances_class_histogram,
-)
-from detectron2.data.samplers import (
-    RandomSubsetTrainingSampler,
-    RepeatFactorTrainingSampler,
-    TrainingSampler,
 )
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
@@ -41,15 +31,13 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from torch import nn
-from torch.utils.data import Sampler
 
-from ..atomic_io import atomic_write_json, remove_stale_temporaries
+from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import AtomicCheckpointer
 from ..compat import default_trainer_ddp
 from ..data.dataset_mapper import SOLODatasetMapper
-from ..data.packed import open_packs, repeat_factors
 from ..data.panoptic_mapper import SOLOPanopticDatasetMapper
-from ..data.validation import DatasetError, summarize_faults
+from ..data.training_data import build_train_loader
 from ..evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator, SOLOPanopticEvaluator
 from ..modeling import is_panoptic
 from .hooks import LossCurveHook, PreemptionHook, leave_signals_to_trainer
@@ -105,65 +93,6 @@ def _trim_metrics(path: str, start_iter: int) -> int:
     return len(content) - keep
 
 
-def packed_train_data(cfg: CfgNode) -> Tuple[Optional[torchdata.Dataset], Optional[Sampler]]:
-    """The training datasets from their packs (:mod:`solo_d2.data.packed`: memory-mapped, shared
-    by the processes, no JSON read) and detectron2's sampler of ``DATALOADER.SAMPLER_TRAIN`` over
-    them, or (None, None) unless every dataset of ``DATASETS.TRAIN`` has a pack and the sampler
-    is one of TrainingSampler, RepeatFactorTrainingSampler, RandomSubsetTrainingSampler.
-
-    As detectron2's ``get_detection_dataset_dicts``: images without a non-crowd annotation are
-    left out with ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``, and the class histogram is logged.
-    """
-    kind = cfg.DATALOADER.SAMPLER_TRAIN
-    samplers = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
-    packs = open_packs(cfg.DATASETS.TRAIN) if kind in samplers else None
-    if packs is None:
-        return None, None
-    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
-        before = sum(map(len, packs))
-        packs = [pack.with_instances() for pack in packs]
-        after = sum(map(len, packs))
-        logger.info(f"Removed {before - after} images with no usable annotations. {after} left.")
-    classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
-    counts = sum(pack.class_histogram(len(classes)) for pack in packs)
-    annotations = [{"category_id": c} for c in np.repeat(np.arange(len(classes)), counts).tolist()]
-    print_instances_class_histogram([{"annotations": annotations}], classes)  # all images at once
-    dataset = packs[0] if len(packs) == 1 else torchdata.ConcatDataset(packs)
-    logger.info(
-        f"Using training sampler {kind} over {len(dataset)} images mapped from packed datasets"
-    )
-    if kind == "RepeatFactorTrainingSampler":
-        factors = repeat_factors(packs, cfg.DATALOADER.REPEAT_THRESHOLD, cfg.DATALOADER.REPEAT_SQRT)
-        return dataset, RepeatFactorTrainingSampler(factors, seed=cfg.SEED)
-    if kind == "RandomSubsetTrainingSampler":
-        return dataset, RandomSubsetTrainingSampler(
-            len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO
-        )
-    return dataset, TrainingSampler(len(dataset))
-
-
-def _report_training_faults(cfg: CfgNode, names: Iterable[str]) -> None:
-    """Log the faults of the training datasets, list them in OUTPUT_DIR; raise when strict."""
-    for name in names:
-        faults = MetadataCatalog.get(name).get("data_faults", None)
-        if not faults:
-            continue
-        if cfg.DATASETS.STRICT:
-            raise DatasetError(
-                f"Training dataset {name!r} has {len(faults)} faulty annotations or images and "
-                f"DATASETS.STRICT is on (set it False to skip them with a warning):\n"
-                + summarize_faults(faults)
-            )
-        listing = os.path.join(cfg.OUTPUT_DIR, f"data_faults_{name}.json")
-        if comm.is_main_process():
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-            atomic_write_json(listing, [f.to_dict() for f in faults], indent=1, default=str)
-        logger.warning(
-            f"Training dataset {name!r}: {len(faults)} faulty annotations or images are left "
-            f"out (listed in {listing}; DATASETS.STRICT True makes them errors)"
-        )
-
-
 def save_ap_charts(output_dir: str, results_per_dataset: dict) -> None:
     """Write ``per_class_ap_<dataset>.png`` into ``output_dir`` for each dataset whose results
     have per-class AP (COCO instance evaluation); a failure logs a warning."""
@@ -207,13 +136,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's loader with SOLO targets; its workers leave SIGTERM and SIGUSR1 to the
+        """The data layer's loader (:func:`solo_d2.data.training_data.build_train_loader`: packs or
+        detectron2's path) with SOLO targets; its workers leave SIGTERM and SIGUSR1 to the
         training process (:func:`~solo_d2.engine.hooks.leave_signals_to_trainer`)."""
-        _report_training_faults(cfg, cfg.DATASETS.TRAIN)
-        dataset, sampler = packed_train_data(cfg)  # None: detectron2 reads the dataset dicts
-        loader = build_detection_train_loader(
-            cfg, mapper=build_mapper(cfg, True), dataset=dataset, sampler=sampler
-        )
+        loader = build_train_loader(cfg, mapper=build_mapper(cfg, True))
         return leave_signals_to_trainer(loader)
 
     @classmethod

@@ -23,8 +23,8 @@ from test_validation import coco_dict
 from solo_d2.data import check_cache, packed, validation
 from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.lvis import IMAGE_CATEGORY_LISTS, load_checked_lvis, register_lvis_dataset
+from solo_d2.data.training_data import packed_train_data
 from solo_d2.data.validation import check_coco_dict, check_key, to_dataset_dicts
-from solo_d2.engine.trainer import packed_train_data
 
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
 

@@ -16,8 +16,9 @@ from PIL import Image
 
 from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.data.training_data import report_training_faults
 from solo_d2.data.validation import DatasetError, check_coco_dict, clean_coco_dict
-from solo_d2.engine.trainer import Trainer, _report_training_faults
+from solo_d2.engine.trainer import Trainer
 
 H, W = 40, 60
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]  # area 400
@@ -185,14 +186,14 @@ def test_training_skips_faults_or_stops_when_strict(registered, tmp_path, caplog
     cfg = tiny_cfg()
     cfg.OUTPUT_DIR = str(tmp_path)
     with caplog.at_level(logging.WARNING, logger="solo_d2"):
-        _report_training_faults(cfg, [name])
+        report_training_faults(cfg, [name])
     listing = tmp_path / f"data_faults_{name}.json"
     assert str(listing) in caplog.text
     assert {f["annotation_id"] for f in json.loads(listing.read_text())} >= {11, 12, 14}
 
     cfg.DATASETS.STRICT = True
     with pytest.raises(DatasetError) as e:
-        _report_training_faults(cfg, [name])
+        report_training_faults(cfg, [name])
     assert "DATASETS.STRICT" in str(e.value) and "annotation id 11" in str(e.value)
 
     cfg.DATASETS.STRICT = False
