@@ -31,6 +31,7 @@ an exception in training) is reported with its error and skipped.
 """
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -381,6 +382,7 @@ def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> T
 
     result = TrialResult(candidate.name, candidate.description, {})
     begin = time.perf_counter()
+    trainer = None
     try:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
@@ -403,6 +405,8 @@ def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> T
     finally:
         result.seconds = round(time.perf_counter() - begin, 1)
         _drop_checkpoints(cfg.OUTPUT_DIR)
+        del trainer  # its model, optimiser and loader workers, before the next trial's
+        gc.collect()
     return result
 
 
