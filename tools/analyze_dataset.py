@@ -77,6 +77,7 @@ from solo_d2.visualization.dataset_report import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+FEW_VALIDATION_IMAGES = 50  # a held-out split below this gets a warning: its metric is noisy
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -272,6 +273,14 @@ def check_by_trials(args, cfg, fit, name: str, opts_keys) -> dict:
     else:
         train, val = split_dataset(name, str(folder / "split"))
         held_out = True
+        n_val = len(DatasetCatalog.get(val))
+        if n_val < FEW_VALIDATION_IMAGES:
+            print(
+                f"warning: the held-out validation split has {n_val} images: the trials' metric "
+                "on so few images moves by several points from run to run, so a candidate may "
+                "win or lose by chance; give a larger validation set with --val-dataset",
+                file=sys.stderr,
+            )
     candidates = trial_candidates(cfg, fit, opts_keys)
     for c in candidates:  # each candidate's config, for the user to train or compare
         write_fit(c.fit, str(folder / f"{c.name}.yaml"))

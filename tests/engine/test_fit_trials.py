@@ -136,7 +136,9 @@ def test_trials_end_to_end_write_the_chosen_config_and_the_table(tmp_path, capsy
             str(out), "--trials", "2", "--output", str(tmp_path / "report"), "--opts",
             *TINY_OPTS]  # fmt: skip
     assert analyze_dataset.main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "the held-out validation split has 2 images" in captured.err  # noisy: said so
     record = json.loads((tmp_path / "fit.trials.json").read_text())
     trials = record["trials"]
     assert trials[0]["candidate"] == "start" and len(trials) >= 2
