@@ -8,6 +8,8 @@ fitted candidates (:func:`trial_candidates`):
 
 * ``start``: the base config as it is, with only the dataset's class counts set (what preflight
   requires to train it at all);
+* ``start_reseeded``: the same with the next seed: how far two trainings of one config differ
+  at this budget on this validation split (the trials' noise, measured rather than assumed);
 * ``fit``: every value the rules propose;
 * ``fit_base_levels``: the fit's resizes, with the base's scale ranges and centre region and the
   base's grids scaled with the resize only (the range choice undone);
@@ -23,11 +25,12 @@ every machine and in every run). The metric follows the dataset kind (:func:`tri
 mask AP (COCO), LVIS's mask AP, PQ (panoptic). For panoptic data each trained candidate is also
 evaluated at several instance paste thresholds (``PANOPTIC_THRESHOLDS``) and keeps its best one.
 
-The written config is the best candidate's; a fitted candidate replaces the start only when it
-wins by more than ``margin`` points (:func:`choose`: short trainings are noisy). The start is
-always trained, so at the trial budget the written config is never worse on the validation split
-than the one the user started from. A candidate that fails to train (a config the checks refuse,
-an exception in training) is reported with its error and skipped.
+The written config is the start's unless a fitted candidate beats the start's mean over its two
+seeds by more than the larger of ``margin`` points and the two seeds' difference (:func:`choose`):
+then the best one's. The start is always trained, so at the trial budget the written config is
+never worse on the validation split than either training of the one the user started from. A
+candidate that fails to train (a config the checks refuse, an exception in training) is reported
+with its error and skipped.
 """
 
 import contextlib
@@ -65,6 +68,7 @@ __all__ = [
     "run_trial",
     "run_trials",
     "training_progress",
+    "start_noise",
     "choose",
     "format_trials",
     "trials_record",
@@ -77,6 +81,7 @@ MARGIN = 0.5  # points (AP or PQ) a fitted candidate must win by to replace the 
 FINER_GRIDS = 1.5
 PANOPTIC_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 THRESH_KEY = "MODEL.SOLO.PANOPTIC.INSTANCES_CONFIDENCE_THRESH"
+RESEEDED = "start_reseeded"  # the start config with another seed: the trials' noise
 # the values a candidate is told apart by (the trial table's columns)
 TRIAL_KEYS = (
     "INPUT.MIN_SIZE_TEST",
@@ -201,6 +206,10 @@ def trial_candidates(
         if values not in seen:
             seen.append(values)
             out.append(candidate)
+    reseeded = _derived(start, keep="all")
+    seed = cfg.SEED if cfg.SEED >= 0 else 0
+    reseeded.set("SEED", seed + 1, "the start's seed + 1: the trials' noise")
+    out.insert(1, Candidate(RESEEDED, "the base config again, another seed (the noise)", reseeded))
     return out
 
 
@@ -490,9 +499,24 @@ def run_trials(
     return results
 
 
+def start_noise(results: Sequence[TrialResult]) -> Tuple[Optional[float], float]:
+    """The start's metric and the trials' noise: the mean of the start's two seeds and their
+    difference (one seed: its metric and 0; none trained: None and 0)."""
+    runs = [
+        r.metric
+        for r in results
+        if r.candidate in ("start", RESEEDED) and r.error is None and r.metric is not None
+    ]
+    if not runs:
+        return None, 0.0
+    return sum(runs) / len(runs), max(runs) - min(runs)
+
+
 def choose(results: Sequence[TrialResult], margin: float = MARGIN) -> TrialResult:
-    """The trial whose config is written: the best metric; the start (named "start") unless
-    another beats it by more than ``margin`` points. Failed trials are never chosen.
+    """The trial whose config is written: the start (named "start") unless a fitted candidate
+    beats the start's metric (the mean of its two seeds, :func:`start_noise`) by more than the
+    larger of ``margin`` and the two seeds' difference: then the best one. The start config
+    trained with another seed is never chosen, nor is a failed trial.
 
     Raises:
         ValueError: every trial failed (their errors are in the message).
@@ -501,19 +525,32 @@ def choose(results: Sequence[TrialResult], margin: float = MARGIN) -> TrialResul
     if not done:
         errors = "; ".join(f"{r.candidate}: {r.error}" for r in results)
         raise ValueError(f"every trial failed to train: {errors}")
-    best = max(done, key=lambda r: r.metric)  # the first of equals: candidates' order
     start = next((r for r in done if r.candidate == "start"), None)
-    if start is not None and best.metric <= start.metric + margin:
+    fitted = [r for r in done if r.candidate not in ("start", RESEEDED)]
+    best = max(fitted, key=lambda r: r.metric, default=None)  # the first of equals wins
+    level, noise = start_noise(done)
+    if best is None or (level is not None and best.metric <= level + max(margin, noise)):
+        if start is None:
+            raise ValueError(
+                "the start config failed to train and no fitted candidate beat its reseeded "
+                "run: " + "; ".join(f"{r.candidate}: {r.error}" for r in results if r.error)
+            )
         return start
     return best
 
 
 def format_trials(results: Sequence[TrialResult], chosen: TrialResult, iters: int) -> List[str]:
     """The trial table as lines (no comment marks): one row per candidate."""
+    level, noise = start_noise(results)
     lines = [
         f"trials: {iters} iterations each, metric on the validation split; chosen: "
         f"{chosen.candidate!r}"
     ]
+    if level is not None:
+        lines.append(
+            f"the start: {level:.2f} (mean of two seeds, {noise:.2f} apart: a fitted candidate "
+            "must beat the mean by more than that difference or the margin)"
+        )
     for r in results:
         values = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in r.values.items())
         mark = "*" if r is chosen else " "
@@ -531,4 +568,11 @@ def trials_record(
     results: Sequence[TrialResult], chosen: TrialResult, **context
 ) -> Dict[str, object]:
     """The JSON written beside the YAML: the context (datasets, budget, margin) and every trial."""
-    return {**context, "chosen": chosen.candidate, "trials": [asdict(r) for r in results]}
+    level, noise = start_noise(results)
+    return {
+        **context,
+        "chosen": chosen.candidate,
+        "start_metric": level,
+        "noise": noise,
+        "trials": [asdict(r) for r in results],
+    }

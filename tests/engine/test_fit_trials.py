@@ -23,6 +23,7 @@ from solo_d2.engine.fit_trials import (
     holdout_split,
     run_trials,
     split_dataset,
+    start_noise,
     trial_candidates,
     trial_config,
     trial_metric,
@@ -53,12 +54,19 @@ def result(name, metric, error=None):
     return TrialResult(name, name, {}, "mask AP", metric, 1.0, error)
 
 
-def test_choice_follows_the_metric_and_keeps_the_start_within_the_margin():
+def test_choice_follows_the_metric_and_keeps_the_start_within_the_noise():
     start, fit, other = result("start", 20.0), result("fit", 25.0), result("fit_x", 22.0)
     assert choose([start, fit, other], margin=0.5) is fit
-    assert choose([start, result("fit", 20.4)], margin=0.5) is start  # within the noise margin
+    assert choose([start, result("fit", 20.4)], margin=0.5) is start  # within the margin
     assert choose([start, result("fit", 20.4)], margin=0.0).candidate == "fit"
     assert choose([start, result("fit", 12.0)]) is start  # a worse fit is never written
+    # the start trained with another seed: the noise is their difference (4), its level the mean
+    noisy = [start, result("start_reseeded", 16.0), result("fit", 21.9)]
+    assert start_noise(noisy) == (18.0, 4.0)
+    assert choose(noisy, margin=0.5) is start  # 21.9 <= 18 + 4
+    assert choose(noisy[:2] + [result("fit", 22.1)], margin=0.5).candidate == "fit"
+    # the reseeded start is never chosen, even when it scores best
+    assert choose([start, result("start_reseeded", 30.0), result("fit", 21.0)]) is start
     # a failed candidate is never chosen, whatever its number
     failed = result("fit", None, error="ConfigError: bad")
     assert choose([start, failed]) is start
@@ -104,7 +112,11 @@ def test_candidates_start_first_without_repeats_and_trial_configs():
     fit.set("SOLVER.IMS_PER_BATCH", 2, "from --opts")
     candidates = trial_candidates(cfg, fit, opts_keys=["SOLVER.IMS_PER_BATCH"])
     names = [c.name for c in candidates]
-    assert names[0] == "start" and "fit" in names
+    assert names[:2] == ["start", "start_reseeded"] and "fit" in names
+    # the reseeded start: the start's values, the next seed
+    assert candidates[1].fit.changes["SEED"][0] == 1 and "SEED" not in candidates[0].fit.changes
+    assert candidate_values(cfg, candidates[1].fit) == candidate_values(cfg, candidates[0].fit)
+    candidates = [candidates[0]] + candidates[2:]
     # the start: the base config with only the dataset's keys and the user's --opts
     assert set(candidates[0].fit.changes) == {
         "DATASETS.TRAIN", "DATASETS.TEST", "MODEL.SOLO.NUM_CLASSES", "SOLVER.IMS_PER_BATCH"
@@ -141,12 +153,13 @@ def test_trials_end_to_end_write_the_chosen_config_and_the_table(tmp_path, capsy
     assert "the held-out validation split has 2 images" in captured.err  # noisy: said so
     record = json.loads((tmp_path / "fit.trials.json").read_text())
     trials = record["trials"]
-    assert trials[0]["candidate"] == "start" and len(trials) >= 2
+    assert [t["candidate"] for t in trials[:3]] == ["start", "start_reseeded", "fit"]
+    assert record["noise"] == pytest.approx(abs(trials[0]["metric"] - trials[1]["metric"]))
     assert record["held_out"] and record["iterations"] == 2
     assert all(t["error"] is None and t["metric_name"] == "mask AP" for t in trials)
-    best = max(t["metric"] for t in trials)
-    start = trials[0]["metric"]
-    assert record["chosen"] == "start" or best > start + record["margin"]
+    top = max(trials[2:], key=lambda t: t["metric"])
+    bar = record["start_metric"] + max(record["margin"], record["noise"])
+    assert record["chosen"] == ("start" if top["metric"] <= bar else top["candidate"])
     # the YAML: its comments hold the table, its values are the chosen candidate's
     text = out.read_text()
     assert "# trials: 2 iterations each" in text and f"chosen: {record['chosen']!r}" in text
