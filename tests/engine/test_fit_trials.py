@@ -256,6 +256,11 @@ def test_lvis_and_panoptic_files_are_split_by_image(tmp_path):
     assert [len(p["images"]) for p in parts] == [4, 1]
     assert sorted(a["image_id"] for p in parts for a in p["annotations"]) == [1, 2, 3, 4, 5]
     assert parts[1]["images"][0]["not_exhaustive_category_ids"] == [3]
+    # a trial on it is evaluated with LVIS's AP
+    cfg = solo_cfg(QUICKSTART, TINY_OPTS + ["MODEL.SOLO.NUM_CLASSES", "1"])
+    start = Candidate("start", "start", ConfigFit("base.yaml", name))
+    (res,) = run_trials(cfg, [start], train, val, 1, str(tmp_path / "trials"), lambda _: None)
+    assert res.error is None and res.metric_name == "LVIS mask AP" and res.metric >= 0
 
     spec = "trial_pan2=panoptic:" + ":".join(write_tiny_panoptic(tmp_path / "pan", num_images=5))
     train, val = split_dataset(register_dataset(spec), str(tmp_path / "split2"))
