@@ -174,15 +174,14 @@ def trial_candidates(
     caps = [max(2, math.ceil(test_short / s)) for s in strides]
 
     base_levels = _derived(fit, keep=[k for k in fit.changes if k not in _LEVEL_KEYS])
-    if "MODEL.SOLO.INSTANCE_IN_FEATURES" not in fit.changes:  # same levels as the base
-        ratio = test_short / cfg.INPUT.MIN_SIZE_TEST
-        grids = [int(min(c, max(2, round(g * ratio)))) for g, c in zip(sc.NUM_GRIDS, caps)]
-        base_levels.set(
-            "MODEL.SOLO.NUM_GRIDS",
-            grids,
-            f"base grids x {test_short}/{cfg.INPUT.MIN_SIZE_TEST} (the resize only), capped at "
-            "test size / stride; base scale ranges and SIGMA",
-        )
+    ratio = test_short / cfg.INPUT.MIN_SIZE_TEST
+    grids = [int(min(c, max(2, round(g * ratio)))) for g, c in zip(sc.NUM_GRIDS, caps)]
+    base_levels.set(
+        "MODEL.SOLO.NUM_GRIDS",
+        grids,
+        f"base grids x {test_short}/{cfg.INPUT.MIN_SIZE_TEST} (the resize only), capped at "
+        "test size / stride; base scale ranges and SIGMA",
+    )
     finer = _derived(fit, keep="all")
     fit_grids = candidate_values(cfg, full)["MODEL.SOLO.NUM_GRIDS"]
     finer.set(
@@ -195,11 +194,13 @@ def trial_candidates(
         Candidate("fit", "the rules' proposal (every fitted value)", full),
         Candidate(
             "fit_base_levels",
-            "the fit's resizes; the base's ranges, SIGMA, grids " "scaled with the resize",
+            "the fit's resizes; the base's ranges, SIGMA, grids scaled with the resize",
             base_levels,
         ),
         Candidate("fit_finer_grids", f"the fit with {FINER_GRIDS:g}x its grids", finer),
     ]
+    if "MODEL.SOLO.INSTANCE_IN_FEATURES" in fit.changes:  # --fit-model dropped levels: the
+        made.pop(2)  # base's per-level ranges no longer fit the kept levels
     out, seen = [], []
     for candidate in made:
         values = candidate_values(cfg, candidate.fit)

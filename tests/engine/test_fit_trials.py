@@ -270,3 +270,18 @@ def test_lvis_and_panoptic_files_are_split_by_image(tmp_path):
     with pytest.raises(ValueError, match="no annotation file on record.*--val-dataset"):
         DatasetCatalog.register("trial_nofile", lambda: [])
         split_dataset("trial_nofile", str(tmp_path / "split3"))
+
+
+def test_with_fit_model_the_candidates_keep_the_fitted_levels():
+    """--fit-model drops levels: the base's per-level ranges no longer fit them, so no
+    fit_base_levels candidate; the finer grids follow the kept levels."""
+    cfg = solo_cfg(QUICKSTART)
+    fit = fit_config(
+        cfg, square_dicts(), ["a", "b"], base_config="b.yaml", dataset_name="sq", fit_model=True
+    )
+    kept = fit.changes["MODEL.SOLO.INSTANCE_IN_FEATURES"][0]
+    candidates = trial_candidates(cfg, fit)
+    assert [c.name for c in candidates] == ["start", "start_reseeded", "fit", "fit_finer_grids"]
+    for c in candidates[2:]:
+        out = trial_config(cfg, c, "tr", "va", 5, "/tmp/trials")
+        assert len(out.MODEL.SOLO.NUM_GRIDS) == len(kept) == len(out.MODEL.SOLO.FPN_SCALE_RANGES)
