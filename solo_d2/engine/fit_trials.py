@@ -48,6 +48,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.env import seed_all_rng
 
 from ..atomic_io import atomic_write_json
 from ..config import DEFAULT_MAX_IMAGE_PIXELS
@@ -394,6 +395,7 @@ def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> T
     begin = time.perf_counter()
     trainer = None
     try:
+        seed_all_rng(cfg.SEED)  # as train_net.py's default_setup: each trial draws the same
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()

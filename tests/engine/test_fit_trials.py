@@ -197,6 +197,19 @@ def test_a_candidate_that_fails_to_train_is_reported_and_skipped(tmp_path):
     assert results[1].metric is None and "NUM_GRIDS" in results[1].error
     assert any("'broken' failed" in line and "skipped" in line for line in lines)
     assert choose(results).candidate == "start"
+    # trials are seeded (SEED): the same candidate trains the same; another seed differently
+    again = Candidate("again", "start again", start)
+    reseeded = ConfigFit("base.yaml", name)
+    reseeded.set("MODEL.SOLO.NUM_CLASSES", 4, "classes")
+    reseeded.set("SEED", 1, "another seed")
+    other = Candidate("other", "another seed", reseeded)
+    run_trials(cfg, [again, other], train, val, 1, str(tmp_path / "trials"), lines.append)
+    losses = {}
+    for c in ("start", "again", "other"):
+        records = (tmp_path / "trials" / c / "metrics.json").read_text().splitlines()
+        losses[c] = [json.loads(r)["total_loss"] for r in records if "total_loss" in r]
+    assert losses["start"] == losses["again"] and losses["start"]
+    assert losses["start"] != losses["other"]
     table = "\n".join(format_trials(results, results[0], 1))
     assert "broken: FAILED (" in table
     json.dumps(trials_record(results, results[0], dataset=name))  # the JSON beside the YAML
