@@ -292,8 +292,9 @@ def check_by_trials(args, cfg, fit, name: str, opts_keys) -> dict:
     where = f"held-out {len(DatasetCatalog.get(val))} images of {name!r}" if held_out else repr(val)
     notes = [
         f"Checked by training (--trials {args.trials}): each candidate trained on {train!r} and "
-        f"evaluated on {where}; a fitted candidate replaces the base only when it wins by more "
-        f"than {args.trial_margin:g} points.",
+        f"evaluated on {where}; a fitted candidate replaces the base only when it beats the "
+        "base's mean over two seeds by more than their difference and more than "
+        f"{args.trial_margin:g} points.",
         *table,
     ]
     write_fit(winner.fit, str(out_yaml), notes)
