@@ -30,8 +30,9 @@ them from boxes and as the model's own target assignment gives them on the decod
 --trials ITERS checks the fit by measurement (solo_d2/engine/fit_trials.py): the base config and
 a few fitted candidates are each trained ITERS iterations on the dataset and evaluated on
 --val-dataset (a name or spec), or on a deterministic held-out share of its images; OUT.yaml is
-the best one's (the base unless a fitted one wins by more than --trial-margin points), with the
-trial table in its comments and in OUT.trials.json. Trial outputs go to OUT's folder, <OUT
+the best one's (the base, trained with two seeds, unless a fitted one beats their mean by more
+than their difference and --trial-margin points), with the trial table in its comments and in
+OUT.trials.json. Trial outputs go to OUT's folder, <OUT
 stem>_trials/.
 
     python tools/analyze_dataset.py --config-file configs/SOLOv2_R18_quickstart_shapes.yaml \
@@ -68,7 +69,7 @@ from solo_d2.engine.fit_trials import (
 )
 from solo_d2.engine.preflight import check_config
 from solo_d2.model_zoo import resolve_config_file
-from solo_d2.visualization.dataset_fit import ConfigFit, fit_config, write_fit
+from solo_d2.visualization.dataset_fit import ConfigFit, config_value, fit_config, write_fit
 from solo_d2.visualization.dataset_report import (
     analyze_dataset,
     format_report,
@@ -132,7 +133,8 @@ def get_parser() -> argparse.ArgumentParser:
         default=MARGIN,
         metavar="POINTS",
         help="with --trials: a fitted candidate replaces the base config only when its "
-        f"validation AP (PQ) is higher by more than this (default {MARGIN:g})",
+        "validation AP (PQ) beats the base's mean over two seeds by more than this and their "
+        f"difference (default {MARGIN:g})",
     )
     add(
         "--opts",
@@ -189,7 +191,7 @@ def fit_and_check(
     )
     for key in opts[::2]:
         if key not in fit.changes:
-            fit.set(key, cfg_value(cfg, key), "from --opts")
+            fit.set(key, config_value(cfg, key), "from --opts")
     folder = Path(out_yaml).resolve().parent
     if not folder.is_dir():
         raise OSError(f"--fit {out_yaml}: folder {folder} does not exist")
@@ -199,18 +201,11 @@ def fit_and_check(
     return fit, fitted
 
 
-def cfg_value(cfg, key: str):
-    """The value of the dotted ``key`` in ``cfg``."""
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
 def format_changes(fit: ConfigFit, cfg) -> str:
     """What the fitted config changes, one line per key: base value -> fitted value."""
     lines = []
     for key, (value, comment) in fit.changes.items():
-        old = cfg_value(cfg, key)
+        old = config_value(cfg, key)
         if isinstance(old, (list, tuple)):
             old = type(value)(old) if isinstance(value, (list, tuple)) else old
         mark = "  " if old == value else "* "
@@ -273,14 +268,14 @@ def check_by_trials(args, cfg, fit, name: str, opts_keys) -> dict:
     else:
         train, val = split_dataset(name, str(folder / "split"))
         held_out = True
-        n_val = len(DatasetCatalog.get(val))
-        if n_val < FEW_VALIDATION_IMAGES:
-            print(
-                f"warning: the held-out validation split has {n_val} images: the trials' metric "
-                "on so few images moves by several points from run to run, so a candidate may "
-                "win or lose by chance; give a larger validation set with --val-dataset",
-                file=sys.stderr,
-            )
+    n_val = len(DatasetCatalog.get(val))
+    if held_out and n_val < FEW_VALIDATION_IMAGES:
+        print(
+            f"warning: the held-out validation split has {n_val} images: the trials' metric "
+            "on so few images moves by several points from run to run, so a candidate may "
+            "win or lose by chance; give a larger validation set with --val-dataset",
+            file=sys.stderr,
+        )
     candidates = trial_candidates(cfg, fit, opts_keys)
     for c in candidates:  # each candidate's config, for the user to train or compare
         write_fit(c.fit, str(folder / f"{c.name}.yaml"))
@@ -289,7 +284,7 @@ def check_by_trials(args, cfg, fit, name: str, opts_keys) -> dict:
     chosen = choose(results, args.trial_margin)
     winner = next(c for c in candidates if c.name == chosen.candidate)
     table = format_trials(results, chosen, args.trials)
-    where = f"held-out {len(DatasetCatalog.get(val))} images of {name!r}" if held_out else repr(val)
+    where = f"held-out {n_val} images of {name!r}" if held_out else repr(val)
     notes = [
         f"Checked by training (--trials {args.trials}): each candidate trained on {train!r} and "
         f"evaluated on {where}; a fitted candidate replaces the base only when it beats the "

@@ -289,7 +289,7 @@ def open_pack(key: str) -> Optional["PackedDataset"]:
 def _check_offsets(folder: str, name: str, offsets: np.ndarray, entries: int, end: int) -> None:
     if len(offsets) != entries + 1:
         raise DamagedPackError(folder, f"{name} has {len(offsets)} entries, expected {entries + 1}")
-    if len(offsets) and (offsets[0] != 0 or offsets[-1] != end):
+    if offsets[0] != 0 or offsets[-1] != end:
         raise DamagedPackError(folder, f"{name} does not run from 0 to {end}")
     if (np.diff(offsets) < 0).any():
         raise DamagedPackError(folder, f"{name} decreases")
@@ -312,7 +312,7 @@ def check_columns(folder: str, meta: dict, columns: Dict[str, np.ndarray]) -> No
     for name in columns:
         if name.startswith("list_"):
             expected[name] = ("int64", 1)
-    if sorted(expected) != sorted(meta.get("columns", ())) or set(expected) != set(columns):
+    if set(expected) != set(meta.get("columns", ())):  # ``columns`` are the meta's
         raise DamagedPackError(folder, "its columns are not the ones its meta.json lists")
     for name, (dtype, ndim) in expected.items():
         column = columns[name]
@@ -323,12 +323,13 @@ def check_columns(folder: str, meta: dict, columns: Dict[str, np.ndarray]) -> No
     n, a = len(columns["image_height"]), len(columns["ann_iscrowd"])
     if (meta.get("num_images"), meta.get("num_annotations")) != (n, a):
         raise DamagedPackError(folder, f"meta.json does not match its {n} images, {a} annotations")
-    for name in ("image_width", *(k for k in ("image_id",) if k in columns)):
-        if len(columns[name]) != n:
-            raise DamagedPackError(folder, f"column {name} has the wrong length")
-    for name in ("ann_bbox", "ann_category", "ann_rle", *(k for k in ("ann_id",) if k in columns)):
-        if len(columns[name]) != a:
-            raise DamagedPackError(folder, f"column {name} has the wrong length")
+    lengths = {"image_width": n, "image_id": n, "ann_bbox": a, "ann_category": a, "ann_rle": a,
+               "ann_id": a}  # fmt: skip
+    for name, length in lengths.items():
+        if name in columns and len(columns[name]) != length:
+            raise DamagedPackError(
+                folder, f"column {name} has {len(columns[name])} rows, not {length}"
+            )
     if columns["ann_bbox"].shape[1:] != (4,):
         raise DamagedPackError(folder, "column ann_bbox is not (A, 4)")
     c = columns

@@ -52,7 +52,7 @@ from detectron2.utils.env import seed_all_rng
 
 from ..atomic_io import atomic_write_json
 from ..config import DEFAULT_MAX_IMAGE_PIXELS
-from ..visualization.dataset_fit import ConfigFit
+from ..visualization.dataset_fit import ConfigFit, config_value, grid_caps, scale_grids
 from .cli import register_dataset
 
 __all__ = [
@@ -124,12 +124,6 @@ class TrialResult:
     thresholds: Dict[str, float] = field(default_factory=dict)  # panoptic: PQ per threshold
 
 
-def _value(cfg: CfgNode, key: str):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
 def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
@@ -140,7 +134,7 @@ def candidate_values(cfg: CfgNode, fit: ConfigFit) -> Dict[str, object]:
     """The :data:`TRIAL_KEYS` of the base ``cfg`` with ``fit``'s changes over it."""
     out = {}
     for key in TRIAL_KEYS:
-        value = fit.changes[key][0] if key in fit.changes else _value(cfg, key)
+        value = fit.changes[key][0] if key in fit.changes else config_value(cfg, key)
         out[key] = _plain(value)
     return out
 
@@ -172,14 +166,12 @@ def trial_candidates(
     strides = list(sc.FPN_INSTANCE_STRIDES)
     if "MODEL.SOLO.FPN_INSTANCE_STRIDES" in full.changes:
         strides = list(full.changes["MODEL.SOLO.FPN_INSTANCE_STRIDES"][0])
-    caps = [max(2, math.ceil(test_short / s)) for s in strides]
+    caps = grid_caps(test_short, strides)
 
     base_levels = _derived(fit, keep=[k for k in fit.changes if k not in _LEVEL_KEYS])
-    ratio = test_short / cfg.INPUT.MIN_SIZE_TEST
-    grids = [int(min(c, max(2, round(g * ratio)))) for g, c in zip(sc.NUM_GRIDS, caps)]
     base_levels.set(
         "MODEL.SOLO.NUM_GRIDS",
-        grids,
+        scale_grids(sc.NUM_GRIDS, test_short / cfg.INPUT.MIN_SIZE_TEST, caps),
         f"base grids x {test_short}/{cfg.INPUT.MIN_SIZE_TEST} (the resize only), capped at "
         "test size / stride; base scale ranges and SIGMA",
     )
@@ -187,7 +179,7 @@ def trial_candidates(
     fit_grids = candidate_values(cfg, full)["MODEL.SOLO.NUM_GRIDS"]
     finer.set(
         "MODEL.SOLO.NUM_GRIDS",
-        [int(min(c, max(2, round(g * FINER_GRIDS)))) for g, c in zip(fit_grids, caps)],
+        scale_grids(fit_grids, FINER_GRIDS, caps),
         f"the fit's grids {fit_grids} x {FINER_GRIDS:g}, capped at test size / stride",
     )
     made = [
@@ -274,6 +266,7 @@ def split_dataset(name: str, out_dir: str, fraction: float = VAL_FRACTION) -> Tu
     images = data.get("images") or []
     train_idx, val_idx = holdout_split([_image_key(im) for im in images], fraction)
     os.makedirs(out_dir, exist_ok=True)
+    max_pixels = meta.get("max_image_pixels", None) or DEFAULT_MAX_IMAGE_PIXELS
     names = []
     for split, idx in (("train", train_idx), ("val", val_idx)):
         ids = {images[i]["id"] for i in idx}
@@ -292,7 +285,6 @@ def split_dataset(name: str, out_dir: str, fraction: float = VAL_FRACTION) -> Tu
         for catalog in (DatasetCatalog, MetadataCatalog):
             if split_name in catalog.list():
                 catalog.remove(split_name)  # a new split of a changed file
-        max_pixels = meta.get("max_image_pixels", None) or DEFAULT_MAX_IMAGE_PIXELS
         names.append(register_dataset(spec, max_pixels))
     return names[0], names[1]
 
@@ -368,7 +360,7 @@ def _panoptic_sweep(trainer, cfg: CfgNode, val_name: str, own: float) -> Dict[st
 
     table = {}
     state = trainer.model.state_dict()
-    current = float(_value(cfg, THRESH_KEY))
+    current = float(config_value(cfg, THRESH_KEY))
     for t in PANOPTIC_THRESHOLDS:
         if math.isclose(t, current):
             table[f"{t:g}"] = own
@@ -384,6 +376,11 @@ def _panoptic_sweep(trainer, cfg: CfgNode, val_name: str, own: float) -> Dict[st
         results = Trainer.test(swept, model, evaluators=[evaluator])
         table[f"{t:g}"] = trial_metric(results, "coco_panoptic_seg")[1]
     return table
+
+
+def _error_line(e: BaseException) -> str:
+    """A failed trial's error as one line (the trial table's cell)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
 
 
 def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> TrialResult:
@@ -412,7 +409,7 @@ def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> T
             )
     except Exception as e:  # noqa: BLE001 - any failure of one candidate is reported, skipped
         result.metric = None
-        result.error = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+        result.error = _error_line(e)
         logger.warning(f"trial {candidate.name!r} failed: {result.error}")
     finally:
         result.seconds = round(time.perf_counter() - begin, 1)
@@ -484,7 +481,7 @@ def run_trials(
             trial_cfg = trial_config(cfg, candidate, train_name, val_name, iters, output_dir)
         except Exception as e:  # noqa: BLE001 - a value the config refuses: this trial fails
             result = TrialResult(candidate.name, candidate.description, values)
-            result.error = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+            result.error = _error_line(e)
         else:
             result = run_trial(trial_cfg, candidate, kind, val_name)
         result.values = values

@@ -72,6 +72,9 @@ __all__ = [
     "min_kept_scale",
     "fit_resizes",
     "fit_scale_ranges",
+    "grid_caps",
+    "scale_grids",
+    "config_value",
     "fit_grids",
     "fit_sigma",
     "outer_empty_levels",
@@ -183,6 +186,23 @@ def fit_scale_ranges(
     return ranges, k, median
 
 
+def grid_caps(test_short: int, level_strides: Sequence[int]) -> List[int]:
+    """The largest grid of each level: its feature resolution at the test short side (>= 2)."""
+    return [max(2, math.ceil(test_short / s)) for s in level_strides]
+
+
+def scale_grids(grids: Sequence[int], factor: float, caps: Sequence[int]) -> List[int]:
+    """``grids`` x ``factor``, rounded, at least 2 and at most ``caps`` (:func:`grid_caps`)."""
+    return [int(min(cap, max(2, round(g * factor)))) for g, cap in zip(grids, caps)]
+
+
+def config_value(cfg, key: str):
+    """The value of the dotted ``key`` ("MODEL.SOLO.NUM_GRIDS") in ``cfg``."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
 def fit_grids(
     objects: Dict[str, np.ndarray],
     resize: Tuple[int, int],
@@ -202,9 +222,8 @@ def fit_grids(
         grids.
     """
     short = resize[0]
-    ratio = 2.0**-octave_shift * short / base_test_short
-    caps = [max(2, math.ceil(short / s)) for s in level_strides]
-    start = [int(min(cap, max(2, round(g * ratio)))) for g, cap in zip(base_grids, caps)]
+    caps = grid_caps(short, level_strides)
+    start = scale_grids(base_grids, 2.0**-octave_shift * short / base_test_short, caps)
     grids = list(start)
     args = (objects, resize[0], resize[1], ranges)
     while True:

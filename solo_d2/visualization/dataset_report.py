@@ -371,7 +371,7 @@ def measure_lost_targets(
     import torch
     from detectron2.data import detection_utils as utils
 
-    from ..modeling.targets import assign_grid_targets, instance_targets
+    from ..modeling.targets import assign_grid_targets, center_of_mass
 
     step = max(1, math.ceil(len(dicts) / max(max_images, 1)))
     chosen = dicts[::step][:max_images]
@@ -390,12 +390,12 @@ def measure_lost_targets(
         tfm = T.TransformList([T.ResizeTransform(h, w, newh, neww)])
         anns = [utils.transform_instance_annotations(dict(a), tfm, (newh, neww)) for a in anns]
         inst = utils.annotations_to_instances(anns, (newh, neww), mask_format="bitmask")
-        masks = inst.gt_masks.tensor
-        valid, centers, _ = instance_targets(masks, 4)
-        masks, centers, labels = masks[valid], centers[valid], inst.gt_classes[valid]
-        if not len(masks):
+        valid = inst.gt_masks.tensor.flatten(1).any(1)  # empty masks are never positive
+        if not valid.any():
             continue
-        boxes = inst.gt_masks[valid].get_bounding_boxes().tensor
+        masks, labels = inst.gt_masks[valid], inst.gt_classes[valid]
+        centers = center_of_mass(masks.tensor)
+        boxes = masks.get_bounding_boxes().tensor
         canvas = tuple(-(-v // size_divisibility) * size_divisibility for v in (newh, neww))
         m = len(labels)
         _, positives = assign_grid_targets(
