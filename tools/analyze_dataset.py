@@ -55,7 +55,6 @@ from solo_d2.atomic_io import atomic_write_json
 from solo_d2.config import ConfigError, load_config
 from solo_d2.data.shapes import register_shapes
 from solo_d2.data.shapes_panoptic import register_shapes_panoptic
-from solo_d2.engine.cli import SPEC_FORMS, register_dataset
 from solo_d2.engine.fit_trials import (
     MARGIN,
     VAL_FRACTION,
@@ -68,6 +67,7 @@ from solo_d2.engine.fit_trials import (
     trials_record,
 )
 from solo_d2.engine.preflight import check_config
+from solo_d2.kinds import register_dataset, spec_forms
 from solo_d2.model_zoo import resolve_config_file
 from solo_d2.visualization.dataset_fit import ConfigFit, config_value, fit_config, write_fit
 from solo_d2.visualization.dataset_report import (
@@ -94,7 +94,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--dataset",
         required=True,
         metavar="NAME|SPEC",
-        help=f"a registered dataset name, or a spec: {' or '.join(SPEC_FORMS)}",
+        help=f"a registered dataset name, or a spec: {' or '.join(spec_forms())}",
     )
     add(
         "--output",
@@ -161,7 +161,7 @@ def resolve_dataset(arg: str, max_image_pixels: int) -> str:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
             f"--dataset {arg!r} is not a registered dataset{hint}; give a spec of the form "
-            f"{SPEC_FORMS[0]}"
+            f"{spec_forms()[0]}"
         )
     return arg
 

@@ -10,10 +10,11 @@ loader reads the file and gives the checked dataset dicts.
 import logging
 from functools import partial
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .packed import ensure_pack, open_pack
+from .record import DatasetRecord, dataset_record, set_dataset_record
 from .specs import is_registered_with, parse_dataset_spec, resolve_spec_paths
 from .validation import check_key, load_checked_coco, read_and_check, summarize_faults
 
@@ -45,8 +46,8 @@ def warn_if_changed(name: str, json_file: str, key: str, num_faults: int) -> Non
     Args:
         key, num_faults: the check key of the content now, and the faults its check found.
     """
-    registered = MetadataCatalog.get(name).get("data_check_key", key)
-    if key != registered:
+    record = dataset_record(name)
+    if record is not None and key != record.check_key:
         logger.warning(
             f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
             f"{num_faults} faults, left out (they were listed when it was registered)"
@@ -79,8 +80,8 @@ def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     be used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels`` pixels,
     ``INPUT.MAX_IMAGE_PIXELS``, included); faulty annotations and images (missing image files) are
     logged, counted and named, and left out of the dataset. The metadata gets ``thing_classes`` at
-    once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and ``data_faults``, the
-    list of :class:`DataFault`.
+    once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and its
+    :class:`~solo_d2.data.record.DatasetRecord` (the faults, the check key).
 
     Registering a name again with the same files is a no-op; with other files it is an error.
     """
@@ -89,7 +90,7 @@ def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
         spec, ("Annotation file", json_str), [("Image directory", image_str)]
     )
     files = {"json_file": json_file, "image_root": image_root}
-    if is_registered_with(name, files, f"spec {spec!r}"):
+    if is_registered_with(name, "coco", files, f"spec {spec!r}"):
         return name
     what = f"(dataset spec {spec!r})"
     data, checked, _ = read_and_check(
@@ -105,14 +106,13 @@ def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     )
     loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
     DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(
-        json_file=str(json_file),
-        image_root=str(image_root),
+    record = DatasetRecord("coco", files, tuple(checked.faults), checked.key, max_image_pixels)
+    set_dataset_record(
+        name,
+        record,
+        **files,
         evaluator_type="coco",
         thing_classes=checked.thing_classes,
         thing_dataset_id_to_contiguous_id=checked.id_map,
-        data_faults=checked.faults,
-        data_check_key=checked.key,
-        max_image_pixels=max_image_pixels,
     )
     return name

@@ -22,7 +22,8 @@ The annotations and images get the same checks, faults and messages as COCO data
 
 The metadata gets ``evaluator_type="lvis"`` (:class:`~solo_d2.evaluation.SOLOLVISEvaluator`
 evaluates it with LVIS's federated rules), ``thing_classes``,
-``thing_dataset_id_to_contiguous_id``, ``json_file``, ``image_root``, ``data_faults``,
+``thing_dataset_id_to_contiguous_id``, ``json_file``, ``image_root``, its
+:class:`~solo_d2.data.record.DatasetRecord` (kind "lvis", the faults, the check key),
 ``class_frequency`` ("r" / "c" / "f" per contiguous class) and ``class_image_count`` (detectron2's
 format for its builtin ``lvis_v1_*`` datasets: ``[{"id": category id, "image_count": n}]``, the
 file's ``image_count`` or, where absent, the images annotated with the category in this file).
@@ -37,11 +38,12 @@ import os
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .coco import warn_if_changed, warn_instance_faults
 from .packed import ensure_pack, open_pack
+from .record import DatasetRecord, set_dataset_record
 from .specs import LVIS_SPEC_FORM, is_registered_with, parse_dataset_spec, resolve_spec_paths
 from .validation import (
     CheckedCOCO,
@@ -278,8 +280,8 @@ def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     json_file, image_root = resolve_spec_paths(
         spec, ("Annotation file", json_str), [("Image directory", image_str)]
     )
-    expected = {"json_file": json_file, "image_root": image_root, "evaluator_type": "lvis"}
-    if is_registered_with(name, expected, f"spec {spec!r}"):
+    files = {"json_file": json_file, "image_root": image_root}
+    if is_registered_with(name, "lvis", files, f"spec {spec!r}"):
         return name
     what = f"(dataset spec {spec!r})"
     data, checked, info = read_and_check_lvis(
@@ -296,16 +298,15 @@ def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
     )
     loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
     DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(
-        json_file=json_file,
-        image_root=image_root,
+    record = DatasetRecord("lvis", files, tuple(checked.faults), checked.key, max_image_pixels)
+    set_dataset_record(
+        name,
+        record,
+        **files,
         evaluator_type="lvis",
         thing_classes=checked.thing_classes,
         thing_dataset_id_to_contiguous_id=checked.id_map,
         class_frequency=info["class_frequency"],
         class_image_count=info["class_image_count"],
-        data_faults=checked.faults,
-        data_check_key=checked.key,
-        max_image_pixels=max_image_pixels,
     )
     return name

@@ -39,10 +39,10 @@ import numpy as np
 import orjson
 import torch
 import torch.utils.data as torchdata
-from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 
 from .check_cache import cache_dir
+from .record import dataset_record
 from .validation import CheckedCOCO, check_key, dict_segmentation
 
 __all__ = [
@@ -563,15 +563,17 @@ def open_packs(names: Sequence[str]) -> Optional[List[PackedDataset]]:
     every one has one (datasets of other kinds, a file changed since, the cache off)."""
     packs = []
     for name in names:
-        meta = MetadataCatalog.get(name)
-        kind = meta.get("evaluator_type", None)
-        if kind not in ("coco", "lvis") or not meta.get("data_check_key", None):
+        record = dataset_record(name)
+        if record is None or not record.check_key:
             return None
+        files = record.files
         try:
-            key = check_key(kind, meta.json_file, meta.image_root, meta.max_image_pixels)
+            key = check_key(
+                record.kind, files["json_file"], files["image_root"], record.max_image_pixels
+            )
         except OSError:
             return None
-        pack = open_pack(key) if key == meta.data_check_key else None
+        pack = open_pack(key) if key == record.check_key else None
         if pack is None:
             return None
         packs.append(pack)

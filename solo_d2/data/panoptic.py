@@ -45,6 +45,7 @@ from pycocotools import mask as mask_util
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from .images import BadImageError
+from .record import DatasetRecord, dataset_record, set_dataset_record
 from .specs import PANOPTIC_SPEC_FORM, is_registered_with, resolve_spec_paths
 from .validation import (
     DataFault,
@@ -74,8 +75,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255  # void pixels of the semantic target
-# Metadata marker of a dataset registered with this module's convention.
-_CONVENTION = "solo_d2_panoptic"
 
 
 def parse_panoptic_spec(spec: str) -> tuple[str, str, str, str]:
@@ -135,8 +134,8 @@ def panoptic_metadata(categories: list[dict]) -> dict[str, Any]:
 
     Returns:
         thing_classes, thing_dataset_id_to_contiguous_id, stuff_classes (``"things"`` first),
-        stuff_dataset_id_to_contiguous_id (ids 1..K_st), ignore_label, the marker of this
-        convention, and thing_colors / stuff_colors when every category has a "color".
+        stuff_dataset_id_to_contiguous_id (ids 1..K_st), ignore_label, and thing_colors /
+        stuff_colors when every category has a "color".
     """
     things, stuff = _check_panoptic_categories(categories, "(categories)")
     meta = {
@@ -145,7 +144,6 @@ def panoptic_metadata(categories: list[dict]) -> dict[str, Any]:
         "stuff_classes": ["things"] + [str(c["name"]) for c in stuff],
         "stuff_dataset_id_to_contiguous_id": {c["id"]: i + 1 for i, c in enumerate(stuff)},
         "ignore_label": IGNORE_LABEL,
-        _CONVENTION: True,
     }
     if all("color" in c for c in categories):
         meta["thing_colors"] = [list(c["color"]) for c in things]
@@ -275,7 +273,8 @@ def _load_registered(name: str, json_file: str, png_dir: str, image_dir: str, ma
     checked = check_panoptic_dict(
         read_coco_json(json_file), json_file, png_dir, image_dir, max_pixels
     )
-    if len(checked.faults) != len(MetadataCatalog.get(name).get("data_faults", [])):
+    record = dataset_record(name)
+    if record is not None and len(checked.faults) != len(record.faults):
         logger.warning(
             f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
             f"{len(checked.faults)} faults, left out:\n{summarize_faults(checked.faults)}"
@@ -293,12 +292,13 @@ def register_panoptic(
     """Check the files now, then register ``name`` (loaded again, lazily, by DatasetCatalog).
 
     Metadata: :func:`panoptic_metadata`, ``panoptic_json``, ``panoptic_root``, ``image_root``,
-    ``evaluator_type="coco_panoptic_seg"``, ``data_faults``. Registering a name again with the
+    ``evaluator_type="coco_panoptic_seg"`` and its :class:`~solo_d2.data.record.DatasetRecord`
+    (kind "panoptic", the faults). Registering a name again with the
     same files is a no-op; with other files it is an error.
     """
     files = (str(json_file), str(png_dir), str(image_dir))
     expected = dict(zip(("panoptic_json", "panoptic_root", "image_root"), files))
-    if is_registered_with(name, {**expected, _CONVENTION: True}, f"files {files}"):
+    if is_registered_with(name, "panoptic", expected, f"files {files}"):
         return name
     data = read_coco_json(files[0], f"(panoptic dataset {name!r})")
     checked = check_panoptic_dict(data, *files, max_image_pixels)
@@ -310,11 +310,9 @@ def register_panoptic(
             + summarize_faults(checked.faults)
         )
     DatasetCatalog.register(name, partial(_load_registered, name, *files, max_image_pixels))
-    MetadataCatalog.get(name).set(
-        **checked.metadata,
-        **expected,
-        evaluator_type="coco_panoptic_seg",
-        data_faults=checked.faults,
+    record = DatasetRecord("panoptic", expected, tuple(checked.faults), "", max_image_pixels)
+    set_dataset_record(
+        name, record, **checked.metadata, **expected, evaluator_type="coco_panoptic_seg"
     )
     return name
 
@@ -344,7 +342,10 @@ def adopt_builtin_panoptic(names: Iterable[str]) -> list[str]:
         if name not in DatasetCatalog.list():
             continue
         meta = MetadataCatalog.get(name)
-        if meta.get(_CONVENTION, False) or meta.get("evaluator_type", None) != "coco_panoptic_seg":
+        if (
+            dataset_record(name) is not None
+            or meta.get("evaluator_type", None) != "coco_panoptic_seg"
+        ):
             continue
         files = [meta.get(k, None) for k in ("panoptic_json", "panoptic_root", "image_root")]
         if not all(isinstance(f, str) and os.path.exists(f) for f in files):

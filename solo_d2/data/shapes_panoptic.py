@@ -31,10 +31,11 @@ from typing import Any, Optional
 
 import cv2
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from iopath.common.file_io import file_lock
 
 from .panoptic import load_panoptic_dicts, panoptic_metadata
+from .record import DatasetRecord, set_dataset_record
 from .shapes import (
     CROWD_EVERY,
     EMPTY_EVERY,
@@ -358,10 +359,15 @@ def register_shapes_panoptic(root: Optional[str] = None) -> None:
         if name in DatasetCatalog.list():
             continue
         DatasetCatalog.register(name, partial(_load_split, out_dir, split, num_images, seed))
-        MetadataCatalog.get(name).set(
+        files = {
+            "panoptic_json": os.path.join(out_dir, f"{split}.json"),
+            "panoptic_root": os.path.join(out_dir, f"{split}_panoptic"),
+            "image_root": os.path.join(out_dir, split),
+        }
+        set_dataset_record(
+            name,
+            DatasetRecord("panoptic", files),  # generated: no fault to leave out
             **panoptic_metadata(CATEGORIES),
-            panoptic_json=os.path.join(out_dir, f"{split}.json"),
-            panoptic_root=os.path.join(out_dir, f"{split}_panoptic"),
-            image_root=os.path.join(out_dir, split),
+            **files,
             evaluator_type="coco_panoptic_seg",
         )

@@ -2,28 +2,27 @@
 
 A spec registers a dataset in detectron2's ``DatasetCatalog`` / ``MetadataCatalog`` under
 ``NAME`` so that ``DATASETS.TRAIN`` / ``DATASETS.TEST`` can name it. The forms
-(:data:`SPEC_FORMS`), each registered by its own module, built on this one:
+, each registered by its own module, built on this one:
 
 * ``NAME=ANNOTATIONS.json:IMAGE_DIR``: COCO instance segmentation (:mod:`solo_d2.data.coco`);
 * ``NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR``: COCO panoptic
   (:mod:`solo_d2.data.panoptic`);
 * ``NAME=lvis:ANNOTATIONS.json:IMAGE_DIR``: LVIS (:mod:`solo_d2.data.lvis`).
 
-Choosing the module by the spec's kind, and the ``--dataset`` option itself, are the entry
-points' (:mod:`solo_d2.engine.cli`).
+Choosing the module by the spec's kind is the registry of dataset kinds' (:mod:`solo_d2.kinds`).
 """
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Dict, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .record import dataset_record
 
 __all__ = [
     "SPEC_FORM",
     "PANOPTIC_SPEC_FORM",
     "LVIS_SPEC_FORM",
-    "SPEC_FORMS",
-    "spec_kind",
     "parse_dataset_spec",
     "resolve_spec_paths",
     "is_registered_with",
@@ -32,13 +31,6 @@ __all__ = [
 SPEC_FORM = "NAME=ANNOTATIONS.json:IMAGE_DIR"
 PANOPTIC_SPEC_FORM = "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
 LVIS_SPEC_FORM = "NAME=lvis:ANNOTATIONS.json:IMAGE_DIR"
-SPEC_FORMS = (SPEC_FORM, PANOPTIC_SPEC_FORM, LVIS_SPEC_FORM)
-
-
-def spec_kind(spec: str) -> str:
-    """The kind of a spec: "panoptic", "lvis" or "coco" (no prefix after ``NAME=``)."""
-    kind = spec.partition("=")[2].split(":", 1)[0]
-    return kind if kind in ("panoptic", "lvis") else "coco"
 
 
 def parse_dataset_spec(spec: str, kind: str = "", form: str = SPEC_FORM) -> tuple[str, str, str]:
@@ -106,24 +98,29 @@ def resolve_spec_paths(
     return paths
 
 
-def is_registered_with(name: str, expected: dict[str, Any], source: str) -> bool:
-    """Whether ``name`` is already registered from the same files (registering it again is then
-    a no-op).
+def is_registered_with(name: str, kind: str, files: Dict[str, str], source: str) -> bool:
+    """Whether ``name`` is already registered by the dataset kind ``kind`` from the same files
+    (registering it again is then a no-op).
 
     Args:
-        expected: metadata key -> value the registered dataset must have: its files, e.g.
-            {"json_file": ..., "image_root": ...}, and what marks its kind if needed.
+        files: role -> path, as its :class:`~solo_d2.data.record.DatasetRecord` holds them.
         source: what asks to register it, for the message ("spec '...'").
     Raises:
-        ValueError: ``name`` is registered with other metadata (files or kind).
+        ValueError: ``name`` is registered otherwise (other files, another kind, or not by
+            solo_d2).
     """
     if name not in DatasetCatalog.list():
         return False
-    meta = MetadataCatalog.get(name)
-    old = {key: meta.get(key, None) for key in expected}
-    if old == expected:
+    record = dataset_record(name)
+    if record is not None and record.kind == kind and dict(record.files) == files:
         return True
-    shown = ", ".join(f"{key}={value!r}" for key, value in old.items())
+    if record is None:
+        meta = MetadataCatalog.get(name)
+        old = {key: meta.get(key, None) for key in files}
+        shown = ", ".join(f"{key}={value!r}" for key, value in old.items())
+    else:
+        shown = ", ".join(f"{key}={value!r}" for key, value in record.files.items())
+        shown = f"{shown} (a {record.kind} dataset)"
     raise ValueError(
         f"Dataset {name!r} is already registered with {shown}; cannot register it again from "
         f"{source}"

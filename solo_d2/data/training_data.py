@@ -27,6 +27,7 @@ from torch.utils.data import Sampler
 
 from ..atomic_io import atomic_write_json
 from .packed import open_packs, repeat_factors
+from .record import dataset_record
 from .validation import DatasetError, summarize_faults
 
 __all__ = ["build_train_loader", "packed_train_data", "report_training_faults"]
@@ -84,7 +85,8 @@ def packed_train_data(cfg: CfgNode) -> Tuple[Optional[torchdata.Dataset], Option
 def report_training_faults(cfg: CfgNode, names: Iterable[str]) -> None:
     """Log the faults of the training datasets, list them in OUTPUT_DIR; raise when strict."""
     for name in names:
-        faults = MetadataCatalog.get(name).get("data_faults", None)
+        record = dataset_record(name)
+        faults = record.faults if record is not None else ()
         if not faults:
             continue
         if cfg.DATASETS.STRICT:

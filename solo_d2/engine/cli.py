@@ -1,46 +1,30 @@
 """Command-line glue shared by ``train_net.py``, the demo and the tools: the repeatable
 ``--dataset SPEC`` option and registering what it names.
 
-The spec forms and their parsing are :mod:`solo_d2.data.specs`; each kind is registered by its
-own module (:mod:`solo_d2.data.coco`, :mod:`solo_d2.data.panoptic`, :mod:`solo_d2.data.lvis`).
-The synthetic shapes datasets are always registered.
+The spec forms, and registering each, are the dataset kinds' (:mod:`solo_d2.kinds`). The
+synthetic shapes datasets are always registered.
 """
 
 import argparse
 
 from ..config import DEFAULT_MAX_IMAGE_PIXELS, load_config
-from ..data.coco import register_coco_dataset
-from ..data.lvis import register_lvis_dataset
-from ..data.panoptic import register_panoptic_dataset
 from ..data.shapes import register_shapes
 from ..data.shapes_panoptic import register_shapes_panoptic
-from ..data.specs import LVIS_SPEC_FORM, PANOPTIC_SPEC_FORM, SPEC_FORM, SPEC_FORMS, spec_kind
+from ..kinds import dataset_kinds, register_dataset
 
-__all__ = ["SPEC_FORMS", "register_dataset", "add_dataset_arguments", "register_datasets_from_args"]
-
-
-def register_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
-    """Check and register the dataset of any of the :data:`SPEC_FORMS`; return its name.
-
-    The kind is the prefix after ``NAME=``: ``panoptic:`` and ``lvis:``, else COCO instances.
-    """
-    register = {
-        "panoptic": register_panoptic_dataset,
-        "lvis": register_lvis_dataset,
-        "coco": register_coco_dataset,
-    }[spec_kind(spec)]
-    return register(spec, max_image_pixels)
+__all__ = ["register_dataset", "add_dataset_arguments", "register_datasets_from_args"]
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the repeatable ``--dataset SPEC`` option (:data:`SPEC_FORMS`) to ``parser``."""
+    """Add the repeatable ``--dataset SPEC`` option (the forms of the registered dataset kinds)
+    to ``parser``."""
+    forms = [f"{k.description} {k.spec_form}" for k in dataset_kinds() if k.spec_prefix is not None]
     parser.add_argument(
         "--dataset",
         action="append",
         default=[],
         metavar="SPEC",
-        help=f"register a dataset under NAME (repeatable): COCO instances {SPEC_FORM}, COCO "
-        f"panoptic {PANOPTIC_SPEC_FORM} or LVIS {LVIS_SPEC_FORM}; DATASETS.TRAIN / "
+        help=f"register a dataset under NAME (repeatable): {', '.join(forms)}; DATASETS.TRAIN / "
         "DATASETS.TEST can then name it. The synthetic shapes datasets are always available.",
     )
 

@@ -52,8 +52,10 @@ from detectron2.utils.env import seed_all_rng
 
 from ..atomic_io import atomic_write_json
 from ..config import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.record import dataset_record
+from ..kinds import DatasetKind, get_kind, kind_of, register_dataset
+from ..modeling import is_panoptic
 from ..visualization.dataset_fit import ConfigFit, config_value, grid_caps, scale_grids
-from .cli import register_dataset
 
 __all__ = [
     "TRIAL_KEYS",
@@ -251,12 +253,9 @@ def split_dataset(name: str, out_dir: str, fraction: float = VAL_FRACTION) -> Tu
         ValueError: the dataset has no annotation file on record (give ``--val-dataset``), or
             too few images.
     """
-    meta = MetadataCatalog.get(name)
-    kind = meta.get("evaluator_type", "coco")
-    source = meta.get("panoptic_json", None) if kind == "coco_panoptic_seg" else None
-    source = source or meta.get("json_file", None)
-    image_root = meta.get("image_root", None)
-    if not source or not image_root or not os.path.isfile(source):
+    kind = kind_of(name)
+    source = kind.annotation_file(name)
+    if source is None:
         raise ValueError(
             f"dataset {name!r} has no annotation file on record to hold images out of; give a "
             "validation set with --val-dataset"
@@ -266,7 +265,8 @@ def split_dataset(name: str, out_dir: str, fraction: float = VAL_FRACTION) -> Tu
     images = data.get("images") or []
     train_idx, val_idx = holdout_split([_image_key(im) for im in images], fraction)
     os.makedirs(out_dir, exist_ok=True)
-    max_pixels = meta.get("max_image_pixels", None) or DEFAULT_MAX_IMAGE_PIXELS
+    record = dataset_record(name)
+    max_pixels = record.max_image_pixels if record is not None else DEFAULT_MAX_IMAGE_PIXELS
     names = []
     for split, idx in (("train", train_idx), ("val", val_idx)):
         ids = {images[i]["id"] for i in idx}
@@ -276,12 +276,7 @@ def split_dataset(name: str, out_dir: str, fraction: float = VAL_FRACTION) -> Tu
         path = os.path.join(out_dir, f"{name}_{split}.json")
         atomic_write_json(path, part)
         split_name = f"{name}_trial_{split}"
-        if kind == "coco_panoptic_seg":
-            spec = f"{split_name}=panoptic:{path}:{meta.panoptic_root}:{image_root}"
-        elif kind == "lvis":
-            spec = f"{split_name}=lvis:{path}:{image_root}"
-        else:
-            spec = f"{split_name}={path}:{image_root}"
+        spec = kind.split_spec(name, split_name, path)
         for catalog in (DatasetCatalog, MetadataCatalog):
             if split_name in catalog.list():
                 catalog.remove(split_name)  # a new split of a changed file
@@ -325,18 +320,11 @@ def trial_config(
     return out
 
 
-def trial_metric(results: dict, kind: str) -> Tuple[str, float]:
-    """The validation metric of a dataset kind (``evaluator_type``) from evaluation results:
-    PQ for panoptic data, LVIS's mask AP for LVIS, COCO's mask AP otherwise (0 where the
-    evaluation has no number: no prediction)."""
-    if kind == "coco_panoptic_seg":
-        name, value = "PQ", results.get("panoptic_seg", {}).get("PQ")
-    else:
-        name = "LVIS mask AP" if kind == "lvis" else "mask AP"
-        value = results.get("segm", {}).get("AP")
-    if value is None or not math.isfinite(float(value)):
-        value = 0.0
-    return name, float(value)
+def trial_metric(results: dict, kind: DatasetKind) -> Tuple[str, float]:
+    """The validation metric of a dataset kind from evaluation results, and its name: mask AP
+    (COCO), LVIS's mask AP, PQ (panoptic); 0 where the evaluation has no number (no
+    prediction)."""
+    return kind.metric_name, kind.metric(results)
 
 
 def evaluation_results(storage) -> Dict[str, Dict[str, float]]:
@@ -374,7 +362,7 @@ def _panoptic_sweep(trainer, cfg: CfgNode, val_name: str, own: float) -> Dict[st
         folder = os.path.join(cfg.OUTPUT_DIR, f"inference_thresh_{t:g}")
         evaluator = SOLOPanopticEvaluator(val_name, output_dir=folder)
         results = Trainer.test(swept, model, evaluators=[evaluator])
-        table[f"{t:g}"] = trial_metric(results, "coco_panoptic_seg")[1]
+        table[f"{t:g}"] = get_kind("panoptic").metric(results)
     return table
 
 
@@ -383,7 +371,7 @@ def _error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
 
 
-def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> TrialResult:
+def run_trial(cfg: CfgNode, candidate: Candidate, kind: DatasetKind, val_name: str) -> TrialResult:
     """Train and evaluate one candidate (``cfg``: its :func:`trial_config`); a failure is
     returned as the result's ``error``, not raised."""
     from .trainer import Trainer
@@ -397,7 +385,7 @@ def run_trial(cfg: CfgNode, candidate: Candidate, kind: str, val_name: str) -> T
         trainer.resume_or_load(resume=False)
         trainer.train()
         result.metric_name, result.metric = trial_metric(evaluation_results(trainer.storage), kind)
-        if kind == "coco_panoptic_seg":
+        if is_panoptic(cfg):  # a panoptic model: its paste threshold swept too
             result.thresholds = _panoptic_sweep(trainer, cfg, val_name, result.metric)
             best = max(result.thresholds, key=lambda t: result.thresholds[t])
             result.metric = result.thresholds[best]
@@ -469,7 +457,7 @@ def run_trials(
 ) -> List[TrialResult]:
     """Train and evaluate every candidate in turn (:func:`run_trial`); ``progress`` gets a line
     before and after each (training itself logs as ``train_net.py`` does)."""
-    kind = MetadataCatalog.get(val_name).get("evaluator_type", "coco")
+    kind = kind_of(val_name)
     results = []
     for i, candidate in enumerate(candidates, 1):
         values = candidate_values(cfg, candidate.fit)

@@ -14,34 +14,12 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import ConfigError
-from ..data.panoptic import adopt_builtin_panoptic
 from ..data.shapes import SPLITS as SHAPES_SPLITS
 from ..data.shapes_panoptic import SPLITS as PANOPTIC_SHAPES_SPLITS
+from ..kinds import kind_of
 from ..modeling import is_panoptic
 
 __all__ = ["check_config"]
-
-
-def _check_panoptic(cfg: CfgNode, name: str, key: str) -> None:
-    """A panoptic model's stuff classes against a dataset's; panoptic training data for it."""
-    pc = cfg.MODEL.SOLO.PANOPTIC
-    meta = MetadataCatalog.get(name)
-    if meta.get("evaluator_type", None) != "coco_panoptic_seg":
-        if key == "TRAIN":
-            raise ConfigError(
-                f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}, a panoptic model, "
-                f"but training dataset {name!r} is not a panoptic dataset; register one with "
-                "--dataset "
-                "NAME=panoptic:PANOPTIC.json:PANOPTIC_PNG_DIR:IMAGE_DIR"
-            )
-        return
-    stuff = meta.get("stuff_classes", [])[1:]  # stuff_classes[0] is "things"
-    if len(stuff) != pc.NUM_STUFF_CLASSES:
-        raise ConfigError(
-            f"MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES is {pc.NUM_STUFF_CLASSES} but dataset "
-            f"{name!r} (DATASETS.{key}) has {len(stuff)} stuff categories; set "
-            f"MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES {len(stuff)}"
-        )
 
 
 def _resumable(cfg: CfgNode) -> bool:
@@ -53,15 +31,13 @@ def _missing_files(name: str, key: str) -> Optional[ConfigError]:
     builtin detectron2 datasets are registered whether their files exist or not), or None."""
     if name in SHAPES_SPLITS or name in PANOPTIC_SHAPES_SPLITS:  # generated when first used
         return None
-    meta = MetadataCatalog.get(name)
-    json_file, image_root = meta.get("json_file", None), meta.get("image_root", None)
-    if meta.get("evaluator_type", None) == "coco_panoptic_seg":  # no instances file needed
-        json_file = meta.get("panoptic_json", None)
-    paths = (json_file, image_root, meta.get("panoptic_root", None))
-    missing = next((p for p in paths if isinstance(p, str) and not os.path.exists(p)), None)
+    files = kind_of(name).files(name)  # [(what, path)]: the annotation file, the images first
+    (_, json_file), (_, image_root) = files[:2]
+    what, missing = next(
+        ((w, p) for w, p in files if isinstance(p, str) and not os.path.exists(p)), (None, None)
+    )
     if missing is None:
         return None
-    what = {json_file: "annotation file", image_root: "image folder"}.get(missing, "PNG folder")
     error = f"dataset {name!r} (DATASETS.{key}): its {what} {os.path.abspath(missing)} is missing"
     root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     inside = os.path.commonpath([os.path.abspath(root), os.path.abspath(missing)])
@@ -108,9 +84,10 @@ def check_config(
     Raises:
         ConfigError: one line naming the key, the value and the fix.
     """
-    adopt_builtin_panoptic([n for key in splits for n in cfg.DATASETS[key]])
-    panoptic = is_panoptic(cfg)
     registered = set(DatasetCatalog.list())
+    for name in {n for key in splits for n in cfg.DATASETS[key] if n in registered}:
+        kind_of(name).adopt(name)  # detectron2's builtin panoptic datasets: the SOLO convention
+    panoptic = is_panoptic(cfg)
     for key in splits:
         for name in cfg.DATASETS[key]:
             if name not in registered:
@@ -144,8 +121,7 @@ def check_config(
                     f"{name!r} (DATASETS.{key}) has {len(classes)} categories ({shown}); set "
                     f"MODEL.SOLO.NUM_CLASSES {len(classes)}{subset}"
                 )
-            if panoptic:
-                _check_panoptic(cfg, name, key)
+            kind_of(name).check(cfg, name, key)
     if cfg.INPUT.MAX_IMAGE_PIXELS <= 0:
         raise ConfigError(
             f"INPUT.MAX_IMAGE_PIXELS is {cfg.INPUT.MAX_IMAGE_PIXELS}; it must be a positive "

@@ -17,17 +17,14 @@ training writes ``loss_curve.png`` into ``OUTPUT_DIR``
 import json
 import logging
 import os
+from typing import Optional
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-)
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.engine.hooks import EvalHook
-from detectron2.evaluation import DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from torch import nn
@@ -35,11 +32,8 @@ from torch import nn
 from ..atomic_io import remove_stale_temporaries
 from ..checkpoint import AtomicCheckpointer
 from ..compat import default_trainer_ddp
-from ..data.dataset_mapper import SOLODatasetMapper
-from ..data.panoptic_mapper import SOLOPanopticDatasetMapper
 from ..data.training_data import build_train_loader
-from ..evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator, SOLOPanopticEvaluator
-from ..modeling import is_panoptic
+from ..kinds import get_kind, kind_of
 from .hooks import LossCurveHook, PreemptionHook, leave_signals_to_trainer
 from .preflight import check_config
 
@@ -60,10 +54,13 @@ def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
     return d2_create_ddp_model(model, **kwargs)
 
 
-def build_mapper(cfg: CfgNode, is_train: bool) -> SOLODatasetMapper:
-    """The data mapper of the model of ``cfg``: SOLOPanopticDatasetMapper for a panoptic model."""
-    mapper_cls = SOLOPanopticDatasetMapper if is_panoptic(cfg) else SOLODatasetMapper
-    return mapper_cls(cfg, is_train)
+def build_mapper(cfg: CfgNode, is_train: bool, dataset_name: Optional[str] = None):
+    """The data mapper for the model of ``cfg`` that the kind of ``dataset_name`` (by default the
+    first of ``DATASETS.TRAIN``, else of ``DATASETS.TEST``) gives (:mod:`solo_d2.kinds`):
+    SOLODatasetMapper, SOLOPanopticDatasetMapper for a panoptic model on panoptic data."""
+    names = [dataset_name] if dataset_name else [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
+    kind = kind_of(names[0]) if names else get_kind("coco")
+    return kind.build_mapper(cfg, is_train)
 
 
 def _trim_metrics(path: str, start_iter: int) -> int:
@@ -147,7 +144,7 @@ class Trainer(DefaultTrainer):
         loader = build_detection_test_loader(
             cfg,
             dataset_name,
-            mapper=build_mapper(cfg, False),
+            mapper=build_mapper(cfg, False, dataset_name),
             batch_size=cfg.TEST.IMS_PER_BATCH,
         )
         return leave_signals_to_trainer(loader)  # evaluations during training
@@ -166,25 +163,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """The evaluation the dataset's ``evaluator_type`` asks for: COCO mask and box AP
-        ("coco", the default), PQ and the things' mask and box AP ("coco_panoptic_seg", as
-        detectron2 evaluates its COCO panoptic datasets; the AP's files in the ``things``
-        subfolder) or LVIS's federated AP ("lvis")."""
+        """The evaluator of the dataset's kind (:mod:`solo_d2.kinds`): COCO mask and box AP; PQ
+        and the things' mask and box AP for panoptic data (those in the ``things`` subfolder);
+        LVIS's federated AP."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
-        if kind == "coco_panoptic_seg":
-            if not is_panoptic(cfg):
-                raise ValueError(
-                    f"Dataset {dataset_name!r} is a panoptic dataset: evaluating it needs a "
-                    'panoptic model (MODEL.META_ARCHITECTURE "PanopticSOLO")'
-                )
-            pq = SOLOPanopticEvaluator(dataset_name, output_dir=output_folder)
-            things_folder = os.path.join(output_folder, "things")
-            things = SOLOCOCOEvaluator(dataset_name, ("segm", "bbox"), output_dir=things_folder)
-            return DatasetEvaluators([pq, things])
-        if kind == "lvis":
-            return SOLOLVISEvaluator(dataset_name, cfg, output_dir=output_folder)
-        return SOLOCOCOEvaluator(dataset_name, tasks=("segm", "bbox"), output_dir=output_folder)
+        return kind_of(dataset_name).build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
         """detectron2's hooks, and a :class:`~solo_d2.engine.hooks.PreemptionHook` after the

@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 from collections import OrderedDict
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.coco import convert_to_coco_json
@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 
 from ..atomic_io import TMP_MARKER, atomic_write_json, remove_stale_temporaries
 from ..compat import set_coco_ground_truth
-from ..data.panoptic import panoptic_things_coco
+from ..data.record import DatasetRecord, dataset_record
 from ..data.validation import clean_coco_dict, read_and_check, summarize_faults
 
 __all__ = ["SOLOCOCOEvaluator"]
@@ -41,11 +41,12 @@ class SOLOCOCOEvaluator(COCOEvaluator):
       ``output_dir`` detectron2's evaluator is given), then each is renamed into ``output_dir``:
       a killed evaluation leaves the previous files intact.
     * When the model predicts nothing on any image, AP is reported as 0, not NaN.
-    * For a panoptic dataset (``evaluator_type`` "coco_panoptic_seg"), the ground truth is its
-      thing instances (:func:`solo_d2.data.panoptic.panoptic_things_coco`), written to
-      ``<output_dir>/<dataset>_coco_format.json`` (the metadata's ``json_file`` from then on,
-      as after detectron2's conversion of non-COCO data): the instance AP of a panoptic model's
-      "instances" output, beside PQ.
+    * With ``ground_truth`` (a function of the dataset name giving a COCO instances dict), a
+      dataset without ``json_file`` is evaluated against what it gives, written to
+      ``<output_dir>/<dataset>_coco_format.json`` (the metadata's ``json_file`` from then on, as
+      after detectron2's conversion of other data): the panoptic kind passes its datasets' thing
+      instances (:func:`solo_d2.data.panoptic.panoptic_things_coco`), for the instance AP of a
+      panoptic model beside PQ.
     """
 
     def __init__(
@@ -54,23 +55,23 @@ class SOLOCOCOEvaluator(COCOEvaluator):
         tasks=None,
         distributed: bool = True,
         output_dir: Optional[str] = None,
+        ground_truth: Optional[Callable[[str], dict]] = None,
         **kwargs,
     ):
-        """Arguments of detectron2's ``COCOEvaluator``."""
+        """Arguments of detectron2's ``COCOEvaluator``; ``ground_truth``: see the class."""
         self.dataset_name = dataset_name
         self.output_dir = output_dir
         self.distributed = distributed
         self.faults = []
         self.num_detections = 0
         metadata = MetadataCatalog.get(dataset_name)
-        panoptic = metadata.get("evaluator_type", None) == "coco_panoptic_seg"
         if output_dir and not hasattr(metadata, "json_file"):
             # as detectron2 does, but into output_dir itself rather than the staging folder
             os.makedirs(output_dir, exist_ok=True)
             cache = os.path.join(output_dir, f"{dataset_name}_coco_format.json")
-            if panoptic:  # its thing instances, made once per process
+            if ground_truth is not None:  # made once per process
                 if comm.is_main_process():
-                    atomic_write_json(cache, panoptic_things_coco(dataset_name))
+                    atomic_write_json(cache, ground_truth(dataset_name))
                 comm.synchronize()
             else:
                 convert_to_coco_json(
@@ -79,15 +80,16 @@ class SOLOCOCOEvaluator(COCOEvaluator):
             metadata.json_file = cache
         staging = _staging_dir(output_dir) if output_dir and comm.is_main_process() else output_dir
         super().__init__(dataset_name, tasks, distributed, staging, **kwargs)
-        if metadata.get("data_faults", None) is not None and not panoptic:
-            set_coco_ground_truth(self, self.checked_ground_truth(metadata))
+        record = dataset_record(dataset_name)
+        if record is not None and "json_file" in record.files:  # a COCO-style file it checked
+            set_coco_ground_truth(self, self.checked_ground_truth(record))
 
-    def checked_ground_truth(self, metadata) -> COCO:
+    def checked_ground_truth(self, record: DatasetRecord) -> COCO:
         """The dataset's annotation file without its faulty annotations and images; sets
         ``self.faults``."""
-        json_file = metadata.json_file
+        json_file = record.files["json_file"]
         data, checked, _ = read_and_check(  # the check of the registration, reused
-            json_file, metadata.get("image_root", None), metadata.get("max_image_pixels", None)
+            json_file, record.files["image_root"], record.max_image_pixels
         )
         self.faults = checked.faults
         if checked.faults:

@@ -40,6 +40,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
 from ..data.lvis import clean_lvis_dict, read_and_check_lvis
+from ..data.record import dataset_record
 from ..data.validation import summarize_faults
 from .coco_evaluation import staged_output, write_evaluation_files
 
@@ -165,7 +166,8 @@ class SOLOLVISEvaluator(DatasetEvaluator):
             )
         self.metadata = MetadataCatalog.get(dataset_name)
         self.faults = []
-        if self.metadata.get("data_faults", None) is not None:
+        self.record = dataset_record(dataset_name)
+        if self.record is not None:
             self.lvis_api = self.checked_ground_truth()
         else:  # detectron2's builtin LVIS datasets
             self.lvis_api = LVIS(PathManager.get_local_path(self.metadata.json_file))
@@ -175,11 +177,11 @@ class SOLOLVISEvaluator(DatasetEvaluator):
     def checked_ground_truth(self):
         """An ``lvis.LVIS`` of the annotation file without its faulty annotations and images;
         sets ``self.faults``."""
-        json_file = self.metadata.json_file
+        json_file = self.record.files["json_file"]
         data, checked, _ = read_and_check_lvis(  # the check of the registration, reused
             json_file,
-            self.metadata.get("image_root", None),
-            max_image_pixels=self.metadata.get("max_image_pixels", None),
+            self.record.files["image_root"],
+            max_image_pixels=self.record.max_image_pixels,
         )
         self.faults = checked.faults
         if checked.faults:

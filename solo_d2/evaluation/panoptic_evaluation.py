@@ -73,7 +73,7 @@ class SOLOPanopticEvaluator(COCOPanopticEvaluator):
     """COCOPanopticEvaluator for SOLO: the dataset's images only, atomic result files.
 
     * Only the images of ``DatasetCatalog.get(dataset_name)`` are evaluated: the images that the
-      dataset loader left out (``data_faults``) and those outside a registered subset of the
+      dataset loader left out (its record's faults) and those outside a registered subset of the
       panoptic JSON are not counted (panopticapi alone would fail on an image without
       prediction). Predictions of other images are ignored; a dataset image without prediction
       is an error.

@@ -7,11 +7,12 @@ import os
 import uuid
 
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from PIL import Image
 
 from solo_d2.data import check_cache, validation
 from solo_d2.data.coco import register_coco_dataset
+from solo_d2.data.record import dataset_record
 from solo_d2.data.validation import CheckedCOCO, DataFault, read_and_check
 
 H, W = 40, 60
@@ -88,7 +89,7 @@ def test_an_edited_file_is_checked_again(tmp_path, cache):
 def test_the_loader_warns_when_the_file_changed_since_registration(tmp_path, cache, caplog):
     ann, images = _write(tmp_path, [_ann(1)])
     name = register_coco_dataset(f"cached_{uuid.uuid4().hex[:8]}={ann}:{images}")
-    assert MetadataCatalog.get(name).data_check_key
+    assert dataset_record(name).check_key
     with caplog.at_level(logging.WARNING, logger="solo_d2"):
         assert len(DatasetCatalog.get(name)[0]["annotations"]) == 1
         assert "changed since it was registered" not in caplog.text

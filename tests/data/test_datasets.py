@@ -11,8 +11,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.shapes import SHAPES_CLASSES, generate_shapes
-from solo_d2.data.specs import parse_dataset_spec, spec_kind
+from solo_d2.data.specs import parse_dataset_spec
 from solo_d2.engine.cli import add_dataset_arguments, register_datasets_from_args
+from solo_d2.kinds import kind_of_spec
 
 FORM = "NAME=ANNOTATIONS.json:IMAGE_DIR"
 
@@ -131,8 +132,8 @@ def test_command_line(
         parser.parse_args(["--dataset"])
 
 
-def test_spec_kind() -> None:
-    assert spec_kind("a=ann.json:img") == "coco"
-    assert spec_kind("a=panoptic:p.json:png:img") == "panoptic"
-    assert spec_kind("a=lvis:ann.json:img") == "lvis"
-    assert spec_kind("a=C:/data/ann.json:img") == "coco"  # a drive letter is not a kind
+def test_kind_of_spec() -> None:
+    assert kind_of_spec("a=ann.json:img").name == "coco"
+    assert kind_of_spec("a=panoptic:p.json:png:img").name == "panoptic"
+    assert kind_of_spec("a=lvis:ann.json:img").name == "lvis"
+    assert kind_of_spec("a=C:/data/ann.json:img").name == "coco"  # a drive letter is not a kind

@@ -417,8 +417,9 @@ def rss():
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 """
 MEASURE_DATASET = _CHILD_HEAD + """
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from solo_d2.data.coco import register_coco_dataset
+from solo_d2.data.record import dataset_record
 from solo_d2.data.validation import DatasetError
 outcome = {"base_rss": rss()}
 try:
@@ -426,7 +427,7 @@ try:
     dicts = DatasetCatalog.get(name)
     outcome["dicts"] = len(dicts)
     outcome["annotations"] = sum(len(d["annotations"]) for d in dicts)
-    outcome["faults"] = len(MetadataCatalog.get(name).data_faults)
+    outcome["faults"] = len(dataset_record(name).faults)
 except DatasetError as e:
     outcome["error"] = str(e)
 outcome["peak_rss"] = rss()

@@ -18,6 +18,7 @@ from PIL import Image
 
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
 from solo_d2.data.lvis import parse_lvis_spec, register_lvis_dataset
+from solo_d2.data.record import dataset_record
 from solo_d2.data.validation import DatasetError
 from solo_d2.engine import Trainer
 from solo_d2.engine.cli import register_dataset
@@ -114,7 +115,7 @@ def test_register_lvis_dataset(name, tmp_path):
         {"id": 7, "image_count": 2},
         {"id": 20, "image_count": 1},
     ]
-    assert meta.data_faults == []
+    assert dataset_record(name).faults == ()
     assert meta.json_file == str(tmp_path / "lvis.json")
     dicts = DatasetCatalog.get(name)
     files = [Path(d["file_name"]).relative_to(tmp_path / "images").as_posix() for d in dicts]
@@ -132,7 +133,7 @@ def test_faults_are_left_out_like_coco(name, tmp_path):
     data["annotations"][1]["segmentation"] = []  # image 1's rare annotation
     spec = f"{name}={write_lvis(tmp_path, data)}"
     register_lvis_dataset(spec)
-    faults = MetadataCatalog.get(name).data_faults
+    faults = dataset_record(name).faults
     assert sorted(f.kind for f in faults) == ["empty_segmentation", "missing_image_file"]
     assert any("missing.png not found" in f.message for f in faults)
     dicts = DatasetCatalog.get(name)

@@ -23,6 +23,7 @@ from test_validation import coco_dict
 from solo_d2.data import check_cache, packed, validation
 from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.lvis import IMAGE_CATEGORY_LISTS, load_checked_lvis, register_lvis_dataset
+from solo_d2.data.record import dataset_record
 from solo_d2.data.training_data import packed_train_data
 from solo_d2.data.validation import check_coco_dict, check_key, to_dataset_dicts
 
@@ -177,7 +178,7 @@ def _write(root, data):
 def test_registration_packs_and_the_loader_uses_the_pack(tmp_path, cache, monkeypatch):
     ann, images = _write(tmp_path, _mixed_dataset())
     name = register_coco_dataset(f"packed_{uuid.uuid4().hex[:8]}={ann}:{images}")
-    key = MetadataCatalog.get(name).data_check_key
+    key = dataset_record(name).check_key
     assert packed.has_pack(key) and len(os.listdir(cache)) == 1
     expected = to_dataset_dicts(*validation.load_checked_coco(ann, images)[:2], images)
 
@@ -238,14 +239,14 @@ def test_without_cache_or_with_a_broken_pack_the_file_is_read(tmp_path, cache, m
     ann, images = _write(tmp_path, _mixed_dataset())
     name = register_coco_dataset(f"packed_{uuid.uuid4().hex[:8]}={ann}:{images}")
     expected = DatasetCatalog.get(name)
-    key = MetadataCatalog.get(name).data_check_key
+    key = dataset_record(name).check_key
     (cache / key / "coords.npy").write_bytes(b"truncated")
     packed._mapped.cache_clear()
     assert packed.open_pack(key) is None and DatasetCatalog.get(name) == expected
     monkeypatch.setenv(check_cache.CACHE_ENV, "off")
     assert packed.open_packs([name]) is None and not packed.has_pack(key)
     assert DatasetCatalog.get(name) == expected
-    assert check_key("coco", ann, images, MetadataCatalog.get(name).max_image_pixels) == key
+    assert check_key("coco", ann, images, dataset_record(name).max_image_pixels) == key
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
 
@@ -306,7 +307,7 @@ def test_a_damaged_pack_is_detected_removed_and_rewritten(tmp_path, cache, caplo
     nothing in the pack runs code (the payload's marker file never appears)."""
     ann, images = _write(tmp_path, _mixed_dataset())
     name = register_coco_dataset(f"packed_{uuid.uuid4().hex[:8]}={ann}:{images}")
-    key = MetadataCatalog.get(name).data_check_key
+    key = dataset_record(name).check_key
     expected = DatasetCatalog.get(name)
     folder, marker = cache / key, tmp_path / "code_ran"
     DAMAGE[damage](folder, marker)

@@ -15,6 +15,7 @@ from PIL import Image
 from solo_d2.data.images import BadImageError
 from solo_d2.data.panoptic import IGNORE_LABEL, adopt_builtin_panoptic, parse_panoptic_spec
 from solo_d2.data.panoptic_mapper import SOLOPanopticDatasetMapper
+from solo_d2.data.record import dataset_record
 from solo_d2.data.validation import DatasetError
 from solo_d2.engine.cli import register_dataset
 from solo_d2.modeling.targets import panoptic_targets
@@ -79,7 +80,7 @@ def test_registration_maps_categories_and_segments(tmp_path):
     assert segs[7002]["category_id"] == 1 and segs[7002]["isthing"] is False  # sky
     assert segs[123457]["category_id"] == 1 and segs[123457]["isthing"] is True  # bar
     assert segs[56]["iscrowd"] == 1
-    assert meta.data_faults == []
+    assert dataset_record(name).faults == ()
     # the same files again: a no-op; other files under the same name: an error
     json_file, png_dir, image_dir = meta.panoptic_json, meta.panoptic_root, meta.image_root
     assert register_dataset(f"{name}=panoptic:{json_file}:{png_dir}:{image_dir}") == name
@@ -121,7 +122,7 @@ def test_faulty_images_are_left_out_and_named(tmp_path, caplog):
         json.dump(data, f)
     with caplog.at_level(logging.WARNING):
         name = register_dataset(f"{_name()}=panoptic:{json_file}:{png_dir}:{image_dir}")
-    faults = MetadataCatalog.get(name).data_faults
+    faults = dataset_record(name).faults
     assert [(f.kind, f.image_id) for f in faults] == [
         ("missing_png", 100),
         ("bad_segments", 101),

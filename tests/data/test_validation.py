@@ -16,6 +16,7 @@ from PIL import Image
 
 from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.data.record import dataset_record
 from solo_d2.data.training_data import report_training_faults
 from solo_d2.data.validation import DatasetError, check_coco_dict, clean_coco_dict
 from solo_d2.engine.trainer import Trainer
@@ -172,7 +173,7 @@ def test_registration_reports_and_drops_faults(registered, faulty_dataset):
     assert meta.thing_classes == ["circle", "square"]
     assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 3: 1}
     expected_faults = sum(1 for _, kind in ANNOTATION_CASES.values() if kind) + 1  # + image 3
-    assert len(meta.data_faults) == expected_faults
+    assert len(dataset_record(name).faults) == expected_faults
     dicts = {d["image_id"]: d for d in DatasetCatalog.get(name)}
     assert sorted(dicts) == [1, 2, 4]
     assert {a["id"] for a in dicts[1]["annotations"]} == KEPT_ON_IMAGE_1
@@ -247,7 +248,7 @@ def test_evaluation_reports_faults_and_uses_the_checked_ground_truth(registered,
     assert set(results) == {"segm", "bbox"}
     assert results["segm"]["AP"] >= 0 and results["bbox"]["AP"] >= 0
     faults = json.loads((tmp_path / "data_faults.json").read_text())
-    assert len(faults) == len(MetadataCatalog.get(name).data_faults)
+    assert len(faults) == len(dataset_record(name).faults)
     written = json.loads((tmp_path / "evaluation_results.json").read_text())
     assert written == {
         task: {k: None if np.isnan(v) else v for k, v in metrics.items()}

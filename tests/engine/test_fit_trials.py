@@ -29,6 +29,7 @@ from solo_d2.engine.fit_trials import (
     trial_metric,
     trials_record,
 )
+from solo_d2.kinds import get_kind
 from solo_d2.visualization.dataset_fit import ConfigFit, fit_config
 
 QUICKSTART = "SOLOv2_R18_quickstart_shapes.yaml"
@@ -78,11 +79,14 @@ def test_choice_follows_the_metric_and_keeps_the_start_within_the_noise():
 
 def test_trial_metric_follows_the_dataset_kind():
     res = {"segm": {"AP": 31.5}, "bbox": {"AP": 20.0}, "panoptic_seg": {"PQ": 44.0}}
-    assert trial_metric(res, "coco") == ("mask AP", 31.5)
-    assert trial_metric(res, "lvis") == ("LVIS mask AP", 31.5)
-    assert trial_metric(res, "coco_panoptic_seg") == ("PQ", 44.0)
-    assert trial_metric({"segm": {"AP": math.nan}}, "coco") == ("mask AP", 0.0)  # no detection
-    assert trial_metric({}, "coco") == ("mask AP", 0.0)
+    assert trial_metric(res, get_kind("coco")) == ("mask AP", 31.5)
+    assert trial_metric(res, get_kind("lvis")) == ("LVIS mask AP", 31.5)
+    assert trial_metric(res, get_kind("panoptic")) == ("PQ", 44.0)
+    assert trial_metric({"segm": {"AP": math.nan}}, get_kind("coco")) == (
+        "mask AP",
+        0.0,
+    )  # no detection
+    assert trial_metric({}, get_kind("coco")) == ("mask AP", 0.0)
 
 
 def test_the_metric_is_the_last_evaluation_in_the_trainers_storage():
@@ -94,7 +98,7 @@ def test_the_metric_is_the_last_evaluation_in_the_trainers_storage():
                             smoothing_hint=False)  # fmt: skip
         results = evaluation_results(storage)
     assert results == {"segm": {"AP": 16.2}, "bbox": {"AP": 11.8}, "panoptic_seg": {"PQ": 40.0}}
-    assert trial_metric(results, "coco") == ("mask AP", 16.2)
+    assert trial_metric(results, get_kind("coco")) == ("mask AP", 16.2)
 
 
 def square_dicts(n_images=4):

@@ -116,9 +116,6 @@ def register(tmp_path):
             thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(things)},
             stuff_classes=["things"] + [c["name"] for c in stuff],
             stuff_dataset_id_to_contiguous_id={c["id"]: i + 1 for i, c in enumerate(stuff)},
-            data_faults=[
-                i for i, _, _ in images if dataset_ids is not None and i not in dataset_ids
-            ],
         )
         names.append(name)
         return name
