@@ -8,7 +8,13 @@ The files written here match those counts; each annotation has 1 to 3 polygons o
 with an uncompressed RLE (COCO only; LVIS has none). The image directory holds one small JPEG
 hard-linked under every file name, so the files exist (the checks look for them) at no disk cost.
 
-    python -m dev.benchmark.coco_scale coco OUT_DIR [--scale 0.1]
+COCO panoptic train2017 (``panoptic``): 118,287 images, 80 thing and 53 stuff categories, one
+annotation per image with its PNG; here 1 to 21 segments per image (11 on average, ~1.3 M in
+all; about 60% things, 1% of those crowd), each with ``id``, ``category_id``, ``iscrowd``,
+``bbox`` and ``area``. Each image's PNG is a real 64 x 48 RGB panoptic map holding its segments
+(ids 1..k as horizontal bands), hard-linked from one file per segment count.
+
+    python -m dev.benchmark.coco_scale {coco,lvis,panoptic} OUT_DIR [--scale 0.1]
 """
 
 import argparse
@@ -19,11 +25,18 @@ from typing import Dict
 import numpy as np
 import orjson
 
-__all__ = ["COCO_TRAIN", "LVIS_V1_TRAIN", "write_coco_like"]
+__all__ = [
+    "COCO_TRAIN",
+    "LVIS_V1_TRAIN",
+    "PANOPTIC_TRAIN",
+    "write_coco_like",
+    "write_panoptic_like",
+]
 
 # (images, annotations, categories) of the real training files
 COCO_TRAIN = (118_287, 860_001, 80)
 LVIS_V1_TRAIN = (100_170, 1_270_141, 1_203)
+PANOPTIC_TRAIN = (118_287, 80, 53)  # images, thing categories, stuff categories
 
 _CHUNK = 20_000  # annotations serialised at a time
 _LINKS_PER_FILE = 50_000
@@ -171,22 +184,101 @@ def write_coco_like(
         f.write(b',"annotations":[')
         for start in range(0, num_annotations, _CHUNK):
             n = min(_CHUNK, num_annotations - start)
-            chunk = orjson.dumps(
-                _annotations(start, n, images, num_categories, *_SHAPE[kind], rng)
-            )
+            chunk = orjson.dumps(_annotations(start, n, images, num_categories, *_SHAPE[kind], rng))
             f.write((b"," if start else b"") + chunk[1:-1])
         f.write(b"]}")
     os.replace(tmp, json_file)
     return {"json_file": str(json_file), "image_root": str(image_root)}
 
 
+def _link_many(folder: Path, names, seed_bytes: bytes, tag: str) -> None:
+    """Hard-link ``seed_bytes`` (written once per ``_LINKS_PER_FILE`` names) as each name."""
+    for i, name in enumerate(names):
+        if i % _LINKS_PER_FILE == 0:  # a file system allows ~65,000 links to one file
+            seed = folder / f".seed_{tag}_{i // _LINKS_PER_FILE}"
+            seed.write_bytes(seed_bytes)
+        path = folder / name
+        if not path.exists():
+            os.link(seed, path)
+
+
+def _panoptic_png(num_segments: int, height: int = 48, width: int = 64) -> bytes:
+    """A panoptic PNG with segments 1..num_segments as horizontal bands (id in the red byte)."""
+    import cv2
+
+    rows = (np.arange(height) * num_segments // height + 1).astype(np.uint8)
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[..., 0] = rows[:, None]
+    ok, buf = cv2.imencode(".png", rgb[..., ::-1])  # cv2 writes BGR
+    assert ok
+    return buf.tobytes()
+
+
+def write_panoptic_like(out_dir: str, scale: float = 1.0, seed: int = 0) -> Dict[str, str]:
+    """Write a COCO panoptic train2017-sized dataset (module docstring): ``<out_dir>/
+    panoptic_train_like.json``, its PNGs in ``<out_dir>/panoptic`` and images in
+    ``<out_dir>/images``.
+
+    Returns:
+        {"json_file": ..., "png_dir": ..., "image_root": ...}
+    """
+    num_images, num_things, num_stuff = PANOPTIC_TRAIN
+    num_images = max(1, round(num_images * scale))
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    image_root, png_dir = out / "images", out / "panoptic"
+    image_root.mkdir(parents=True, exist_ok=True)
+    png_dir.mkdir(parents=True, exist_ok=True)
+    categories = [
+        {"id": i + 1, "name": f"thing{i}", "supercategory": "thing", "isthing": 1}
+        for i in range(num_things)
+    ] + [
+        {"id": 1000 + i, "name": f"stuff{i}", "supercategory": "stuff", "isthing": 0}
+        for i in range(num_stuff)
+    ]
+    counts = rng.integers(1, 22, num_images)
+    images = [
+        {"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "height": 48, "width": 64}
+        for i in range(num_images)
+    ]
+    _link_many(image_root, [im["file_name"] for im in images], _jpeg_bytes(), "jpg")
+    pngs = [f"{i + 1:012d}.png" for i in range(num_images)]
+    for k in np.unique(counts).tolist():
+        chosen = np.flatnonzero(counts == k)
+        _link_many(png_dir, [pngs[i] for i in chosen.tolist()], _panoptic_png(k), f"k{k}")
+    annotations = []
+    for i, k in enumerate(counts.tolist()):
+        thing = rng.random(k) < 0.6
+        cats = np.where(
+            thing, rng.integers(1, num_things + 1, k), rng.integers(1000, 1000 + num_stuff, k)
+        )
+        crowd = thing & (rng.random(k) < 0.01)
+        band = 48 // k if k <= 48 else 1
+        segments = [
+            {"id": j + 1, "category_id": int(cats[j]), "iscrowd": int(crowd[j]),
+             "bbox": [0, j * band, 64, band], "area": 64 * band}  # fmt: skip
+            for j in range(k)
+        ]
+        annotations.append({"image_id": i + 1, "file_name": pngs[i], "segments_info": segments})
+    json_file = out / "panoptic_train_like.json"
+    tmp = json_file.with_suffix(".json.tmp")
+    data = {"info": {"description": "synthetic COCO panoptic train-sized file"}, "licenses": []}
+    data.update(categories=categories, images=images, annotations=annotations)
+    tmp.write_bytes(orjson.dumps(data))
+    os.replace(tmp, json_file)
+    return {"json_file": str(json_file), "png_dir": str(png_dir), "image_root": str(image_root)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("kind", choices=["coco", "lvis"])
+    parser.add_argument("kind", choices=["coco", "lvis", "panoptic"])
     parser.add_argument("out_dir")
     parser.add_argument("--scale", type=float, default=1.0)
     args = parser.parse_args(argv)
-    paths = write_coco_like(args.out_dir, args.kind, args.scale)
+    if args.kind == "panoptic":
+        paths = write_panoptic_like(args.out_dir, args.scale)
+    else:
+        paths = write_coco_like(args.out_dir, args.kind, args.scale)
     size = os.path.getsize(paths["json_file"]) / 1e6
     print(f"{paths['json_file']}: {size:.0f} MB; images under {paths['image_root']}")
 

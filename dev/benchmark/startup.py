@@ -1,17 +1,19 @@
 """Start-up on COCO train2017- and LVIS v1-sized annotation files: reading, checking, registering,
 loading, the evaluator's read and ``train_net.py`` until training starts, against detectron2.
 
-    python -m dev.benchmark.startup [--kind coco lvis] [--scale 1.0] [--data-dir DIR]
+    python -m dev.benchmark.startup [--kind coco lvis panoptic] [--scale 1.0] [--data-dir DIR]
         [--steps d2 json register loader evaluator train_net] [--json OUT]
 
-The files come from :func:`dev.benchmark.coco_scale.write_coco_like`, written under
+The files come from :func:`dev.benchmark.coco_scale.write_coco_like` (panoptic:
+:func:`~dev.benchmark.coco_scale.write_panoptic_like`), written under
 ``DIR/<kind>`` (``DIR/<kind>_scale<S>`` below scale 1) unless already there. Every row runs in
 its own fresh interpreter, which first imports torch, detectron2 and solo_d2 (timed apart, so
 each row's wall time is its work alone; the import's resident memory is in every row's peak),
 with ``SOLO_D2_CACHE`` set to a temporary folder of the run:
 
 * ``d2``: detectron2's ``load_coco_json`` (LVIS: ``load_lvis_json``, which needs the ``lvis``
-  package; the row says so when it is missing), the reference of the ratio column;
+  package; the row says so when it is missing; panoptic: ``load_coco_panoptic_json``), the
+  reference of the ratio column;
 * ``json``: ``json.load`` of the file;
 * ``register``: ``solo_d2.engine.cli.register_dataset(spec)`` with an empty cache folder (cold:
   read, check and pack), then again in a second process with the folder the first left (warm);
@@ -44,6 +46,7 @@ __all__ = ["STEPS", "StartupSettings", "format_startup_table", "run_startup_benc
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/SOLOv2_R18_quickstart_shapes.yaml"
+PANOPTIC_CONFIG = "configs/SOLOv2_R18_quickstart_panoptic_shapes.yaml"
 DATASET = "big"  # the benchmark dataset's name in the catalog and on train_net's command line
 READY_LINE = "Starting training from iteration"
 # --steps choice -> the rows it measures, in the table's order
@@ -85,26 +88,34 @@ def dataset_files(kind: str, scale: float, data_dir: str) -> Dict[str, str]:
     out = Path(data_dir) / sub
     json_file = out / f"{kind}_train_like.json"
     if json_file.is_file() and (out / "images").is_dir():
-        return {
-            "json_file": str(json_file.resolve()),
-            "image_root": str((out / "images").resolve()),
-        }
-    from dev.benchmark.coco_scale import write_coco_like
+        paths = {"json_file": json_file, "image_root": out / "images"}
+        if kind == "panoptic":
+            paths["png_dir"] = out / "panoptic"
+        return {k: str(Path(v).resolve()) for k, v in paths.items()}
+    from dev.benchmark.coco_scale import write_coco_like, write_panoptic_like
 
     print(f"writing {kind}-sized files (scale {scale:g}) to {out} ...", flush=True)
-    paths = write_coco_like(str(out), kind, scale)
+    if kind == "panoptic":
+        paths = write_panoptic_like(str(out), scale)
+    else:
+        paths = write_coco_like(str(out), kind, scale)
     return {k: str(Path(v).resolve()) for k, v in paths.items()}
 
 
 def real_counts(kind: str) -> tuple:
-    """(images, annotations, categories) of the real training file of ``kind``."""
-    from dev.benchmark.coco_scale import COCO_TRAIN, LVIS_V1_TRAIN
+    """(images, annotations, categories) of the real training file of ``kind`` (panoptic: one
+    annotation per image, the thing categories)."""
+    from dev.benchmark.coco_scale import COCO_TRAIN, LVIS_V1_TRAIN, PANOPTIC_TRAIN
 
+    if kind == "panoptic":
+        return PANOPTIC_TRAIN[0], PANOPTIC_TRAIN[0], PANOPTIC_TRAIN[1]
     return LVIS_V1_TRAIN if kind == "lvis" else COCO_TRAIN
 
 
 def dataset_spec(kind: str, files: Dict[str, str]) -> str:
     """The ``--dataset`` spec registering ``files`` as :data:`DATASET`."""
+    if kind == "panoptic":
+        return f"{DATASET}=panoptic:{files['json_file']}:{files['png_dir']}:{files['image_root']}"
     prefix = "lvis:" if kind == "lvis" else ""
     return f"{DATASET}={prefix}{files['json_file']}:{files['image_root']}"
 
@@ -141,6 +152,22 @@ def _d2_load_json(p: Dict) -> Dict:
         from detectron2.data.datasets.lvis import load_lvis_json as load
 
         name = "lvis_v1_benchmark"  # a "v1" name: detectron2 sets LVIS v1's class names
+    elif p["kind"] == "panoptic":
+        from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
+
+        def load_panoptic():
+            with open(p["json_file"]) as f:  # the category maps detectron2's registration gives
+                categories = json.load(f)["categories"]
+            things = [c["id"] for c in categories if c["isthing"]]
+            stuff = [c["id"] for c in categories if not c["isthing"]]
+            meta = {
+                "thing_dataset_id_to_contiguous_id": {c: i for i, c in enumerate(things)},
+                "stuff_dataset_id_to_contiguous_id": {c: i for i, c in enumerate(stuff)},
+            }
+            return load_coco_panoptic_json(p["json_file"], p["image_root"], p["png_dir"], meta)
+
+        dicts, wall = _timed(load_panoptic)
+        return {"wall_s": wall, "images": len(dicts)}
     else:
         from detectron2.data.datasets import load_coco_json as load
 
@@ -184,6 +211,8 @@ def _evaluator(p: Dict) -> Dict:
     from solo_d2.engine.cli import register_dataset
     from solo_d2.evaluation import SOLOCOCOEvaluator, SOLOLVISEvaluator
 
+    if p["kind"] == "panoptic":
+        return {"skipped": "measured for COCO and LVIS files"}
     name, register_s = _timed(lambda: register_dataset(p["spec"]))
     evaluator = SOLOLVISEvaluator if p["kind"] == "lvis" else SOLOCOCOEvaluator
     with tempfile.TemporaryDirectory(prefix="solo_startup_eval_") as out:
@@ -291,11 +320,17 @@ def _sample_peaks(root: int, peaks: Dict[int, Dict]) -> None:
 def train_net_command(kind: str, spec: str, output_dir: str) -> List[str]:
     """``train_net.py`` on 2 CPU processes, training on the benchmark dataset only."""
     num_classes = real_counts(kind)[2]
+    config = PANOPTIC_CONFIG if kind == "panoptic" else CONFIG
+    stuff = []
+    if kind == "panoptic":
+        from dev.benchmark.coco_scale import PANOPTIC_TRAIN
+
+        stuff = ["MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES", str(PANOPTIC_TRAIN[2])]
     return [
         sys.executable, str(REPO / "train_net.py"), "--num-gpus", "2", "--dist-url", "auto",
-        "--config-file", str(REPO / CONFIG), "--dataset", spec,
+        "--config-file", str(REPO / config), "--dataset", spec,
         "DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()",
-        "MODEL.SOLO.NUM_CLASSES", str(num_classes), "MODEL.DEVICE", "cpu",
+        "MODEL.SOLO.NUM_CLASSES", str(num_classes), *stuff, "MODEL.DEVICE", "cpu",
         "DATALOADER.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", output_dir,
     ]  # fmt: skip
 
@@ -433,7 +468,9 @@ def format_startup_table(report: Dict, machine: Dict) -> str:
     rows = report["rows"]
     d2 = rows.get("d2_load_json", {}).get("wall_s")
     imports = [r["import_s"] for r in rows.values() if "import_s" in r]
-    label_d2 = "load_lvis_json" if report["kind"] == "lvis" else "load_coco_json"
+    label_d2 = {"lvis": "load_lvis_json", "panoptic": "load_coco_panoptic_json"}.get(
+        report["kind"], "load_coco_json"
+    )
     lines = [
         f"{report['kind']}-sized file (scale {report['scale']:g}): {report['json_mb']:g} MB, "
         f"{report['images']:,} images, {report['annotations']:,} annotations",
@@ -469,7 +506,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run_child(*argv[1:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kind", nargs="+", choices=["coco", "lvis"], default=["coco"])
+    parser.add_argument("--kind", nargs="+", choices=["coco", "lvis", "panoptic"], default=["coco"])
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the real counts")
     parser.add_argument("--data-dir", default=os.path.join("datasets", "benchmark_scale"))
     parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))

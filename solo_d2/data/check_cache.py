@@ -21,7 +21,7 @@ import functools
 import hashlib
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import orjson
 
@@ -57,14 +57,22 @@ def _code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def entry_key(kind: str, json_file: str, image_root: Optional[str], params: Dict[str, Any]) -> str:
-    """The name of the entry of checking ``json_file`` (see the module docstring).
+def entry_key(
+    kind: str,
+    json_file: str,
+    image_root: Optional[str],
+    params: Dict[str, Any],
+    folders: Sequence[str] = (),
+) -> str:
+    """The name of the entry of checking ``json_file`` (see the module docstring); ``folders``:
+    more folders whose contents the check looked at (a panoptic dataset's PNGs), as the image
+    folder.
 
     Raises:
         OSError: ``json_file`` (or ``image_root``) cannot be read.
     """
     fingerprint = [kind, _code_version(), sorted(params.items())]
-    for path in (json_file, image_root):
+    for path in (json_file, image_root, *folders):
         if path is None:
             fingerprint.append(None)
             continue

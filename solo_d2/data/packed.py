@@ -28,6 +28,7 @@ new one). Only ``np.load(..., allow_pickle=False)`` reads a pack.
 import functools
 import glob
 import logging
+import math
 import os
 import shutil
 import time
@@ -42,16 +43,18 @@ import torch.utils.data as torchdata
 from detectron2.structures import BoxMode
 
 from .check_cache import cache_dir
-from .record import dataset_record
-from .validation import CheckedCOCO, check_key, dict_segmentation
+from .record import current_check_key, dataset_record
+from .validation import CheckedCOCO, dict_segmentation
 
 __all__ = [
     "PackedDataset",
     "pack_dataset",
+    "pack_panoptic",
     "write_pack",
     "open_pack",
     "open_packs",
     "has_pack",
+    "packs_enabled",
     "ensure_pack",
     "check_columns",
     "DamagedPackError",
@@ -62,8 +65,10 @@ logger = logging.getLogger(__name__)
 
 _FORMAT = 2  # the layout written here; packs of another format are ignored (1: pickled RLEs)
 _META = "meta.json"
-# column -> (dtype, ndim); "offsets" columns have one entry more than what they index
-_COLUMNS = {
+# column -> (dtype, ndim) of each layout; "offsets" columns have one entry more than what they
+# index. "instances": COCO / LVIS dataset dicts (to_dataset_dicts); "panoptic": COCO panoptic ones
+# (solo_d2.data.panoptic: per image its PNG and its segments).
+_INSTANCE_COLUMNS = {
     "image_height": ("int64", 1),
     "image_width": ("int64", 1),
     "image_anns": ("int64", 1),
@@ -81,6 +86,24 @@ _COLUMNS = {
     "rle_size": ("int64", 2),
     "rle_counts_str": ("int8", 1),
 }
+_PANOPTIC_COLUMNS = {
+    "image_height": ("int64", 1),
+    "image_width": ("int64", 1),
+    "image_segments": ("int64", 1),
+    "image_file_bytes": ("uint8", 1),
+    "image_file_offsets": ("int64", 1),
+    "png_file_bytes": ("uint8", 1),
+    "png_file_offsets": ("int64", 1),
+    "seg_id": ("int64", 1),
+    "seg_category": ("int64", 1),
+    "seg_iscrowd": ("int8", 1),
+    "seg_isthing": ("int8", 1),
+    "seg_bbox": ("float64", 2),  # NaN where the segment has none
+    "seg_area": ("float64", 1),
+}
+_LAYOUTS = {"instances": _INSTANCE_COLUMNS, "panoptic": _PANOPTIC_COLUMNS}
+# layout -> its per-annotation column (the meta's num_annotations are its rows)
+_ROWS = {"instances": "ann_iscrowd", "panoptic": "seg_id"}
 
 
 class DamagedPackError(ValueError):
@@ -190,8 +213,48 @@ def pack_dataset(
     return columns
 
 
+def pack_panoptic(dicts: Sequence[Dict[str, Any]]) -> Optional[Dict[str, np.ndarray]]:
+    """The columns of checked COCO panoptic dataset dicts (:mod:`solo_d2.data.panoptic`, in
+    their order), or None when the image ids mix integers and strings.
+
+    A segment's keys are ``PANOPTIC_SEGMENT_KEYS`` there: "bbox" and "area" only where the file
+    has them (NaN in the columns otherwise).
+    """
+    if len(set(type(d["image_id"]) for d in dicts)) > 1:
+        return None
+    segments = list(chain.from_iterable(d["segments_info"] for d in dicts))
+    s = len(segments)
+    nan4 = (np.nan,) * 4
+    boxes = np.fromiter(
+        chain.from_iterable(seg.get("bbox", nan4) for seg in segments), np.float64, 4 * s
+    )
+    return {
+        "image_height": np.array([d["height"] for d in dicts], np.int64),
+        "image_width": np.array([d["width"] for d in dicts], np.int64),
+        "image_segments": _offsets([len(d["segments_info"]) for d in dicts]),
+        "seg_id": np.fromiter((seg["id"] for seg in segments), np.int64, s),
+        "seg_category": np.fromiter((seg["category_id"] for seg in segments), np.int64, s),
+        "seg_iscrowd": np.fromiter((seg["iscrowd"] for seg in segments), np.int8, s),
+        "seg_isthing": np.fromiter((seg["isthing"] for seg in segments), np.int8, s),
+        "seg_bbox": boxes.reshape(-1, 4),
+        "seg_area": np.fromiter((seg.get("area", np.nan) for seg in segments), np.float64, s),
+        **_strings("image_file", [d["file_name"] for d in dicts]),
+        **_strings("png_file", [d["pan_seg_file_name"] for d in dicts]),
+        **_ids("image_id", [d["image_id"] for d in dicts]),
+    }
+
+
+def _layout(columns) -> str:
+    return "panoptic" if "seg_id" in columns else "instances"
+
+
 def _size(img: dict) -> tuple:
     return img["height"], img["width"]
+
+
+def packs_enabled() -> bool:
+    """Whether packs are written and read (not with ``SOLO_D2_CACHE=off``)."""
+    return _packs_dir() is not None
 
 
 def _packs_dir() -> Optional[str]:
@@ -224,8 +287,9 @@ def write_pack(
             "format": _FORMAT,
             "json_file": source,
             "columns": sorted(columns),
+            "layout": _layout(columns),
             "num_images": len(columns["image_height"]),
-            "num_annotations": len(columns["ann_iscrowd"]),
+            "num_annotations": len(columns[_ROWS[_layout(columns)]]),
             **info,
         }
         with open(os.path.join(temporary, _META), "wb") as f:
@@ -303,8 +367,11 @@ def check_columns(folder: str, meta: dict, columns: Dict[str, np.ndarray]) -> No
             or length, offsets out of range or decreasing, indices out of range, meta that
             does not match).
     """
-    expected = dict(_COLUMNS)
-    for prefix in ("image_id", "ann_id"):
+    layout = meta.get("layout", "instances")  # packs written before panoptic ones: instances
+    if layout not in _LAYOUTS:
+        raise DamagedPackError(folder, f"meta.json names no known layout ({layout!r})")
+    expected = dict(_LAYOUTS[layout])
+    for prefix in ("image_id", "ann_id") if layout == "instances" else ("image_id",):
         if prefix in columns:
             expected[prefix] = ("int64", 1)
         else:
@@ -320,9 +387,12 @@ def check_columns(folder: str, meta: dict, columns: Dict[str, np.ndarray]) -> No
             raise DamagedPackError(
                 folder, f"column {name} is {column.dtype} {column.ndim}-D, expected {dtype}"
             )
-    n, a = len(columns["image_height"]), len(columns["ann_iscrowd"])
+    n, a = len(columns["image_height"]), len(columns[_ROWS[layout]])
     if (meta.get("num_images"), meta.get("num_annotations")) != (n, a):
         raise DamagedPackError(folder, f"meta.json does not match its {n} images, {a} annotations")
+    if layout == "panoptic":
+        _check_panoptic_columns(folder, columns, n, a)
+        return
     lengths = {"image_width": n, "image_id": n, "ann_bbox": a, "ann_category": a, "ann_rle": a,
                "ann_id": a}  # fmt: skip
     for name, length in lengths.items():
@@ -350,6 +420,21 @@ def check_columns(folder: str, meta: dict, columns: Dict[str, np.ndarray]) -> No
     for name in columns:
         if _is_list(name):
             _check_offsets(folder, f"{name}_offsets", c[f"{name}_offsets"], n, len(c[name]))
+
+
+def _check_panoptic_columns(folder: str, c: Dict[str, np.ndarray], n: int, s: int) -> None:
+    """The lengths and offsets of a panoptic pack's columns (``n`` images, ``s`` segments)."""
+    for name in ("image_width", "image_id", "seg_category", "seg_iscrowd", "seg_isthing",
+                 "seg_bbox", "seg_area"):  # fmt: skip
+        if name in c and len(c[name]) != (n if name.startswith("image") else s):
+            raise DamagedPackError(folder, f"column {name} has {len(c[name])} rows")
+    if c["seg_bbox"].shape[1:] != (4,):
+        raise DamagedPackError(folder, "column seg_bbox is not (S, 4)")
+    _check_offsets(folder, "image_segments", c["image_segments"], n, s)
+    for prefix in ("image_file", "png_file", "image_id"):
+        if f"{prefix}_bytes" in c:
+            _check_offsets(folder, f"{prefix}_offsets", c[f"{prefix}_offsets"], n,
+                           len(c[f"{prefix}_bytes"]))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,6 +475,7 @@ class PackedDataset(torchdata.Dataset):
         n = len(self._columns["image_height"])
         self.indices = np.arange(n) if indices is None else np.asarray(indices, np.int64)
         self._lists = [c[len("list_") :] for c in self.meta["columns"] if _is_list(c)]
+        self.panoptic = self.meta.get("layout") == "panoptic"
 
     def __getstate__(self):
         return {"folder": self.folder, "indices": self.indices}
@@ -415,6 +501,8 @@ class PackedDataset(torchdata.Dataset):
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         c, k = self._columns, int(self.indices[i])
+        if self.panoptic:
+            return self._panoptic_item(k)
         first, last = c["image_anns"][k : k + 2].tolist()
         polygon_ends = c["ann_polygons"][first : last + 1]
         coord_ends = c["polygon_coords"][polygon_ends[0] : polygon_ends[-1] + 1]
@@ -462,6 +550,30 @@ class PackedDataset(torchdata.Dataset):
             record[key] = c[f"list_{key}"][start:end].tolist()
         return record
 
+    def _panoptic_item(self, k: int) -> Dict[str, Any]:
+        c = self._columns
+        first, last = c["image_segments"][k : k + 2].tolist()
+        boxes, areas = c["seg_bbox"][first:last].tolist(), c["seg_area"][first:last].tolist()
+        segments = []
+        for j, (sid, cat, crowd, thing) in enumerate(
+            zip(*(c[n][first:last].tolist() for n in ("seg_id", "seg_category", "seg_iscrowd",
+                                                       "seg_isthing")))  # fmt: skip
+        ):
+            seg = {"id": sid, "category_id": cat, "iscrowd": crowd, "isthing": bool(thing)}
+            if not math.isnan(boxes[j][0]):
+                seg["bbox"] = boxes[j]
+            if not math.isnan(areas[j]):
+                seg["area"] = areas[j]
+            segments.append(seg)
+        return {
+            "file_name": self._text("image_file", k),
+            "image_id": self._id("image_id", k),
+            "height": int(c["image_height"][k]),
+            "width": int(c["image_width"][k]),
+            "pan_seg_file_name": self._text("png_file", k),
+            "segments_info": segments,
+        }
+
     def to_dicts(self) -> List[Dict[str, Any]]:
         """All the dataset dicts, as a list."""
         return [self[i] for i in range(len(self))]
@@ -477,7 +589,10 @@ class PackedDataset(torchdata.Dataset):
 
     def with_instances(self) -> "PackedDataset":
         """The images that have a non-crowd annotation (detectron2's
-        ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``)."""
+        ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``); all of a panoptic pack's (detectron2 filters
+        only dicts with "annotations")."""
+        if self.panoptic:
+            return self
         rows, owners = self._annotation_owners()
         plain = self._columns["ann_iscrowd"][rows] == 0
         return self.subset(np.unique(owners[plain]))
@@ -566,11 +681,8 @@ def open_packs(names: Sequence[str]) -> Optional[List[PackedDataset]]:
         record = dataset_record(name)
         if record is None or not record.check_key:
             return None
-        files = record.files
         try:
-            key = check_key(
-                record.kind, files["json_file"], files["image_root"], record.max_image_pixels
-            )
+            key = current_check_key(record)
         except OSError:
             return None
         pack = open_pack(key) if key == record.check_key else None

@@ -44,7 +44,9 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
+from .check_cache import load_entry, store_entry
 from .images import BadImageError
+from .packed import has_pack, open_pack, pack_panoptic, packs_enabled, write_pack
 from .record import DatasetRecord, dataset_record, set_dataset_record
 from .specs import PANOPTIC_SPEC_FORM, is_registered_with, resolve_spec_paths
 from .validation import (
@@ -53,6 +55,9 @@ from .validation import (
     _check_images,
     _is_id,
     _is_int,
+    check_key,
+    faults_from_columns,
+    faults_to_columns,
     read_coco_json,
     summarize_faults,
 )
@@ -75,6 +80,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255  # void pixels of the semantic target
+# the keys of a segment of the dataset dicts ("bbox" and "area" where the file has them)
+PANOPTIC_SEGMENT_KEYS = ("id", "category_id", "iscrowd", "isthing", "bbox", "area")
 
 
 def parse_panoptic_spec(spec: str) -> tuple[str, str, str, str]:
@@ -153,11 +160,15 @@ def panoptic_metadata(categories: list[dict]) -> dict[str, Any]:
 
 @dataclass
 class CheckedPanoptic:
-    """Result of :func:`check_panoptic_dict`: the usable images as dataset dicts, the faults."""
+    """Result of :func:`check_panoptic_dict`: the usable images as dataset dicts (None when the
+    outcome was kept from an earlier check and the file not read again), the faults, the
+    metadata, the file's image count and how many of them were kept."""
 
-    dicts: list[dict]
+    dicts: Optional[list[dict]]
     faults: list[DataFault] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    num_images: int = 0
+    num_kept: int = 0
 
 
 def check_panoptic_dict(
@@ -231,11 +242,13 @@ def check_panoptic_dict(
                 "segments_info": segments,
             }
         )
-    return CheckedPanoptic(dicts, faults, meta)
+    return CheckedPanoptic(dicts, faults, meta, len(data["images"]), len(dicts))
 
 
 def _convert_segments(segments, thing_ids: dict, stuff_ids: dict) -> tuple[list, Optional[str]]:
-    """(segments with contiguous category ids and "isthing", None) or ([], the problem)."""
+    """(segments, None) or ([], the problem). A segment of the dataset dicts (and of their
+    packs) has ``PANOPTIC_SEGMENT_KEYS``: its id, contiguous category id, iscrowd and isthing,
+    and the file's "bbox" and "area" where it has them."""
     if not isinstance(segments, list):
         return [], "'segments_info' is missing or not a list"
     out, seen = [], set()
@@ -257,7 +270,9 @@ def _convert_segments(segments, thing_ids: dict, stuff_ids: dict) -> tuple[list,
         iscrowd = s.get("iscrowd", 0)
         if iscrowd not in (0, 1):
             return [], f"segment {sid} has iscrowd={iscrowd!r}, not 0 or 1"
-        out.append({**s, "category_id": contiguous, "isthing": isthing, "iscrowd": iscrowd})
+        segment = {"id": sid, "category_id": contiguous, "iscrowd": iscrowd, "isthing": isthing}
+        segment.update((k, s[k]) for k in ("bbox", "area") if k in s)
+        out.append(segment)
     return out, None
 
 
@@ -269,16 +284,66 @@ def load_panoptic_dicts(
     return check_panoptic_dict(data, json_file, png_dir, image_dir, max_image_pixels).dicts
 
 
+def panoptic_check_key(json_file: str, png_dir: str, image_dir: str, max_pixels: int) -> str:
+    """The key of checking a panoptic dataset's files (it changes when the JSON, the image
+    folder or the PNG folder changes): its check cache entry's and its pack's."""
+    return check_key("panoptic", json_file, image_dir, max_pixels, (png_dir,))
+
+
+def read_and_check_panoptic(
+    json_file: str,
+    png_dir: str,
+    image_dir: str,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    what: str = "",
+    need_dicts: bool = True,
+) -> tuple[CheckedPanoptic, str]:
+    """Read and check a panoptic dataset at most once per content of its files: (outcome, check
+    key). The outcome's categories and faults are kept in the check cache
+    (:mod:`~solo_d2.data.check_cache`); without ``need_dicts`` a kept outcome is returned with
+    ``dicts`` None and the file is not read.
+
+    Raises:
+        DatasetError: the file cannot be used at all. OSError: it cannot be read.
+    """
+    key = panoptic_check_key(json_file, png_dir, image_dir, max_pixels)
+    entry = load_entry(key)
+    if entry is not None and not need_dicts:
+        faults = faults_from_columns(entry["faults"])
+        meta = panoptic_metadata(entry["categories"])
+        return CheckedPanoptic(None, faults, meta, *entry["images"]), key
+    data = read_coco_json(json_file, what)
+    checked = check_panoptic_dict(data, json_file, png_dir, image_dir, max_pixels)
+    if entry is None:
+        faults = faults_to_columns(checked.faults)
+        images = [checked.num_images, checked.num_kept]
+        store_entry(key, {"categories": data["categories"], "faults": faults, "images": images})
+    return checked, key
+
+
+def _ensure_panoptic_pack(key: str, json_file: str, checked: CheckedPanoptic, read) -> None:
+    """Write the pack of a checked panoptic dataset unless it has one (or the cache is off);
+    ``read()`` gives the dicts when ``checked.dicts`` is None."""
+    if not packs_enabled() or has_pack(key):
+        return
+    dicts = read() if checked.dicts is None else checked.dicts
+    write_pack(key, json_file, pack_panoptic(dicts), {"num_faults": len(checked.faults)})
+
+
 def _load_registered(name: str, json_file: str, png_dir: str, image_dir: str, max_pixels: int):
-    checked = check_panoptic_dict(
-        read_coco_json(json_file), json_file, png_dir, image_dir, max_pixels
-    )
+    """DatasetCatalog loader: the checked dataset dicts, from the pack when there is one."""
     record = dataset_record(name)
-    if record is not None and len(checked.faults) != len(record.faults):
+    key = panoptic_check_key(json_file, png_dir, image_dir, max_pixels)
+    pack = open_pack(key)
+    if pack is not None and record is not None and key == record.check_key:
+        return pack.to_dicts()
+    checked, key = read_and_check_panoptic(json_file, png_dir, image_dir, max_pixels)
+    if record is not None and key != record.check_key:
         logger.warning(
             f"Dataset {name!r} ({json_file}) changed since it was registered; it now has "
             f"{len(checked.faults)} faults, left out:\n{summarize_faults(checked.faults)}"
         )
+    _ensure_panoptic_pack(key, json_file, checked, None)
     return checked.dicts
 
 
@@ -291,26 +356,33 @@ def register_panoptic(
 ) -> str:
     """Check the files now, then register ``name`` (loaded again, lazily, by DatasetCatalog).
 
-    Metadata: :func:`panoptic_metadata`, ``panoptic_json``, ``panoptic_root``, ``image_root``,
-    ``evaluator_type="coco_panoptic_seg"`` and its :class:`~solo_d2.data.record.DatasetRecord`
-    (kind "panoptic", the faults). Registering a name again with the
-    same files is a no-op; with other files it is an error.
+    The check is done once per content of the files (:func:`read_and_check_panoptic`), and the
+    dataset dicts are packed for the training processes (:mod:`solo_d2.data.packed`), as COCO
+    files are. Metadata: :func:`panoptic_metadata`, ``panoptic_json``, ``panoptic_root``,
+    ``image_root``, ``evaluator_type="coco_panoptic_seg"`` and its
+    :class:`~solo_d2.data.record.DatasetRecord` (kind "panoptic", the faults, the check key).
+    Registering a name again with the same files is a no-op; with other files it is an error.
     """
     files = (str(json_file), str(png_dir), str(image_dir))
     expected = dict(zip(("panoptic_json", "panoptic_root", "image_root"), files))
     if is_registered_with(name, "panoptic", expected, f"files {files}"):
         return name
-    data = read_coco_json(files[0], f"(panoptic dataset {name!r})")
-    checked = check_panoptic_dict(data, *files, max_image_pixels)
+    what = f"(panoptic dataset {name!r})"
+    checked, key = read_and_check_panoptic(*files, max_image_pixels, what, need_dicts=False)
     if checked.faults:
         logger.warning(
             f"Dataset {name!r} ({json_file}): {len(checked.faults)} faults; left out "
-            f"{len(data['images']) - len(checked.dicts)} of {len(data['images'])} images. Set "
+            f"{checked.num_images - checked.num_kept} of {checked.num_images} images. Set "
             "DATASETS.STRICT True to make them errors in training.\n"
             + summarize_faults(checked.faults)
         )
+
+    def read():
+        return read_and_check_panoptic(*files, max_image_pixels, what)[0].dicts
+
+    _ensure_panoptic_pack(key, files[0], checked, read)
     DatasetCatalog.register(name, partial(_load_registered, name, *files, max_image_pixels))
-    record = DatasetRecord("panoptic", expected, tuple(checked.faults), "", max_image_pixels)
+    record = DatasetRecord("panoptic", expected, tuple(checked.faults), key, max_image_pixels)
     set_dataset_record(
         name, record, **checked.metadata, **expected, evaluator_type="coco_panoptic_seg"
     )

@@ -15,9 +15,15 @@ from typing import Mapping, Optional, Tuple
 from detectron2.data import MetadataCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
-from .validation import DataFault
+from .validation import DataFault, check_key
 
-__all__ = ["RECORD_KEY", "DatasetRecord", "dataset_record", "set_dataset_record"]
+__all__ = [
+    "RECORD_KEY",
+    "DatasetRecord",
+    "current_check_key",
+    "dataset_record",
+    "set_dataset_record",
+]
 
 RECORD_KEY = "solo_d2"  # the metadata key holding the record
 
@@ -28,9 +34,10 @@ class DatasetRecord:
 
     Attributes:
         kind: the name of its dataset kind (:mod:`solo_d2.kinds`): "coco", "lvis", "panoptic".
-        files: role -> absolute path of what it was read from, e.g. ``{"json_file": ...,
-            "image_root": ...}``; a panoptic dataset: ``panoptic_json``, ``panoptic_root``,
-            ``image_root``. Registering the name again from the same files is a no-op.
+        files: role -> absolute path of what it was read from, the annotation file first, e.g.
+            ``{"json_file": ..., "image_root": ...}``; a panoptic dataset: ``panoptic_json``,
+            ``panoptic_root``, ``image_root``. Registering the name again from the same files is
+            a no-op.
         faults: the annotations and images left out (logged at registration).
         check_key: the key of its check in the check cache, which is also its pack's
             (:mod:`solo_d2.data.packed`); "" for a kind that is not packed.
@@ -42,6 +49,20 @@ class DatasetRecord:
     faults: Tuple[DataFault, ...] = ()
     check_key: str = ""
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def current_check_key(record: DatasetRecord) -> str:
+    """The check key of the record's files as they are now: its ``check_key`` unless one of
+    them changed since (:func:`~solo_d2.data.validation.check_key`: the annotation file, the
+    image folder, the other folders).
+
+    Raises:
+        OSError: a file or folder cannot be read.
+    """
+    files = dict(record.files)
+    image_root = files.pop("image_root")
+    json_file, *folders = files.values()
+    return check_key(record.kind, json_file, image_root, record.max_image_pixels, folders)
 
 
 def dataset_record(name: str) -> Optional[DatasetRecord]:

@@ -7,7 +7,7 @@ path (the dataset dicts) when a dataset has no pack; the training faults reporte
 
 import logging
 import os
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch.utils.data as torchdata
@@ -26,7 +26,7 @@ from detectron2.utils import comm
 from torch.utils.data import Sampler
 
 from ..atomic_io import atomic_write_json
-from .packed import open_packs, repeat_factors
+from .packed import PackedDataset, open_packs, repeat_factors
 from .record import dataset_record
 from .validation import DatasetError, summarize_faults
 
@@ -59,15 +59,11 @@ def packed_train_data(cfg: CfgNode) -> Tuple[Optional[torchdata.Dataset], Option
     packs = open_packs(cfg.DATASETS.TRAIN) if kind in samplers else None
     if packs is None:
         return None, None
-    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
-        before = sum(map(len, packs))
-        packs = [pack.with_instances() for pack in packs]
-        after = sum(map(len, packs))
-        logger.info(f"Removed {before - after} images with no usable annotations. {after} left.")
-    classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
-    counts = sum(pack.class_histogram(len(classes)) for pack in packs)
-    annotations = [{"category_id": c} for c in np.repeat(np.arange(len(classes)), counts).tolist()]
-    print_instances_class_histogram([{"annotations": annotations}], classes)  # all images at once
+    panoptic = [pack.panoptic for pack in packs]
+    if any(panoptic) and (not all(panoptic) or kind == "RepeatFactorTrainingSampler"):
+        return None, None  # a mix, or class frequencies of panoptic data: detectron2's path
+    if not any(panoptic):  # detectron2 filters and counts dicts with "annotations" only
+        packs = _filter_and_count(cfg, packs)
     dataset = packs[0] if len(packs) == 1 else torchdata.ConcatDataset(packs)
     logger.info(
         f"Using training sampler {kind} over {len(dataset)} images mapped from packed datasets"
@@ -80,6 +76,21 @@ def packed_train_data(cfg: CfgNode) -> Tuple[Optional[torchdata.Dataset], Option
             len(dataset), cfg.DATALOADER.RANDOM_SUBSET_RATIO
         )
     return dataset, TrainingSampler(len(dataset))
+
+
+def _filter_and_count(cfg: CfgNode, packs: List[PackedDataset]) -> List[PackedDataset]:
+    """The packs without images lacking a non-crowd annotation (with
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``); logs the class histogram, as detectron2 does."""
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        before = sum(map(len, packs))
+        packs = [pack.with_instances() for pack in packs]
+        after = sum(map(len, packs))
+        logger.info(f"Removed {before - after} images with no usable annotations. {after} left.")
+    classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
+    counts = sum(pack.class_histogram(len(classes)) for pack in packs)
+    annotations = [{"category_id": c} for c in np.repeat(np.arange(len(classes)), counts).tolist()]
+    print_instances_class_histogram([{"annotations": annotations}], classes)  # all images at once
+    return packs
 
 
 def report_training_faults(cfg: CfgNode, names: Iterable[str]) -> None:

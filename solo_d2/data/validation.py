@@ -64,6 +64,8 @@ __all__ = [
     "clean_coco_dict",
     "dict_segmentation",
     "check_key",
+    "faults_to_columns",
+    "faults_from_columns",
     "summarize_faults",
     "MAX_LISTED_FAULTS",
     "MAX_DESCRIBED_FAULTS",
@@ -133,7 +135,7 @@ class DataFault:
         return asdict(self)
 
 
-def _faults_to_columns(faults: Sequence[DataFault]) -> Dict[str, list]:
+def faults_to_columns(faults: Sequence[DataFault]) -> Dict[str, list]:
     """Faults as JSON columns: a value per fault, the repeated strings (kinds, files, the
     messages past ``MAX_DESCRIBED_FAULTS``) once each, so 10^6 faults stay a few MB."""
     strings: Dict[str, int] = {}
@@ -152,7 +154,7 @@ def _faults_to_columns(faults: Sequence[DataFault]) -> Dict[str, list]:
     return {"strings": list(strings), **columns}
 
 
-def _faults_from_columns(columns: Dict[str, list]) -> List[DataFault]:
+def faults_from_columns(columns: Dict[str, list]) -> List[DataFault]:
     strings = [*columns["strings"], None]  # index -1: None
     text = {
         k: [strings[i] for i in columns[k]] for k in ("kind", "message", "json_file", "file_name")
@@ -204,7 +206,7 @@ class CheckedCOCO:
         return {
             "thing_classes": self.thing_classes,
             "id_map": list(self.id_map.items()),
-            "faults": _faults_to_columns(self.faults),
+            "faults": faults_to_columns(self.faults),
             "bad_images": list(self.bad_images),
             "bad_annotations": list(self.bad_annotations),
             "kept_polygons": list(self.kept_polygons.items()),
@@ -218,7 +220,7 @@ class CheckedCOCO:
         return cls(
             thing_classes=obj["thing_classes"],
             id_map=dict(obj["id_map"]),
-            faults=_faults_from_columns(obj["faults"]) if with_faults else None,
+            faults=faults_from_columns(obj["faults"]) if with_faults else None,
             bad_images=set(obj["bad_images"]),
             bad_annotations=set(obj["bad_annotations"]),
             kept_polygons=dict(obj["kept_polygons"]),
@@ -854,15 +856,19 @@ def clean_coco_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any
 
 
 def check_key(
-    kind: str, json_file: str, image_root: Optional[str], max_image_pixels: Optional[int]
+    kind: str,
+    json_file: str,
+    image_root: Optional[str],
+    max_image_pixels: Optional[int],
+    folders: Sequence[str] = (),
 ) -> str:
     """The key of checking ``json_file`` with these parameters: it changes with the file's
-    content (:func:`~solo_d2.data.check_cache.entry_key`).
+    content (:func:`~solo_d2.data.check_cache.entry_key`; ``folders`` as it takes them).
 
     Raises:
         OSError: the file (or ``image_root``) cannot be read.
     """
-    return entry_key(kind, json_file, image_root, {"max_image_pixels": max_image_pixels})
+    return entry_key(kind, json_file, image_root, {"max_image_pixels": max_image_pixels}, folders)
 
 
 def read_and_check(

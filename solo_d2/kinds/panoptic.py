@@ -33,7 +33,7 @@ class PanopticKind(DatasetKind):
     spec_form = PANOPTIC_SPEC_FORM
     description = "COCO panoptic"
     evaluator_types = ("coco_panoptic_seg",)
-    packs = False
+    packs = True
     metric_name = "PQ"
 
     def register(self, spec: str, max_image_pixels: int) -> str:

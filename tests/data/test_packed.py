@@ -13,19 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import tiny_cfg, write_tiny_panoptic
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from PIL import Image
 from test_validation import coco_dict
 
-from solo_d2.data import check_cache, packed, validation
+from solo_d2.data import check_cache, packed, panoptic, validation
 from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.lvis import IMAGE_CATEGORY_LISTS, load_checked_lvis, register_lvis_dataset
 from solo_d2.data.record import dataset_record
 from solo_d2.data.training_data import packed_train_data
 from solo_d2.data.validation import check_coco_dict, check_key, to_dataset_dicts
+from solo_d2.kinds import register_dataset
 
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
 
@@ -247,6 +248,60 @@ def test_without_cache_or_with_a_broken_pack_the_file_is_read(tmp_path, cache, m
     assert packed.open_packs([name]) is None and not packed.has_pack(key)
     assert DatasetCatalog.get(name) == expected
     assert check_key("coco", ann, images, dataset_record(name).max_image_pixels) == key
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def _panoptic(tmp_path):
+    json_file, png_dir, image_dir = write_tiny_panoptic(tmp_path, num_images=4)
+    data = json.loads(open(json_file).read())
+    (tmp_path / "panoptic" / "0.png").unlink()  # a fault: image 100 left out
+    data["annotations"][1]["segments_info"][0].pop("bbox", None)  # kept without a box
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    return f"pan_{uuid.uuid4().hex[:8]}=panoptic:{json_file}:{png_dir}:{image_dir}"
+
+
+def test_panoptic_datasets_are_packed_checked_once_and_mapped(tmp_path, cache, monkeypatch):
+    spec = _panoptic(tmp_path)
+    name = register_dataset(spec)
+    record = dataset_record(name)
+    assert record.kind == "panoptic" and packed.has_pack(record.check_key)
+    monkeypatch.setenv(check_cache.CACHE_ENV, "off")  # the reference: read from the JSON
+    expected = panoptic.load_panoptic_dicts(*record.files.values(), record.max_image_pixels)
+    monkeypatch.setenv(check_cache.CACHE_ENV, str(cache.parent))
+    assert len(expected) == 3 and "bbox" not in expected[0]["segments_info"][0]
+    assert all(set(s) <= set(panoptic.PANOPTIC_SEGMENT_KEYS) for d in expected
+               for s in d["segments_info"])  # fmt: skip
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the panoptic JSON was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(panoptic, "read_coco_json", no_read)
+        assert DatasetCatalog.get(name) == expected  # from the pack
+        # another process registering the same files: the kept check, no read, same faults
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        assert register_dataset(spec) == name
+        assert dataset_record(name) == record
+        cfg = tiny_cfg()
+        cfg.DATASETS.TRAIN = (name,)
+        dataset, sampler = packed_train_data(cfg)  # no filtering of panoptic dicts, as detectron2
+        assert [dataset[i] for i in range(len(dataset))] == expected
+        assert isinstance(sampler, TrainingSampler)
+        cfg.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler"  # needs classes: the dicts
+        assert packed_train_data(cfg) == (None, None)
+    # a damaged panoptic pack: one warning, read from the JSON again, packed again
+    (cache / record.check_key / "seg_isthing.npy").write_bytes(b"damaged")
+    packed._mapped.cache_clear()
+    assert packed.open_packs([name]) is None and DatasetCatalog.get(name) == expected
+    packed._mapped.cache_clear()
+    assert packed.open_pack(record.check_key).to_dicts() == expected
+    # a PNG added or removed changes the key: the pack no longer serves the registered name
+    (tmp_path / "panoptic" / "extra.png").write_bytes(b"")
+    os.utime(tmp_path / "panoptic", ns=(0, os.stat(tmp_path / "panoptic").st_mtime_ns + 10**9))
+    assert packed.open_packs([name]) is None
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
 
