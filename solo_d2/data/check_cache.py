@@ -21,19 +21,40 @@ import functools
 import hashlib
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import orjson
 
 from ..atomic_io import atomic_write_bytes
+from . import validation
+from .dataset_dicts import to_dataset_dicts
+from .validation import CheckedCOCO, check_coco_dict
 
-__all__ = ["CACHE_ENV", "cache_dir", "entry_key", "load_entry", "store_entry"]
+__all__ = [
+    "CACHE_ENV",
+    "cache_dir",
+    "entry_key",
+    "load_entry",
+    "store_entry",
+    "check_key",
+    "read_and_check",
+    "load_checked_coco",
+]
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SOLO_D2_CACHE"
 _OFF = ("off", "0", "false", "none")
-_CHECKING_MODULES = ("validation.py", "lvis.py", "check_cache.py", "json_reader.py", "packed.py")
+_CHECKING_MODULES = (
+    "validation.py",
+    "faults.py",
+    "dataset_dicts.py",
+    "lvis.py",
+    "panoptic.py",
+    "check_cache.py",
+    "json_reader.py",
+    "packed.py",
+)
 
 
 def cache_dir() -> Optional[str]:
@@ -112,3 +133,94 @@ def store_entry(key: str, entry: dict) -> None:
         atomic_write_bytes(os.path.join(folder, key + ".json"), orjson.dumps(entry))
     except OSError as e:
         _warn_unwritable(folder, f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and checking a file once per content
+
+
+def check_key(
+    kind: str,
+    json_file: str,
+    image_root: Optional[str],
+    max_image_pixels: Optional[int],
+    folders: Sequence[str] = (),
+) -> str:
+    """The key of checking ``json_file`` with these parameters: it changes with the file's
+    content (:func:`~solo_d2.data.check_cache.entry_key`; ``folders`` as it takes them).
+
+    Raises:
+        OSError: the file (or ``image_root``) cannot be read.
+    """
+    return entry_key(kind, json_file, image_root, {"max_image_pixels": max_image_pixels}, folders)
+
+
+def read_and_check(
+    json_file: str,
+    image_root: Optional[str],
+    max_image_pixels: Optional[int] = None,
+    what: str = "",
+    *,
+    kind: str = "coco",
+    prepare: Callable[[Dict[str, Any]], Dict[str, Any]] = lambda data: data,
+    check: Optional[Callable[[Dict[str, Any]], Tuple[CheckedCOCO, Dict[str, Any]]]] = None,
+    need_data: bool = True,
+    with_faults: bool = True,
+) -> Tuple[Optional[Dict[str, Any]], CheckedCOCO, Dict[str, Any]]:
+    """Read ``json_file`` and check it, at most once per file content: (data, outcome, extra).
+
+    The outcome of a check is kept (:mod:`~solo_d2.data.check_cache`); when the file (and the
+    image directory) has not changed since, it is reused and the file is not checked again, nor
+    read at all without ``need_data`` (data is then None).
+
+    Args:
+        what: extra context for error messages (:func:`read_coco_json`).
+        kind: the kind of check, part of the cache key ("coco", "lvis").
+        prepare: applied to the file's content before it is checked or returned (LVIS adapts
+            its images).
+        check: ``check(data) -> (outcome, extra)``, ``extra`` a JSON-serialisable dict kept
+            with the outcome; default :func:`check_coco_dict` and no extra.
+        with_faults: without it, a reused outcome comes without its list of faults (None;
+            ``num_faults`` counts them): 10^6 faults take ~100 MB.
+    Raises:
+        DatasetError: the file cannot be used at all.
+        OSError: the file cannot be read.
+    """
+    if check is None:
+
+        def check(data):
+            return check_coco_dict(data, json_file, image_root, max_image_pixels), {}
+
+    key = check_key(kind, json_file, image_root, max_image_pixels)
+    entry = load_entry(key)
+    if entry is not None:
+        checked, extra = CheckedCOCO.from_json(entry["checked"], with_faults), entry["extra"]
+        data = prepare(validation.read_coco_json(json_file, what)) if need_data else None
+    else:
+        data = prepare(validation.read_coco_json(json_file, what))
+        checked, extra = check(data)
+        store_entry(key, {"checked": checked.to_json(), "extra": extra})
+    checked.key = key
+    return data, checked, extra
+
+
+def load_checked_coco(
+    json_file: str,
+    image_root: str,
+    what: str = "",
+    max_image_pixels: Optional[int] = None,
+    with_faults: bool = True,
+) -> Tuple[Dict[str, Any], CheckedCOCO, List[Dict[str, Any]]]:
+    """Read, check (once per file content: :func:`read_and_check`) and convert a COCO file:
+    (raw dict, check outcome, dataset dicts).
+
+    Args:
+        what, max_image_pixels: as :func:`read_coco_json` and :func:`check_coco_dict` take them.
+        with_faults: as :func:`read_and_check`.
+    Raises:
+        DatasetError: the file cannot be used at all.
+    """
+    data, checked, _ = read_and_check(
+        json_file, image_root, max_image_pixels, what, with_faults=with_faults
+    )
+    return data, checked, to_dataset_dicts(data, checked, image_root)

@@ -13,10 +13,11 @@ from functools import partial
 from detectron2.data import DatasetCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
+from .check_cache import check_key, load_checked_coco, read_and_check
+from .faults import summarize_faults
 from .packed import ensure_pack, open_pack
 from .record import DatasetRecord, dataset_record, set_dataset_record
 from .specs import is_registered_with, parse_dataset_spec, resolve_spec_paths
-from .validation import check_key, load_checked_coco, read_and_check, summarize_faults
 
 __all__ = ["register_coco_dataset", "warn_if_changed", "warn_instance_faults"]
 
@@ -75,9 +76,9 @@ def warn_instance_faults(name: str, json_file: str, checked) -> None:
 def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Check and register the COCO instances dataset described by ``spec``; return its name.
 
-    The annotation file is checked now (:mod:`solo_d2.data.validation`; not read at all when its
-    content was checked before, :func:`~solo_d2.data.validation.read_and_check`): a file that cannot
-    be used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels`` pixels,
+    The annotation file is checked now (:mod:`solo_d2.data.validation`; not read at all when
+    its content was checked before, :func:`~solo_d2.data.check_cache.read_and_check`): a file
+    that cannot be used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels`` pixels,
     ``INPUT.MAX_IMAGE_PIXELS``, included); faulty annotations and images (missing image files) are
     logged, counted and named, and left out of the dataset. The metadata gets ``thing_classes`` at
     once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and its

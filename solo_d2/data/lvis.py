@@ -41,19 +41,14 @@ from typing import Any, Dict, List, Optional, Tuple
 from detectron2.data import DatasetCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
+from .check_cache import check_key, read_and_check
 from .coco import warn_if_changed, warn_instance_faults
+from .dataset_dicts import clean_coco_dict, to_dataset_dicts
+from .faults import DatasetError
 from .packed import ensure_pack, open_pack
 from .record import DatasetRecord, set_dataset_record
 from .specs import LVIS_SPEC_FORM, is_registered_with, parse_dataset_spec, resolve_spec_paths
-from .validation import (
-    CheckedCOCO,
-    DatasetError,
-    check_coco_dict,
-    check_key,
-    clean_coco_dict,
-    read_and_check,
-    to_dataset_dicts,
-)
+from .validation import CheckedCOCO, check_coco_dict
 
 __all__ = [
     "LVIS_SPEC_FORM",
@@ -168,7 +163,7 @@ def read_and_check_lvis(
     with_faults: bool = True,
 ) -> Tuple[Optional[Dict[str, Any]], CheckedCOCO, Dict[str, Any]]:
     """Read, adapt and check an LVIS file, once per file content
-    (:func:`~solo_d2.data.validation.read_and_check`): (adapted dict or None without
+    (:func:`~solo_d2.data.check_cache.read_and_check`): (adapted dict or None without
     ``need_data``, check outcome, ``{"class_frequency": ..., "class_image_count": ...}``).
 
     Raises:
@@ -225,7 +220,7 @@ def load_checked_lvis(
 def clean_lvis_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any]:
     """The LVIS ground truth for evaluation: the adapted dict without faulty images and
     annotations, areas and ``iscrowd`` filled in
-    (:func:`~solo_d2.data.validation.clean_coco_dict`)."""
+    (:func:`~solo_d2.data.dataset_dicts.clean_coco_dict`)."""
     return clean_coco_dict(data, checked)
 
 

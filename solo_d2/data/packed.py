@@ -3,7 +3,7 @@
 detectron2's ``load_coco_json`` of a COCO train2017-sized file takes ~40 s, in each training
 process, and each process then pickles its own copy of the dataset dicts. Here the first process
 that reads and checks an annotation file (the launcher's registration, normally) also writes the
-dataset dicts it gives (:func:`~solo_d2.data.validation.to_dataset_dicts`) as columns: per image
+dataset dicts it gives (:func:`~solo_d2.data.dataset_dicts.to_dataset_dicts`) as columns: per image
 its file path, size, id and the range of its annotations; per annotation its id, crowd flag, box
 and class; all polygon coordinates in one float64 array with offsets; RLEs as their counts'
 bytes with offsets and their sizes (plain arrays: nothing read from a pack runs code). The
@@ -43,8 +43,9 @@ import torch.utils.data as torchdata
 from detectron2.structures import BoxMode
 
 from .check_cache import cache_dir
+from .dataset_dicts import dict_segmentation
 from .record import current_check_key, dataset_record
-from .validation import CheckedCOCO, dict_segmentation
+from .validation import CheckedCOCO
 
 __all__ = [
     "PackedDataset",

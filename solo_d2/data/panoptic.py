@@ -44,23 +44,19 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
-from .check_cache import load_entry, store_entry
+from .check_cache import check_key, load_entry, store_entry
+from .faults import (
+    DataFault,
+    DatasetError,
+    faults_from_columns,
+    faults_to_columns,
+    summarize_faults,
+)
 from .images import BadImageError
 from .packed import has_pack, open_pack, pack_panoptic, packs_enabled, write_pack
 from .record import DatasetRecord, dataset_record, set_dataset_record
 from .specs import PANOPTIC_SPEC_FORM, is_registered_with, resolve_spec_paths
-from .validation import (
-    DataFault,
-    DatasetError,
-    _check_images,
-    _is_id,
-    _is_int,
-    check_key,
-    faults_from_columns,
-    faults_to_columns,
-    read_coco_json,
-    summarize_faults,
-)
+from .validation import _check_images, _is_id, _is_int, read_coco_json
 
 __all__ = [
     "IGNORE_LABEL",

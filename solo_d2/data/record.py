@@ -15,7 +15,8 @@ from typing import Mapping, Optional, Tuple
 from detectron2.data import MetadataCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
-from .validation import DataFault, check_key
+from .check_cache import check_key
+from .faults import DataFault
 
 __all__ = [
     "RECORD_KEY",
@@ -53,7 +54,7 @@ class DatasetRecord:
 
 def current_check_key(record: DatasetRecord) -> str:
     """The check key of the record's files as they are now: its ``check_key`` unless one of
-    them changed since (:func:`~solo_d2.data.validation.check_key`: the annotation file, the
+    them changed since (:func:`~solo_d2.data.check_cache.check_key`: the annotation file, the
     image folder, the other folders).
 
     Raises:

@@ -26,9 +26,9 @@ from detectron2.utils import comm
 from torch.utils.data import Sampler
 
 from ..atomic_io import atomic_write_json
+from .faults import DatasetError, summarize_faults
 from .packed import PackedDataset, open_packs, repeat_factors
 from .record import dataset_record
-from .validation import DatasetError, summarize_faults
 
 __all__ = ["build_train_loader", "packed_train_data", "report_training_faults"]
 

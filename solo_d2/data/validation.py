@@ -1,4 +1,4 @@
-"""Checks of COCO instance-segmentation annotation files, and loading of the checked data.
+"""Checks of COCO instance-segmentation annotation files.
 
 A COCO file is checked in two tiers:
 
@@ -29,10 +29,10 @@ it is read, then nothing); values quoted in
 messages are shortened; all faults are kept, but only the first ``MAX_DESCRIBED_FAULTS`` with
 their message (the others with their kind and ids).
 
-:func:`read_and_check` reads a file and checks it once per content (the outcome is kept by
-:mod:`solo_d2.data.check_cache`); :func:`load_checked_coco` returns detectron2 dataset dicts of
-what passed and the list of faults;
-:func:`clean_coco_dict` gives the COCO dict of what passed (the evaluation ground truth).
+What the checks report is :mod:`solo_d2.data.faults`'; reading a file and checking it once per
+content is :mod:`solo_d2.data.check_cache`'s (:func:`~solo_d2.data.check_cache.read_and_check`);
+the dataset dicts of what passed, and its COCO dict (the evaluation ground truth), are
+:mod:`solo_d2.data.dataset_dicts`'.
 """
 
 import array
@@ -42,32 +42,18 @@ import logging
 import math
 import os
 import reprlib
-from collections import Counter
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.structures import BoxMode
-from pycocotools import mask as mask_util
 
-from .check_cache import entry_key, load_entry, store_entry
+from .faults import DataFault, DatasetError, faults_from_columns, faults_to_columns
 from .json_reader import MAX_JSON_NUMBERS, LongArray, read_json
 
 __all__ = [
-    "DataFault",
-    "DatasetError",
     "CheckedCOCO",
     "read_coco_json",
     "check_coco_dict",
-    "read_and_check",
-    "load_checked_coco",
-    "clean_coco_dict",
-    "dict_segmentation",
-    "check_key",
-    "faults_to_columns",
-    "faults_from_columns",
-    "summarize_faults",
-    "MAX_LISTED_FAULTS",
     "MAX_DESCRIBED_FAULTS",
     "MAX_POLYGON_POINTS",
     "MAX_POLYGON_OUTLINE",
@@ -78,7 +64,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COCO_KEYS = ("images", "annotations", "categories")
-MAX_LISTED_FAULTS = 10  # faults named one by one in a log message; all are kept in the list
 # Faults kept with their message; the later ones keep their kind and ids (80 bytes each).
 MAX_DESCRIBED_FAULTS = 1000
 # Polygon points of one annotation (all its polygons). Rasterising costs memory and time in
@@ -96,80 +81,6 @@ _short.maxlevel = 2
 _NUMBER_TYPES = frozenset((int, float))  # bool is not a number, nor an id, in a COCO file
 _ID_TYPES = frozenset((int, str))
 _SCREEN_CHUNK = 1 << 16  # annotations whose polygons the screen takes at once
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used at all; the message names the file and the entry."""
-
-
-@dataclass(frozen=True, slots=True)
-class DataFault:
-    """One annotation or image left out of a dataset, and why.
-
-    Attributes:
-        kind: short machine-readable name, e.g. "empty_segmentation", "rle_size".
-        message: what is wrong, in words.
-        json_file: the annotation file.
-        image_id, annotation_id: the COCO ids involved (None when not applicable).
-        file_name: the image file name as written in the annotation file.
-    """
-
-    kind: str
-    message: str
-    json_file: str
-    image_id: Optional[Any] = None
-    annotation_id: Optional[Any] = None
-    file_name: Optional[str] = None
-
-    def __str__(self) -> str:
-        where = []
-        if self.annotation_id is not None:
-            where.append(f"annotation id {self.annotation_id}")
-        if self.image_id is not None:
-            where.append(f"image id {self.image_id}")
-        if self.file_name is not None:
-            where.append(f"file {self.file_name}")
-        return f"{', '.join(where) or self.json_file}: {self.message}"
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-
-def faults_to_columns(faults: Sequence[DataFault]) -> Dict[str, list]:
-    """Faults as JSON columns: a value per fault, the repeated strings (kinds, files, the
-    messages past ``MAX_DESCRIBED_FAULTS``) once each, so 10^6 faults stay a few MB."""
-    strings: Dict[str, int] = {}
-
-    def index(text: Optional[str]) -> int:
-        return -1 if text is None else strings.setdefault(text, len(strings))
-
-    columns = {
-        "kind": [index(f.kind) for f in faults],
-        "message": [index(f.message) for f in faults],
-        "json_file": [index(f.json_file) for f in faults],
-        "file_name": [index(f.file_name) for f in faults],
-        "image_id": [f.image_id for f in faults],
-        "annotation_id": [f.annotation_id for f in faults],
-    }
-    return {"strings": list(strings), **columns}
-
-
-def faults_from_columns(columns: Dict[str, list]) -> List[DataFault]:
-    strings = [*columns["strings"], None]  # index -1: None
-    text = {
-        k: [strings[i] for i in columns[k]] for k in ("kind", "message", "json_file", "file_name")
-    }
-    return [
-        DataFault(*fault)
-        for fault in zip(
-            text["kind"],
-            text["message"],
-            text["json_file"],
-            columns["image_id"],
-            columns["annotation_id"],
-            text["file_name"],
-        )
-    ]
 
 
 @dataclass
@@ -773,180 +684,3 @@ def check_coco_dict(
         len(data["annotations"]),
         len(faults),
     )
-
-
-def dict_segmentation(segm, h: int, w: int):
-    """A checked segmentation as dataset dicts keep it: polygons as they are, an uncompressed
-    RLE compressed (as detectron2's loader does)."""
-    if isinstance(segm, dict) and isinstance(segm["counts"], list):
-        return mask_util.frPyObjects(segm, h, w)
-    return segm
-
-
-def to_dataset_dicts(
-    data: Dict[str, Any], checked: CheckedCOCO, image_root: str
-) -> List[Dict[str, Any]]:
-    """detectron2 dataset dicts of the images and annotations that passed, by image id order.
-
-    Each annotation keeps its COCO ``id`` (so later messages can name it); ``category_id`` is
-    the contiguous id.
-    """
-    images = {img["id"]: img for img in data["images"] if img["id"] not in checked.bad_images}
-    per_image = {img_id: [] for img_id in images}
-    for ann in data["annotations"]:
-        if ann["id"] in checked.bad_annotations or ann["image_id"] not in per_image:
-            continue
-        img = images[ann["image_id"]]
-        segm = checked.kept_polygons.get(ann["id"], ann["segmentation"])
-        per_image[ann["image_id"]].append(
-            {
-                "id": ann["id"],
-                "iscrowd": int(ann.get("iscrowd", 0)),
-                "bbox": list(ann["bbox"]),
-                "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": checked.id_map[ann["category_id"]],
-                "segmentation": dict_segmentation(segm, img["height"], img["width"]),
-            }
-        )
-    return [
-        {
-            "file_name": os.path.join(image_root, images[img_id]["file_name"]),
-            "height": images[img_id]["height"],
-            "width": images[img_id]["width"],
-            "image_id": img_id,
-            "annotations": per_image[img_id],
-        }
-        for img_id in sorted(images)
-    ]
-
-
-def _pixel_area(segm, h: int, w: int) -> float:
-    """Foreground pixels of a (checked) polygon list or RLE, as pycocotools rasterises it."""
-    if isinstance(segm, list):
-        rle = mask_util.merge(mask_util.frPyObjects(segm, h, w))
-    elif isinstance(segm["counts"], list):
-        rle = mask_util.frPyObjects(segm, h, w)
-    else:
-        counts = segm["counts"]
-        rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
-    return float(mask_util.area(rle))
-
-
-def clean_coco_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any]:
-    """The COCO dict without the faulty images and annotations (partly bad polygons dropped).
-
-    Annotations without "area" (or whose "area" is not a non-negative number) get their mask's
-    pixel count (as pycocotools rasterises it) and those without "iscrowd" get 0: COCO's
-    evaluation needs both (converters often omit them).
-    """
-    images = [img for img in data["images"] if img["id"] not in checked.bad_images]
-    sizes = {img["id"]: (img["height"], img["width"]) for img in images}
-    annotations = []
-    for ann in data["annotations"]:
-        if ann["id"] in checked.bad_annotations or ann["image_id"] not in sizes:
-            continue
-        if ann["id"] in checked.kept_polygons:
-            ann = {**ann, "segmentation": checked.kept_polygons[ann["id"]]}
-        if not (_is_number(ann.get("area")) and ann["area"] >= 0):
-            ann = {**ann, "area": _pixel_area(ann["segmentation"], *sizes[ann["image_id"]])}
-        if "iscrowd" not in ann:
-            ann = {**ann, "iscrowd": 0}
-        annotations.append(ann)
-    return {**data, "images": images, "annotations": annotations}
-
-
-def check_key(
-    kind: str,
-    json_file: str,
-    image_root: Optional[str],
-    max_image_pixels: Optional[int],
-    folders: Sequence[str] = (),
-) -> str:
-    """The key of checking ``json_file`` with these parameters: it changes with the file's
-    content (:func:`~solo_d2.data.check_cache.entry_key`; ``folders`` as it takes them).
-
-    Raises:
-        OSError: the file (or ``image_root``) cannot be read.
-    """
-    return entry_key(kind, json_file, image_root, {"max_image_pixels": max_image_pixels}, folders)
-
-
-def read_and_check(
-    json_file: str,
-    image_root: Optional[str],
-    max_image_pixels: Optional[int] = None,
-    what: str = "",
-    *,
-    kind: str = "coco",
-    prepare: Callable[[Dict[str, Any]], Dict[str, Any]] = lambda data: data,
-    check: Optional[Callable[[Dict[str, Any]], Tuple[CheckedCOCO, Dict[str, Any]]]] = None,
-    need_data: bool = True,
-    with_faults: bool = True,
-) -> Tuple[Optional[Dict[str, Any]], CheckedCOCO, Dict[str, Any]]:
-    """Read ``json_file`` and check it, at most once per file content: (data, outcome, extra).
-
-    The outcome of a check is kept (:mod:`~solo_d2.data.check_cache`); when the file (and the
-    image directory) has not changed since, it is reused and the file is not checked again, nor
-    read at all without ``need_data`` (data is then None).
-
-    Args:
-        what: extra context for error messages (:func:`read_coco_json`).
-        kind: the kind of check, part of the cache key ("coco", "lvis").
-        prepare: applied to the file's content before it is checked or returned (LVIS adapts
-            its images).
-        check: ``check(data) -> (outcome, extra)``, ``extra`` a JSON-serialisable dict kept
-            with the outcome; default :func:`check_coco_dict` and no extra.
-        with_faults: without it, a reused outcome comes without its list of faults (None;
-            ``num_faults`` counts them): 10^6 faults take ~100 MB.
-    Raises:
-        DatasetError: the file cannot be used at all.
-        OSError: the file cannot be read.
-    """
-    if check is None:
-
-        def check(data):
-            return check_coco_dict(data, json_file, image_root, max_image_pixels), {}
-
-    key = check_key(kind, json_file, image_root, max_image_pixels)
-    entry = load_entry(key)
-    if entry is not None:
-        checked, extra = CheckedCOCO.from_json(entry["checked"], with_faults), entry["extra"]
-        data = prepare(read_coco_json(json_file, what)) if need_data else None
-    else:
-        data = prepare(read_coco_json(json_file, what))
-        checked, extra = check(data)
-        store_entry(key, {"checked": checked.to_json(), "extra": extra})
-    checked.key = key
-    return data, checked, extra
-
-
-def load_checked_coco(
-    json_file: str,
-    image_root: str,
-    what: str = "",
-    max_image_pixels: Optional[int] = None,
-    with_faults: bool = True,
-) -> Tuple[Dict[str, Any], CheckedCOCO, List[Dict[str, Any]]]:
-    """Read, check (once per file content: :func:`read_and_check`) and convert a COCO file:
-    (raw dict, check outcome, dataset dicts).
-
-    Args:
-        what, max_image_pixels: as :func:`read_coco_json` and :func:`check_coco_dict` take them.
-        with_faults: as :func:`read_and_check`.
-    Raises:
-        DatasetError: the file cannot be used at all.
-    """
-    data, checked, _ = read_and_check(
-        json_file, image_root, max_image_pixels, what, with_faults=with_faults
-    )
-    return data, checked, to_dataset_dicts(data, checked, image_root)
-
-
-def summarize_faults(faults: Sequence[DataFault], limit: int = MAX_LISTED_FAULTS) -> str:
-    """Counts by kind and the first ``limit`` faults by name, one per line."""
-    kinds = Counter(f.kind for f in faults)
-    lines = [", ".join(f"{n} {kind}" for kind, n in kinds.most_common())]
-    lines += [f"  {f}" for f in faults[:limit]]
-    if len(faults) > limit:
-        lines.append(f"  ... and {len(faults) - limit} more")
-    return "\n".join(lines)

@@ -17,8 +17,10 @@ from pycocotools.coco import COCO
 
 from ..atomic_io import TMP_MARKER, atomic_write_json, remove_stale_temporaries
 from ..compat import set_coco_ground_truth
+from ..data.check_cache import read_and_check
+from ..data.dataset_dicts import clean_coco_dict
+from ..data.faults import summarize_faults
 from ..data.record import DatasetRecord, dataset_record
-from ..data.validation import clean_coco_dict, read_and_check, summarize_faults
 
 __all__ = ["SOLOCOCOEvaluator"]
 

@@ -39,9 +39,9 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..data.faults import summarize_faults
 from ..data.lvis import clean_lvis_dict, read_and_check_lvis
 from ..data.record import dataset_record
-from ..data.validation import summarize_faults
 from .coco_evaluation import staged_output, write_evaluation_files
 
 __all__ = ["SOLOLVISEvaluator", "LVIS_METRICS", "lvis_numpy_compat", "evaluate_on_lvis"]

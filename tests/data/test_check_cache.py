@@ -1,5 +1,5 @@
 """Each annotation file content is checked once: the check's outcome is kept and reused
-(solo_d2.data.check_cache, solo_d2.data.validation.read_and_check)."""
+(solo_d2.data.check_cache, solo_d2.data.check_cache.read_and_check)."""
 
 import json
 import logging
@@ -11,9 +11,11 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 
 from solo_d2.data import check_cache, validation
+from solo_d2.data.check_cache import read_and_check
 from solo_d2.data.coco import register_coco_dataset
+from solo_d2.data.faults import DataFault
 from solo_d2.data.record import dataset_record
-from solo_d2.data.validation import CheckedCOCO, DataFault, read_and_check
+from solo_d2.data.validation import CheckedCOCO
 
 H, W = 40, 60
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]

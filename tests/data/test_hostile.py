@@ -28,7 +28,9 @@ from pycocotools import mask as mask_util
 
 from solo_d2.config import ConfigError
 from solo_d2.data.coco import register_coco_dataset
+from solo_d2.data.dataset_dicts import clean_coco_dict
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.data.faults import DatasetError, summarize_faults
 from solo_d2.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, image_size, read_image
 from solo_d2.data.validation import (
     MAX_DESCRIBED_FAULTS,
@@ -36,12 +38,9 @@ from solo_d2.data.validation import (
     MAX_POLYGON_OUTLINE,
     MAX_POLYGON_POINTS,
     MAX_RLE_RUNS,
-    DatasetError,
     _rle_string_runs,
     check_coco_dict,
-    clean_coco_dict,
     read_coco_json,
-    summarize_faults,
 )
 from solo_d2.engine.cli import register_datasets_from_args
 from solo_d2.engine.preflight import check_config
@@ -420,7 +419,7 @@ MEASURE_DATASET = _CHILD_HEAD + """
 from detectron2.data import DatasetCatalog
 from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.record import dataset_record
-from solo_d2.data.validation import DatasetError
+from solo_d2.data.faults import DatasetError
 outcome = {"base_rss": rss()}
 try:
     name = register_coco_dataset(f"hostile={sys.argv[1]}:{sys.argv[2]}")

@@ -17,9 +17,9 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler
 from PIL import Image
 
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.data.faults import DatasetError
 from solo_d2.data.lvis import parse_lvis_spec, register_lvis_dataset
 from solo_d2.data.record import dataset_record
-from solo_d2.data.validation import DatasetError
 from solo_d2.engine import Trainer
 from solo_d2.engine.cli import register_dataset
 

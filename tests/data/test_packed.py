@@ -21,11 +21,13 @@ from PIL import Image
 from test_validation import coco_dict
 
 from solo_d2.data import check_cache, packed, panoptic, validation
+from solo_d2.data.check_cache import check_key
 from solo_d2.data.coco import register_coco_dataset
+from solo_d2.data.dataset_dicts import to_dataset_dicts
 from solo_d2.data.lvis import IMAGE_CATEGORY_LISTS, load_checked_lvis, register_lvis_dataset
 from solo_d2.data.record import dataset_record
 from solo_d2.data.training_data import packed_train_data
-from solo_d2.data.validation import check_coco_dict, check_key, to_dataset_dicts
+from solo_d2.data.validation import check_coco_dict
 from solo_d2.kinds import register_dataset
 
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
@@ -181,7 +183,7 @@ def test_registration_packs_and_the_loader_uses_the_pack(tmp_path, cache, monkey
     name = register_coco_dataset(f"packed_{uuid.uuid4().hex[:8]}={ann}:{images}")
     key = dataset_record(name).check_key
     assert packed.has_pack(key) and len(os.listdir(cache)) == 1
-    expected = to_dataset_dicts(*validation.load_checked_coco(ann, images)[:2], images)
+    expected = to_dataset_dicts(*check_cache.load_checked_coco(ann, images)[:2], images)
 
     def no_read(*args, **kwargs):
         raise AssertionError("the annotation file was read")

@@ -12,11 +12,11 @@ from conftest import id_to_rgb, solo_cfg, tiny_panoptic_layout, write_tiny_panop
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from solo_d2.data.faults import DatasetError
 from solo_d2.data.images import BadImageError
 from solo_d2.data.panoptic import IGNORE_LABEL, adopt_builtin_panoptic, parse_panoptic_spec
 from solo_d2.data.panoptic_mapper import SOLOPanopticDatasetMapper
 from solo_d2.data.record import dataset_record
-from solo_d2.data.validation import DatasetError
 from solo_d2.engine.cli import register_dataset
 from solo_d2.modeling.targets import panoptic_targets
 

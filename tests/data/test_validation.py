@@ -15,10 +15,12 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from solo_d2.data.coco import register_coco_dataset
+from solo_d2.data.dataset_dicts import clean_coco_dict
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
+from solo_d2.data.faults import DatasetError
 from solo_d2.data.record import dataset_record
 from solo_d2.data.training_data import report_training_faults
-from solo_d2.data.validation import DatasetError, check_coco_dict, clean_coco_dict
+from solo_d2.data.validation import check_coco_dict
 from solo_d2.engine.trainer import Trainer
 
 H, W = 40, 60

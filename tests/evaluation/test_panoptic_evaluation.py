@@ -23,9 +23,9 @@ from detectron2.structures import Boxes, Instances
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from solo_d2.data.faults import DatasetError
 from solo_d2.data.images import BadImageError
 from solo_d2.data.panoptic import panoptic_things_coco
-from solo_d2.data.validation import DatasetError
 from solo_d2.evaluation import SOLOCOCOEvaluator, SOLOPanopticEvaluator
 from solo_d2.evaluation import panoptic_evaluation as pe
 

@@ -5,9 +5,9 @@ import json
 from collections import defaultdict
 
 import pytest
-from pycocotools import mask as mask_util
 from conftest import REPO, TINY_OPTS, load_script
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from pycocotools import mask as mask_util
 
 import solo_d2.kinds as kinds
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
