@@ -76,12 +76,12 @@ def warn_instance_faults(name: str, json_file: str, checked) -> None:
 def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Check and register the COCO instances dataset described by ``spec``; return its name.
 
-    The annotation file is checked now (:mod:`solo_d2.data.validation`; not read at all when
-    its content was checked before, :func:`~solo_d2.data.check_cache.read_and_check`): a file
-    that cannot be used raises ``ValueError`` (an image entry declaring more than
-    ``max_image_pixels`` pixels, ``INPUT.MAX_IMAGE_PIXELS``, included); faulty annotations and images (missing image files) are
-    logged, counted and named, and left out of the dataset. The metadata gets ``thing_classes`` at
-    once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and its
+    The annotation file is checked now (:mod:`solo_d2.data.validation`; not read at all when its
+    content was checked before, :func:`~solo_d2.data.check_cache.read_and_check`): a file that
+    cannot be used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels``
+    pixels, ``INPUT.MAX_IMAGE_PIXELS``, included); faulty annotations and images (missing image
+    files) are logged, counted and named, and left out of the dataset. The metadata gets
+    ``thing_classes`` at once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and its
     :class:`~solo_d2.data.record.DatasetRecord` (the faults, the check key).
 
     Registering a name again with the same files is a no-op; with other files it is an error.
