@@ -267,7 +267,10 @@ def _convert_segments(segments, thing_ids: dict, stuff_ids: dict) -> tuple[list,
         if iscrowd not in (0, 1):
             return [], f"segment {sid} has iscrowd={iscrowd!r}, not 0 or 1"
         segment = {"id": sid, "category_id": contiguous, "iscrowd": iscrowd, "isthing": isthing}
-        segment.update((k, s[k]) for k in ("bbox", "area") if k in s)
+        if "bbox" in s:
+            segment["bbox"] = s["bbox"]
+        if "area" in s:
+            segment["area"] = s["area"]
         out.append(segment)
     return out, None
 
