@@ -5,7 +5,7 @@ From the repository root:
     python -m dev.benchmark                                    # every stage, CPU, R50-FPN
     python -m dev.benchmark --stages matrix_nms postprocess_memory --json out/bench.json
     python -m dev.benchmark --device cuda --amp                # on a GPU, AMP training too
-    python -m dev.benchmark.startup --kind coco lvis           # COCO/LVIS-scale start-up
+    python -m dev.benchmark.startup --kind coco lvis panoptic  # COCO/LVIS/panoptic start-up
 
 Stages (``--stages``; each runs in its own subprocess unless ``--no-isolate``; what each measures:
 :mod:`dev.benchmark.stages`): ``inference`` (batch 1 at ``--size``: backbone+FPN, instance

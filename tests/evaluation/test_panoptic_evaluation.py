@@ -417,7 +417,12 @@ def test_panoptic_dataset_things_mask_and_box_ap(register, tmp_path):
     IoU 36 / 50 = 0.72 and box IoU (9 x 4) / (10 x 5) = 0.72, a match at the IoU thresholds
     0.5-0.7 (5 of COCO's 10): AP 50, AP50 100, AP75 0."""
     name = register([(1, *PERSON_SKY)])
-    evaluator = SOLOCOCOEvaluator(name, ("segm", "bbox"), output_dir=str(tmp_path / "things"))
+    evaluator = SOLOCOCOEvaluator(
+        name,
+        ("segm", "bbox"),
+        output_dir=str(tmp_path / "things"),
+        ground_truth=panoptic_things_coco,
+    )  # as the panoptic dataset kind builds it
     mask = paint([(0, 3, 1)]) == 1
     mask[:, 9] = False
     evaluator.reset()
