@@ -35,13 +35,13 @@ __all__ = ["build_train_loader", "packed_train_data", "report_training_faults"]
 logger = logging.getLogger(__name__)
 
 
-def build_train_loader(cfg: CfgNode, mapper):
+def build_train_loader(cfg: CfgNode, mapper, use_packs: bool = True):
     """detectron2's training loader of ``cfg`` with ``mapper``, over the packs of
-    ``DATASETS.TRAIN`` when they all have one (:func:`packed_train_data`), else over the dataset
-    dicts as detectron2 builds them; the faults of the training data are reported (or refused
-    with ``DATASETS.STRICT``) first (:func:`report_training_faults`)."""
+    ``DATASETS.TRAIN`` when they all have one and ``use_packs`` (:func:`packed_train_data`), else
+    over the dataset dicts as detectron2 builds them; the faults of the training data are
+    reported (or refused with ``DATASETS.STRICT``) first (:func:`report_training_faults`)."""
     report_training_faults(cfg, cfg.DATASETS.TRAIN)
-    dataset, sampler = packed_train_data(cfg)  # None: detectron2 reads the dataset dicts
+    dataset, sampler = packed_train_data(cfg) if use_packs else (None, None)
     return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
 
 

@@ -136,7 +136,8 @@ class Trainer(DefaultTrainer):
         """The data layer's loader (:func:`solo_d2.data.training_data.build_train_loader`: packs or
         detectron2's path) with SOLO targets; its workers leave SIGTERM and SIGUSR1 to the
         training process (:func:`~solo_d2.engine.hooks.leave_signals_to_trainer`)."""
-        loader = build_train_loader(cfg, mapper=build_mapper(cfg, True))
+        packs = all(kind_of(name).packs for name in cfg.DATASETS.TRAIN)  # the kinds that pack
+        loader = build_train_loader(cfg, mapper=build_mapper(cfg, True), use_packs=packs)
         return leave_signals_to_trainer(loader)
 
     @classmethod

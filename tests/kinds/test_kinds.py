@@ -110,6 +110,7 @@ def test_builtin_kinds_and_lookups():
     register_shapes_panoptic()
     assert kind_of("shapes_panoptic_val") is get_kind("panoptic")  # its record says so
     assert get_kind("lvis").metric({"segm": {"AP": float("nan")}}) == 0.0
+    assert all(get_kind(k).packs for k in ("coco", "lvis", "panoptic"))  # training maps packs
 
 
 def test_registry_errors(jsonl_kind):
