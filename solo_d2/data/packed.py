@@ -50,7 +50,8 @@ from .validation import CheckedCOCO
 __all__ = [
     "PackedDataset",
     "pack_dataset",
-    "pack_panoptic",
+    "panoptic_columns",
+    "panoptic_record",
     "write_pack",
     "open_pack",
     "open_packs",
@@ -214,35 +215,68 @@ def pack_dataset(
     return columns
 
 
-def pack_panoptic(dicts: Sequence[Dict[str, Any]]) -> Optional[Dict[str, np.ndarray]]:
-    """The columns of checked COCO panoptic dataset dicts (:mod:`solo_d2.data.panoptic`, in
-    their order), or None when the image ids mix integers and strings.
+def panoptic_columns(
+    images: Sequence[tuple], lengths: np.ndarray, segments: Dict[str, np.ndarray]
+) -> Optional[Dict[str, np.ndarray]]:
+    """The pack columns of checked COCO panoptic dataset dicts (:mod:`solo_d2.data.panoptic`),
+    or None when the image ids mix integers and strings.
 
-    A segment's keys are ``PANOPTIC_SEGMENT_KEYS`` there: "bbox" and "area" only where the file
-    has them (NaN in the columns otherwise).
+    Args:
+        images: per image (file path, PNG path, image id, height, width), in the dicts' order.
+        lengths: (I,) its number of segments.
+        segments: the segments of all images end to end: "id", "category" (contiguous),
+            "iscrowd", "isthing" (S,), "bbox" (S, 4) and "area" (S,), NaN where a segment has none.
     """
-    if len(set(type(d["image_id"]) for d in dicts)) > 1:
+    if len(set(type(image[2]) for image in images)) > 1:
         return None
-    segments = list(chain.from_iterable(d["segments_info"] for d in dicts))
-    s = len(segments)
-    nan4 = (np.nan,) * 4
-    boxes = np.fromiter(
-        chain.from_iterable(seg.get("bbox", nan4) for seg in segments), np.float64, 4 * s
-    )
+    files, pngs, ids, heights, widths = zip(*images) if images else ((),) * 5
     return {
-        "image_height": np.array([d["height"] for d in dicts], np.int64),
-        "image_width": np.array([d["width"] for d in dicts], np.int64),
-        "image_segments": _offsets([len(d["segments_info"]) for d in dicts]),
-        "seg_id": np.fromiter((seg["id"] for seg in segments), np.int64, s),
-        "seg_category": np.fromiter((seg["category_id"] for seg in segments), np.int64, s),
-        "seg_iscrowd": np.fromiter((seg["iscrowd"] for seg in segments), np.int8, s),
-        "seg_isthing": np.fromiter((seg["isthing"] for seg in segments), np.int8, s),
-        "seg_bbox": boxes.reshape(-1, 4),
-        "seg_area": np.fromiter((seg.get("area", np.nan) for seg in segments), np.float64, s),
-        **_strings("image_file", [d["file_name"] for d in dicts]),
-        **_strings("png_file", [d["pan_seg_file_name"] for d in dicts]),
-        **_ids("image_id", [d["image_id"] for d in dicts]),
+        "image_height": np.array(heights, np.int64),
+        "image_width": np.array(widths, np.int64),
+        "image_segments": _offsets(lengths),
+        "seg_id": np.asarray(segments["id"], np.int64),
+        "seg_category": np.asarray(segments["category"], np.int64),
+        "seg_iscrowd": np.asarray(segments["iscrowd"], np.int8),
+        "seg_isthing": np.asarray(segments["isthing"], np.int8),
+        "seg_bbox": np.asarray(segments["bbox"], np.float64).reshape(-1, 4),
+        "seg_area": np.asarray(segments["area"], np.float64),
+        **_strings("image_file", files),
+        **_strings("png_file", pngs),
+        **_ids("image_id", list(ids)),
     }
+
+
+def panoptic_record(c: Dict[str, np.ndarray], k: int) -> Dict[str, Any]:
+    """The ``k``-th dataset dict of panoptic columns ``c`` (:func:`panoptic_columns`, in memory
+    or memory-mapped): the layout of :mod:`solo_d2.data.panoptic` (``PANOPTIC_SEGMENT_KEYS``)."""
+    first, last = c["image_segments"][k : k + 2].tolist()
+    names = ("seg_id", "seg_category", "seg_iscrowd", "seg_isthing", "seg_bbox", "seg_area")
+    segments = []
+    for sid, cat, crowd, thing, box, area in zip(*(c[n][first:last].tolist() for n in names)):
+        seg = {"id": sid, "category_id": cat, "iscrowd": crowd, "isthing": bool(thing)}
+        if not math.isnan(box[0]):
+            seg["bbox"] = box
+        if not math.isnan(area):
+            seg["area"] = area
+        segments.append(seg)
+    return {
+        "file_name": _text(c, "image_file", k),
+        "image_id": _id(c, "image_id", k),
+        "height": int(c["image_height"][k]),
+        "width": int(c["image_width"][k]),
+        "pan_seg_file_name": _text(c, "png_file", k),
+        "segments_info": segments,
+    }
+
+
+def _text(c: Dict[str, np.ndarray], prefix: str, k: int) -> str:
+    start, end = c[f"{prefix}_offsets"][k : k + 2].tolist()
+    return c[f"{prefix}_bytes"][start:end].tobytes().decode("utf-8")
+
+
+def _id(c: Dict[str, np.ndarray], prefix: str, k: int):
+    column = c.get(prefix)
+    return int(column[k]) if column is not None else _text(c, prefix, k)
 
 
 def _layout(columns) -> str:
@@ -491,19 +525,10 @@ class PackedDataset(torchdata.Dataset):
         """The images ``indices`` (positions in this dataset), in that order."""
         return PackedDataset(self.folder, self.indices[np.asarray(indices, np.int64)])
 
-    def _text(self, prefix: str, k: int) -> str:
-        c = self._columns
-        start, end = c[f"{prefix}_offsets"][k : k + 2].tolist()
-        return c[f"{prefix}_bytes"][start:end].tobytes().decode("utf-8")
-
-    def _id(self, prefix: str, k: int):
-        column = self._columns.get(prefix)
-        return int(column[k]) if column is not None else self._text(prefix, k)
-
     def __getitem__(self, i: int) -> Dict[str, Any]:
         c, k = self._columns, int(self.indices[i])
         if self.panoptic:
-            return self._panoptic_item(k)
+            return panoptic_record(c, k)
         first, last = c["image_anns"][k : k + 2].tolist()
         polygon_ends = c["ann_polygons"][first : last + 1]
         coord_ends = c["polygon_coords"][polygon_ends[0] : polygon_ends[-1] + 1]
@@ -531,7 +556,7 @@ class PackedDataset(torchdata.Dataset):
                 ]
             annotations.append(
                 {
-                    "id": self._id("ann_id", first + j),
+                    "id": _id(self._columns, "ann_id", first + j),
                     "iscrowd": crowd[j],
                     "bbox": boxes[j],
                     "bbox_mode": BoxMode.XYWH_ABS,
@@ -540,40 +565,16 @@ class PackedDataset(torchdata.Dataset):
                 }
             )
         record = {
-            "file_name": self._text("image_file", k),
+            "file_name": _text(self._columns, "image_file", k),
             "height": int(c["image_height"][k]),
             "width": int(c["image_width"][k]),
-            "image_id": self._id("image_id", k),
+            "image_id": _id(self._columns, "image_id", k),
             "annotations": annotations,
         }
         for key in self._lists:
             start, end = c[f"list_{key}_offsets"][k : k + 2].tolist()
             record[key] = c[f"list_{key}"][start:end].tolist()
         return record
-
-    def _panoptic_item(self, k: int) -> Dict[str, Any]:
-        c = self._columns
-        first, last = c["image_segments"][k : k + 2].tolist()
-        boxes, areas = c["seg_bbox"][first:last].tolist(), c["seg_area"][first:last].tolist()
-        segments = []
-        for j, (sid, cat, crowd, thing) in enumerate(
-            zip(*(c[n][first:last].tolist() for n in ("seg_id", "seg_category", "seg_iscrowd",
-                                                       "seg_isthing")))  # fmt: skip
-        ):
-            seg = {"id": sid, "category_id": cat, "iscrowd": crowd, "isthing": bool(thing)}
-            if not math.isnan(boxes[j][0]):
-                seg["bbox"] = boxes[j]
-            if not math.isnan(areas[j]):
-                seg["area"] = areas[j]
-            segments.append(seg)
-        return {
-            "file_name": self._text("image_file", k),
-            "image_id": self._id("image_id", k),
-            "height": int(c["image_height"][k]),
-            "width": int(c["image_width"][k]),
-            "pan_seg_file_name": self._text("png_file", k),
-            "segments_info": segments,
-        }
 
     def to_dicts(self) -> List[Dict[str, Any]]:
         """All the dataset dicts, as a list."""

@@ -36,6 +36,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -53,10 +54,17 @@ from .faults import (
     summarize_faults,
 )
 from .images import BadImageError
-from .packed import has_pack, open_pack, pack_panoptic, packs_enabled, write_pack
+from .packed import (
+    has_pack,
+    open_pack,
+    packs_enabled,
+    panoptic_columns,
+    panoptic_record,
+    write_pack,
+)
 from .record import DatasetRecord, dataset_record, set_dataset_record
 from .specs import PANOPTIC_SPEC_FORM, is_registered_with, resolve_spec_paths
-from .validation import _check_images, _is_id, _is_int, read_coco_json
+from .validation import _check_images, _is_id, _is_int, _number_rows, read_coco_json
 
 __all__ = [
     "IGNORE_LABEL",
@@ -156,15 +164,21 @@ def panoptic_metadata(categories: list[dict]) -> dict[str, Any]:
 
 @dataclass
 class CheckedPanoptic:
-    """Result of :func:`check_panoptic_dict`: the usable images as dataset dicts (None when the
-    outcome was kept from an earlier check and the file not read again), the faults, the
-    metadata, the file's image count and how many of them were kept."""
+    """Result of :func:`check_panoptic_dict`: the usable images (``columns``, the pack layout of
+    :func:`~solo_d2.data.packed.panoptic_columns`; :attr:`dicts` as dataset dicts), the faults,
+    the metadata, the file's image count and how many of them were kept. ``columns`` is None
+    when the outcome was kept from an earlier check and the file not read again."""
 
-    dicts: Optional[list[dict]]
+    columns: Optional[dict[str, np.ndarray]]
     faults: list[DataFault] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     num_images: int = 0
     num_kept: int = 0
+
+    @property
+    def dicts(self) -> list[dict]:
+        """The usable images as dataset dicts (the module docstring's layout)."""
+        return [panoptic_record(self.columns, k) for k in range(self.num_kept)]
 
 
 def check_panoptic_dict(
@@ -205,74 +219,139 @@ def check_panoptic_dict(
             continue
         by_image[image_id] = ann
 
-    dicts = []
-    for image_id, img in images.items():
+    candidates, positions = [], []  # images whose files exist: their segments are screened
+    image_faults = []  # (position in images, fault)
+    for position, (image_id, img) in enumerate(images.items()):
         name = img["file_name"]
         ann = by_image.get(image_id)
+        problem = None
         if ann is None:
-            fault("no_panoptic_annotation", "has no panoptic annotation", image_id, name)
-            continue
-        png = ann.get("file_name")
-        if not (isinstance(png, str) and png):
-            fault("no_png", "its annotation has no PNG 'file_name'", image_id, name)
-            continue
-        png_path = os.path.join(png_dir, png)
-        if not os.path.isfile(png_path):
-            fault("missing_png", f"its PNG {png_path} does not exist", image_id, name)
-            continue
-        image_path = os.path.join(image_dir, name)
-        if not os.path.isfile(image_path):
-            fault("missing_image", f"image file {image_path} does not exist", image_id, name)
-            continue
-        segments, problem = _convert_segments(ann.get("segments_info"), thing_ids, stuff_ids)
+            problem = ("no_panoptic_annotation", "has no panoptic annotation")
+        elif not (isinstance(ann.get("file_name"), str) and ann["file_name"]):
+            problem = ("no_png", "its annotation has no PNG 'file_name'")
+        else:
+            png_path = os.path.join(png_dir, ann["file_name"])
+            image_path = os.path.join(image_dir, name)
+            if not os.path.isfile(png_path):
+                problem = ("missing_png", f"its PNG {png_path} does not exist")
+            elif not os.path.isfile(image_path):
+                problem = ("missing_image", f"image file {image_path} does not exist")
         if problem:
-            fault("bad_segments", f"{problem} (PNG {png_path})", image_id, name)
+            image_faults.append((position, DataFault(*problem, json_file, image_id, None, name)))
             continue
-        dicts.append(
-            {
-                "file_name": image_path,
-                "image_id": image_id,
-                "height": img["height"],
-                "width": img["width"],
-                "pan_seg_file_name": png_path,
-                "segments_info": segments,
-            }
+        candidates.append((image_path, png_path, image_id, img["height"], img["width"]))
+        positions.append(position)
+    infos = [by_image[c[2]].get("segments_info") for c in candidates]
+    ok, lengths, segments = _screen_segments(infos, thing_ids, stuff_ids)
+    for k in np.flatnonzero(~ok).tolist():  # the exact problem, checked one by one
+        problem = _segments_problem(infos[k], thing_ids, stuff_ids)
+        image_path, png_path, image_id = candidates[k][:3]
+        message = f"{problem} (PNG {png_path})"
+        name = images[image_id]["file_name"]
+        fault = DataFault("bad_segments", message, json_file, image_id, None, name)
+        image_faults.append((positions[k], fault))
+    faults += [f for _, f in sorted(image_faults, key=lambda pf: pf[0])]
+    keep = np.repeat(ok, lengths)
+    segments = {key: column[keep] for key, column in segments.items()}
+    kept = [c for c, good in zip(candidates, ok.tolist()) if good]
+    columns = panoptic_columns(kept, lengths[ok], segments)
+    if columns is None:
+        raise DatasetError(f"Panoptic file {json_file!r}: image ids mix integers and strings")
+    return CheckedPanoptic(columns, faults, meta, len(data["images"]), len(kept))
+
+
+def _screen_segments(
+    infos: list, thing_ids: dict, stuff_ids: dict
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The ``segments_info`` of I images checked with array operations.
+
+    Returns:
+        ok: (I,) bool, the images all of whose segments pass (the others hold a problem that
+            :func:`_segments_problem` names); lengths: (I,) their segment counts; the segments of
+            all images end to end as :func:`~solo_d2.data.packed.panoptic_columns` takes them
+            (category ids contiguous; "bbox" / "area" NaN where absent or not numbers).
+    """
+    n = len(infos)
+    is_list = np.fromiter((type(x) is list for x in infos), bool, n)
+    lengths = np.fromiter((len(x) if type(x) is list else 0 for x in infos), np.int64, n)
+    flat = list(chain.from_iterable(x for x in infos if type(x) is list))
+    s = len(flat)
+    owner = np.repeat(np.arange(n), lengths)
+    is_dict = np.fromiter((type(x) is dict for x in flat), bool, s)
+    if not is_dict.all():
+        flat = [x if type(x) is dict else {} for x in flat]
+    ids = [x.get("id") for x in flat]
+    categories = [x.get("category_id") for x in flat]
+    crowd = [x.get("iscrowd", 0) for x in flat]
+    int_ids = set(map(type, ids)) <= {int}
+    id_ok = np.ones(s, bool) if int_ids else np.fromiter((type(v) is int for v in ids), bool, s)
+    try:
+        id_values = np.fromiter((v if t else 0 for v, t in zip(ids, id_ok.tolist())), np.int64, s)
+    except OverflowError:  # beyond int64: left to the one-by-one check
+        id_values, id_ok = np.zeros(s, np.int64), np.zeros(s, bool)
+    id_ok &= (id_values > 0) & (id_values < 256**3)
+    table = {cid: k for k, cid in enumerate([*thing_ids, *stuff_ids])}
+    if set(map(type, categories)) <= {int}:
+        index = np.fromiter((table.get(v, -1) for v in categories), np.int64, s)
+    else:
+        index = np.fromiter(
+            (table.get(v, -1) if _is_hashable(v) else -1 for v in categories), np.int64, s
         )
-    return CheckedPanoptic(dicts, faults, meta, len(data["images"]), len(dicts))
+    contiguous = np.array([*thing_ids.values(), *stuff_ids.values()], np.int64)
+    isthing = np.arange(len(table)) < len(thing_ids)
+    crowd_ok = np.fromiter((v in (0, 1) for v in crowd), bool, s)  # as _segments_problem
+    good = is_dict & id_ok & (index >= 0) & crowd_ok
+    key = owner * 256**3 + id_values
+    order = np.argsort(key, kind="stable")
+    repeated = np.zeros(s, bool)
+    repeated[order[1:]] = key[order[1:]] == key[order[:-1]]
+    bad = ~good | repeated
+    ok = is_list & (np.bincount(owner[bad], minlength=n) == 0)
+    boxes_ok, boxes = _number_rows([x.get("bbox") for x in flat], 4)
+    areas = [x.get("area") for x in flat]
+    if set(map(type, areas)) <= {int, float}:
+        areas = np.array(areas, np.float64)
+    else:  # not numbers: no area (NaN)
+        areas = np.fromiter((v if type(v) in (int, float) else np.nan for v in areas), float, s)
+    return (
+        ok,
+        lengths,
+        {
+            "id": id_values,
+            "category": np.where(index >= 0, contiguous[np.maximum(index, 0)], -1),
+            "iscrowd": np.fromiter((v == 1 for v in crowd), bool, s).astype(np.int8),
+            "isthing": isthing[np.maximum(index, 0)] & (index >= 0),
+            "bbox": np.where(boxes_ok[:, None], boxes, np.nan),
+            "area": areas,
+        },
+    )
 
 
-def _convert_segments(segments, thing_ids: dict, stuff_ids: dict) -> tuple[list, Optional[str]]:
-    """(segments, None) or ([], the problem). A segment of the dataset dicts (and of their
-    packs) has ``PANOPTIC_SEGMENT_KEYS``: its id, contiguous category id, iscrowd and isthing,
-    and the file's "bbox" and "area" where it has them."""
+def _is_hashable(value) -> bool:
+    return not isinstance(value, (list, dict, set))
+
+
+def _segments_problem(segments, thing_ids: dict, stuff_ids: dict) -> str:
+    """What is wrong with an image's ``segments_info`` that :func:`_screen_segments` refused,
+    in words (the first problem, in file order)."""
     if not isinstance(segments, list):
-        return [], "'segments_info' is missing or not a list"
-    out, seen = [], set()
+        return "'segments_info' is missing or not a list"
+    seen = set()
     for s in segments:
         if not isinstance(s, dict):
-            return [], f"segments_info has {s!r}, not an object"
+            return f"segments_info has {s!r}, not an object"
         sid, cid = s.get("id"), s.get("category_id")
         if not _is_int(sid) or sid <= 0 or sid >= 256**3:
-            return [], f"segment id {sid!r} is not an integer in 1..{256**3 - 1}"
+            return f"segment id {sid!r} is not an integer in 1..{256**3 - 1}"
         if sid in seen:
-            return [], f"segment id {sid} is used twice"
+            return f"segment id {sid} is used twice"
         seen.add(sid)
-        if cid in thing_ids:
-            isthing, contiguous = True, thing_ids[cid]
-        elif cid in stuff_ids:
-            isthing, contiguous = False, stuff_ids[cid]
-        else:
-            return [], f"segment {sid} has category_id {cid!r}, not in the categories"
+        if not _is_hashable(cid) or (cid not in thing_ids and cid not in stuff_ids):
+            return f"segment {sid} has category_id {cid!r}, not in the categories"
         iscrowd = s.get("iscrowd", 0)
         if iscrowd not in (0, 1):
-            return [], f"segment {sid} has iscrowd={iscrowd!r}, not 0 or 1"
-        segment = {"id": sid, "category_id": contiguous, "iscrowd": iscrowd, "isthing": isthing}
-        if "bbox" in s:
-            segment["bbox"] = s["bbox"]
-        if "area" in s:
-            segment["area"] = s["area"]
-        out.append(segment)
-    return out, None
+            return f"segment {sid} has iscrowd={iscrowd!r}, not 0 or 1"
+    return "its segments cannot be read"  # not reached: the screen refuses only the above
 
 
 def load_panoptic_dicts(
@@ -299,8 +378,8 @@ def read_and_check_panoptic(
 ) -> tuple[CheckedPanoptic, str]:
     """Read and check a panoptic dataset at most once per content of its files: (outcome, check
     key). The outcome's categories and faults are kept in the check cache
-    (:mod:`~solo_d2.data.check_cache`); without ``need_dicts`` a kept outcome is returned with
-    ``dicts`` None and the file is not read.
+    (:mod:`~solo_d2.data.check_cache`); without ``need_dicts`` a kept outcome is returned
+    without the images (``columns`` None) and the file is not read.
 
     Raises:
         DatasetError: the file cannot be used at all. OSError: it cannot be read.
@@ -322,11 +401,11 @@ def read_and_check_panoptic(
 
 def _ensure_panoptic_pack(key: str, json_file: str, checked: CheckedPanoptic, read) -> None:
     """Write the pack of a checked panoptic dataset unless it has one (or the cache is off);
-    ``read()`` gives the dicts when ``checked.dicts`` is None."""
+    ``read()`` gives the checked file when ``checked`` was kept from an earlier check."""
     if not packs_enabled() or has_pack(key):
         return
-    dicts = read() if checked.dicts is None else checked.dicts
-    write_pack(key, json_file, pack_panoptic(dicts), {"num_faults": len(checked.faults)})
+    columns = (read() if checked.columns is None else checked).columns
+    write_pack(key, json_file, columns, {"num_faults": len(checked.faults)})
 
 
 def _load_registered(name: str, json_file: str, png_dir: str, image_dir: str, max_pixels: int):
@@ -377,7 +456,7 @@ def register_panoptic(
         )
 
     def read():
-        return read_and_check_panoptic(*files, max_image_pixels, what)[0].dicts
+        return read_and_check_panoptic(*files, max_image_pixels, what)[0]
 
     _ensure_panoptic_pack(key, files[0], checked, read)
     DatasetCatalog.register(name, partial(_load_registered, name, *files, max_image_pixels))

@@ -226,3 +226,46 @@ def test_builtin_panoptic_names_are_adopted(tmp_path):
     assert meta.stuff_classes == ["things", "sky", "ground"]
     assert len(DatasetCatalog.get(name)) == 4
     assert adopt_builtin_panoptic([name]) == []  # already adopted
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda segs: "nope", "'segments_info' is missing or not a list"),
+        (lambda segs: segs + [7], "segments_info has 7, not an object"),
+        (lambda segs: [{**segs[0], "id": True}] + segs[1:], "segment id True is not an integer"),
+        (lambda segs: [{**segs[0], "id": 0}] + segs[1:], "segment id 0 is not an integer"),
+        (lambda segs: [{**segs[0], "id": 256**3}] + segs[1:], "is not an integer in 1..16777215"),
+        (lambda segs: [{**segs[0], "id": 10**30}] + segs[1:], "is not an integer in 1.."),
+        (lambda segs: [{**segs[0], "category_id": [1]}] + segs[1:], "category_id [1], not in"),
+        (lambda segs: [{**segs[0], "category_id": 999}] + segs[1:], "category_id 999, not in"),
+        (lambda segs: [{**segs[0], "iscrowd": 2}] + segs[1:], "iscrowd=2, not 0 or 1"),
+        (lambda segs: segs + [dict(segs[0])], "is used twice"),
+        (lambda segs: [{**segs[0], "iscrowd": True}] + segs[1:], {"iscrowd": 1}),  # kept
+        (lambda segs: [{**segs[0], "bbox": "x", "area": None}] + segs[1:], {}),  # kept, no box
+    ],
+)
+def test_the_segment_screen_names_what_the_one_by_one_check_names(tmp_path, change, problem):
+    """The segments of all images are checked with array operations; an image they refuse gets the
+    message of the one-by-one check, and an image they keep has the same segments as before."""
+    json_file, png_dir, image_dir = write_tiny_panoptic(tmp_path)
+    data = json.loads(open(json_file).read())
+    before = data["annotations"][1]["segments_info"]
+    data["annotations"][1]["segments_info"] = change([dict(s) for s in before])
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    name = register_dataset(f"{_name()}=panoptic:{json_file}:{png_dir}:{image_dir}")
+    faults = dataset_record(name).faults
+    dicts = {d["image_id"]: d for d in DatasetCatalog.get(name)}
+    if isinstance(problem, dict):  # kept: the segment as the layout has it
+        assert faults == () and len(dicts) == 4
+        kept = dicts[101]["segments_info"]
+        assert [s["id"] for s in kept] == [s["id"] for s in before]
+        assert set(kept[0]) == {"id", "category_id", "iscrowd", "isthing"} | set(problem) | (
+            {"bbox", "area"} if problem else set()
+        )
+        assert all(kept[0][k] == v for k, v in problem.items())
+        return
+    assert [(f.kind, f.image_id) for f in faults] == [("bad_segments", 101)]
+    assert problem in faults[0].message and "1.png" in faults[0].message
+    assert sorted(dicts) == [100, 102, 103]
