@@ -10,6 +10,7 @@ from detectron2.evaluation import DatasetEvaluator
 
 from ..config import ConfigError
 from ..data.dataset_mapper import SOLODatasetMapper
+from ..data.panoptic_mapper import SOLOPanopticDatasetMapper
 from ..data.record import dataset_record
 from ..modeling import is_panoptic
 
@@ -86,8 +87,11 @@ class DatasetKind:
             )
 
     def build_mapper(self, cfg: CfgNode, is_train: bool):
-        """The dataset mapper of its datasets for the model of ``cfg``."""
-        return SOLODatasetMapper(cfg, is_train)
+        """The dataset mapper of its datasets for the model of ``cfg``: by default the model's,
+        SOLOPanopticDatasetMapper for a panoptic model (it maps dicts without a PNG as instance
+        data), else SOLODatasetMapper."""
+        mapper = SOLOPanopticDatasetMapper if is_panoptic(cfg) else SOLODatasetMapper
+        return mapper(cfg, is_train)
 
     def build_evaluator(self, cfg: CfgNode, name: str, output_dir: str) -> DatasetEvaluator:
         """The evaluator of its dataset ``name``, writing into ``output_dir``."""

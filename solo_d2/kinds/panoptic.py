@@ -13,9 +13,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluators
 
 from ..config import ConfigError
-from ..data.dataset_mapper import SOLODatasetMapper
 from ..data.panoptic import adopt_builtin_panoptic, panoptic_things_coco, register_panoptic_dataset
-from ..data.panoptic_mapper import SOLOPanopticDatasetMapper
 from ..data.record import dataset_record
 from ..data.specs import PANOPTIC_SPEC_FORM
 from ..evaluation import SOLOCOCOEvaluator, SOLOPanopticEvaluator
@@ -62,11 +60,6 @@ class PanopticKind(DatasetKind):
                 f"(DATASETS.{split}) has {len(stuff)} stuff categories; set "
                 f"MODEL.SOLO.PANOPTIC.NUM_STUFF_CLASSES {len(stuff)}"
             )
-
-    def build_mapper(self, cfg: CfgNode, is_train: bool):
-        if is_panoptic(cfg):
-            return SOLOPanopticDatasetMapper(cfg, is_train)
-        return SOLODatasetMapper(cfg, is_train)
 
     def build_evaluator(self, cfg: CfgNode, name: str, output_dir: str):
         """PQ, and the things' mask and box AP (as detectron2 evaluates its COCO panoptic
