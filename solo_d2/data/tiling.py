@@ -57,10 +57,10 @@ class TileCrop(T.Augmentation):
             image: (H, W, C). boxes: (N, 4) XYXY of the image's instances, or None.
         """
         h, w = image.shape[:2]
-        if (h <= self.size and w <= self.size) or self._rand_range() < self.whole_prob:
+        if (h <= self.size and w <= self.size) or np.random.rand() < self.whole_prob:
             return self.whole.get_transform(image)
         ch, cw = min(self.size, h), min(self.size, w)
-        if boxes is not None and len(boxes) and self._rand_range() < self.instance_prob:
+        if boxes is not None and len(boxes) and np.random.rand() < self.instance_prob:
             box = boxes[np.random.randint(len(boxes))]
             cx = int(np.clip((box[0] + box[2]) / 2, 0, w - 1))
             cy = int(np.clip((box[1] + box[3]) / 2, 0, h - 1))
