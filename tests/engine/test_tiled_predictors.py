@@ -2,11 +2,14 @@
 model, which run the same tiling (solo_d2/modeling/tiling.py) around their one-pass model."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_cfg
 from detectron2.structures import Instances
 
+from solo_d2.config import ConfigError
 from solo_d2.engine import SOLOPredictor
+from solo_d2.engine.preflight import check_config
 from solo_d2.export.runtime import ONNXRuntimeModel
 from solo_d2.modeling.tiling import TileSettings
 
@@ -61,3 +64,13 @@ def test_onnx_runtime_model_tiles_around_the_exported_model():
     assert isinstance(out, Instances) and len(out) == 1
     assert out.pred_boxes.tensor[0].tolist() == [30, 10, 80, 50]
     assert int(out.pred_masks[0].sum()) == 40 * 50
+
+
+def test_preflight_names_a_bad_tile_key():
+    cfg = tiny_cfg()
+    cfg.INPUT.TILE.TRAIN = True
+    cfg.INPUT.TILE.OVERLAP = 0.9
+    with pytest.raises(ConfigError, match=r"INPUT.TILE.OVERLAP must be a number in \[0, 0.5\]"):
+        check_config(cfg, splits=(), check_weights=False)
+    cfg.INPUT.TILE.OVERLAP = 0.25
+    check_config(cfg, splits=(), check_weights=False)
