@@ -169,7 +169,8 @@ class SOLODatasetMapper(DatasetMapper):
         if image is None:
             return None
         tiled = self.is_train and self.tile_min_visible is not None
-        aug_input = T.AugInput(image, boxes=tiling.annotation_boxes(dataset_dict) if tiled else None)
+        boxes = tiling.annotation_boxes(dataset_dict) if tiled else None  # where the tiles go
+        aug_input = T.AugInput(image, boxes=boxes)
         transforms = self.augmentations(aug_input)
         if tiled:
             tiling.tile_annotations(dataset_dict, transforms, self.tile_min_visible)

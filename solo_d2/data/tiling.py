@@ -109,7 +109,9 @@ def tile_annotations(dataset_dict: Dict, transforms, min_visible: float) -> None
     ``min_visible`` of their box inside the crop (and always those wholly outside it), and turn
     the polygons of the others into RLE at the image's size, which detectron2 crops without
     shapely (its polygon crop needs it)."""
-    crops = [t for t in getattr(transforms, "transforms", [transforms]) if isinstance(t, T.CropTransform)]
+    crops = [
+        t for t in getattr(transforms, "transforms", [transforms]) if isinstance(t, T.CropTransform)
+    ]
     annos = dataset_dict.get("annotations")
     if not crops or not annos:
         return
@@ -153,13 +155,17 @@ def mapper_args(cfg, is_train: bool, augmentations: List[T.Augmentation]) -> Dic
         return {}
     check_tile_config(cfg)
     if not is_train:
-        return {"augmentations": [a for a in augmentations if not isinstance(a, T.ResizeShortestEdge)]}
+        return {
+            "augmentations": [a for a in augmentations if not isinstance(a, T.ResizeShortestEdge)]
+        }
     if cfg.INPUT.CROP.ENABLED:
         raise ValueError("INPUT.TILE.TRAIN crops tiles itself: turn INPUT.CROP.ENABLED off")
     augs = [
-        TileCrop(t.SIZE, float(t.SCALE), t.WHOLE_IMAGE_PROB, t.INSTANCE_PROB, a)
-        if isinstance(a, T.ResizeShortestEdge)
-        else a
+        (
+            TileCrop(t.SIZE, float(t.SCALE), t.WHOLE_IMAGE_PROB, t.INSTANCE_PROB, a)
+            if isinstance(a, T.ResizeShortestEdge)
+            else a
+        )
         for a in augmentations
     ]
     return {"augmentations": augs, "recompute_boxes": True, "tile_min_visible": t.MIN_VISIBLE}

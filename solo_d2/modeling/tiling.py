@@ -84,7 +84,10 @@ class TileSettings:
 def _check_tile_values(**values) -> None:
     """Raise ValueError naming the ``INPUT.TILE`` key of a value out of its range."""
     rules = {
-        "size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 32, "an int >= 32"),
+        "size": (
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 32,
+            "an int >= 32",
+        ),
         "scale": (lambda v: _number(v) and 0.1 <= v <= 16, "a number in [0.1, 16]"),
         "overlap": (lambda v: _number(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
         "batch_size": (

@@ -8,7 +8,7 @@ from conftest import solo_cfg
 from detectron2.structures import BoxMode
 
 from solo_d2.data.dataset_mapper import SOLODatasetMapper
-from solo_d2.data.tiling import TileCrop, tile_annotations, mapper_args, visible_fractions
+from solo_d2.data.tiling import TileCrop, mapper_args, tile_annotations, visible_fractions
 
 
 def test_visible_fractions_by_hand():
@@ -85,8 +85,10 @@ def test_mapper_trains_on_tiles(tmp_path):
     assert isinstance(mapper.augmentations.augs[0], TileCrop) and mapper.recompute_boxes
 
     def ann(x0, y0, x1, y1):
-        return {"bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": 0, "segmentation": _rect_poly(x0, y0, x1, y1), "iscrowd": 0}  # fmt: skip
+        box = [x0, y0, x1 - x0, y1 - y0]
+        poly = _rect_poly(x0, y0, x1, y1)
+        return {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+                "segmentation": poly, "iscrowd": 0}  # fmt: skip
 
     annos = [ann(10, 10, 30, 30), ann(50, 40, 70, 60), ann(60, 10, 110, 20)]
     d = {"file_name": str(path), "height": 200, "width": 300, "image_id": 1, "annotations": annos}
@@ -132,4 +134,6 @@ def test_test_mapper_keeps_full_resolution(tmp_path):
     cfg = solo_cfg("SOLOv2_R18_quickstart_shapes.yaml")  # untiled: the test resize
     out = SOLODatasetMapper(cfg, is_train=False)({"file_name": str(path), "height": 200,
                                                    "width": 300, "image_id": 1})  # fmt: skip
-    assert tuple(out["image"].shape[1:]) == T.ResizeShortestEdge.get_output_shape(200, 300, 288, 416)
+    assert tuple(out["image"].shape[1:]) == T.ResizeShortestEdge.get_output_shape(
+        200, 300, 288, 416
+    )

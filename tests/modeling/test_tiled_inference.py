@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 
 import detectron2.data.transforms as T
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,7 +91,13 @@ def test_tile_grid_by_hand():
 
 @pytest.mark.parametrize(
     "h,w,size,overlap",
-    [(100, 160, 64, 0.25), (64, 64, 64, 0.25), (65, 300, 64, 0.5), (7, 1000, 32, 0.0), (1, 1, 32, 0.1)],
+    [
+        (100, 160, 64, 0.25),
+        (64, 64, 64, 0.25),
+        (65, 300, 64, 0.5),
+        (7, 1000, 32, 0.0),
+        (1, 1, 32, 0.1),
+    ],
 )
 def test_tiles_cover_the_image_exactly(h, w, size, overlap):
     tiles = tile_grid(h, w, size, overlap)
@@ -229,7 +234,9 @@ def test_bad_tile_config_values_are_clear_errors(key, value, match):
 def test_tile_settings_from_config_and_panoptic_refused():
     cfg = solo_cfg()
     assert tile_settings(cfg) is None
-    cfg.merge_from_list(["INPUT.TILE.TEST", True, "INPUT.TILE.SIZE", 256, "INPUT.MIN_SIZE_TEST", 320])
+    cfg.merge_from_list(
+        ["INPUT.TILE.TEST", True, "INPUT.TILE.SIZE", 256, "INPUT.MIN_SIZE_TEST", 320]
+    )
     s = tile_settings(cfg)
     assert (s.size, s.overlap, s.test_short, s.whole_image) == (256, 0.25, 320, True)
     cfg.MODEL.META_ARCHITECTURE = "PanopticSOLO"
@@ -266,8 +273,7 @@ def test_meta_arch_tiled_equals_untiled_on_one_tile_and_runs_on_many():
 
 # ---- memory on a large image -------------------------------------------------------------------
 
-MEMORY_SCRIPT = textwrap.dedent(
-    """
+MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     sys.path[:0] = sys.argv[1:3]
@@ -292,8 +298,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     print(json.dumps({"before_mb": before, "peak_mb": status_mb("VmHWM"),
                       "detections": len(out), "scores": out.scores.tolist(),
                       "image_mb": image.numel() / 2**20}))
-    """
-)
+    """)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc needed")
