@@ -6,6 +6,7 @@ from conftest import REPO, solo_cfg
 from detectron2.structures import BoxMode
 
 from solo_d2.config import load_config
+from solo_d2.engine.fit_trials import trial_candidates
 from solo_d2.visualization.dataset_fit import fit_config, write_fit
 
 
@@ -71,3 +72,12 @@ def test_objects_a_whole_image_fit_keeps_stay_whole():
     assert not any(k.startswith("INPUT.TILE") for k in fit.changes)
     assert "INPUT.MIN_SIZE_TEST" in fit.changes
     assert fit.decision[0].startswith("chose whole images") and "tiles of" in fit.decision[1]
+
+
+def test_trials_tell_a_tiled_fit_from_the_start():
+    """A tiled fit keeps the base's resizes and levels: the trials still train it (the tile keys
+    tell it apart), and the 1.5x finer grids around it."""
+    base = str(REPO / "configs" / "SOLOv2_R18_quickstart_shapes.yaml")
+    fit = fit_config(quickstart(), dicts((800, 1024), 6.0), ["a"], base_config=base)
+    names = [c.name for c in trial_candidates(quickstart(), fit)]
+    assert names == ["start", "start_reseeded", "fit", "fit_finer_grids"]
