@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
+from .postprocessing import masks_to_boxes
+
 __all__ = [
     "TileSettings",
     "check_tile_config",
@@ -257,7 +259,8 @@ def _whole_pass(
         size = (f[3] - f[1], f[2] - f[0])
         crops.append(F.interpolate(soft, size=size, mode="bilinear")[0, 0] > 0.5)
     inst.pred_boxes = Boxes(full.to(torch.float32))
-    dets.add(inst, pass_id, (0, 0), crops)
+    kept = [k for k, c in enumerate(crops) if bool(c.any())]  # a tiny mask can vanish upscaled
+    dets.add(inst[kept], pass_id, (0, 0), [crops[k] for k in kept])
 
 
 def _tile_passes(
@@ -391,15 +394,6 @@ def _merge(
     num = int(group.max()) + 1
     g_score = torch.full((num,), -1.0).scatter_reduce(0, group, scores, "amax")
     g_class = torch.zeros(num, dtype=torch.int64).scatter(0, group, classes)
-    g_box = torch.stack(
-        [
-            torch.full((num,), image_hw[1]).scatter_reduce(0, group, boxes[:, 0], "amin"),
-            torch.full((num,), image_hw[0]).scatter_reduce(0, group, boxes[:, 1], "amin"),
-            torch.zeros(num, dtype=torch.int64).scatter_reduce(0, group, boxes[:, 2], "amax"),
-            torch.zeros(num, dtype=torch.int64).scatter_reduce(0, group, boxes[:, 3], "amax"),
-        ],
-        dim=1,
-    )
     top = torch.argsort(g_score, descending=True, stable=True)[:max_det]  # (K,)
     slot = torch.full((num,), -1, dtype=torch.int64)
     slot[top] = torch.arange(len(top))
@@ -409,7 +403,7 @@ def _merge(
         x0, y0, x1, y1 = boxes[d].tolist()
         masks[member_slot[d], y0:y1, x0:x1] |= dets.crops[d]
     result.pred_masks = masks
-    result.pred_boxes = Boxes(g_box[top].to(torch.float32))
+    result.pred_boxes = Boxes(masks_to_boxes(masks))  # tight: the union of the members
     result.scores = g_score[top]
     result.pred_classes = g_class[top]
     return result
