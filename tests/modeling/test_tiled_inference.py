@@ -8,6 +8,7 @@ known values (exactly, at any crop or resize), so that what the merge does is ch
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -310,11 +311,16 @@ def test_peak_memory_of_an_8000x8000_image_is_bounded(tmp_path):
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
     here = Path(__file__).resolve()
+    # glibc's dynamic mmap threshold lets freed tile buffers fragment around the kept crops
+    # (+0.7 GB resident here, reused by later tiles, not returned); a fixed threshold measures
+    # what the tiling holds (docs/your_data.md, "Memory")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     res = subprocess.run(
         [sys.executable, str(script), str(here.parent), str(here.parents[1])],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -323,4 +329,4 @@ def test_peak_memory_of_an_8000x8000_image_is_bounded(tmp_path):
     assert r["detections"] == 4 and min(r["scores"]) == pytest.approx(0.9)
     final_masks_mb = 4 * 8000 * 8000 / 2**20
     # the final masks, the whole-image resize (PIL: a copy and a 4-byte-per-pixel image) and slack
-    assert grown < final_masks_mb + 4 * r["image_mb"] + 300, r
+    assert grown < final_masks_mb + 3 * r["image_mb"] + 100, r
