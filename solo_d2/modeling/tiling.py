@@ -42,6 +42,7 @@ __all__ = [
     "tile_grid",
     "resize_image",
     "test_resize_hw",
+    "candidate_pairs",
     "group_matches",
     "tiled_inference",
 ]

@@ -24,6 +24,7 @@ from detectron2.structures import Boxes, Instances
 from solo_d2.modeling.postprocessing import masks_to_boxes
 from solo_d2.modeling.tiling import (
     TileSettings,
+    candidate_pairs,
     check_tile_config,
     group_matches,
     tile_grid,
@@ -129,6 +130,23 @@ def test_group_matches_by_hand():
     # a chain needs several rounds of propagation
     chain = torch.tensor([[4, 5], [3, 4], [2, 3], [1, 2], [0, 1]])
     assert group_matches(6, chain).tolist() == [0] * 6
+
+
+def test_candidate_pairs_by_hand():
+    rects = torch.tensor([[0, 0, 10, 10], [8, 0, 18, 10], [20, 0, 30, 10]])  # passes 0, 1, 2
+    boxes = torch.tensor(
+        [
+            [5, 2, 9, 5],  # 0: pass 0
+            [8, 2, 12, 5],  # 1: pass 1, overlaps 0, same class: a pair
+            [8, 2, 12, 5],  # 2: pass 1, overlaps 0, other class
+            [21, 2, 25, 5],  # 3: pass 2, which meets no other pass
+            [0, 0, 2, 2],  # 4: pass 0, overlaps nothing of pass 1
+            [6, 3, 8, 4],  # 5: pass 0, overlaps 0 but in the same pass
+        ]
+    )
+    classes = torch.tensor([0, 0, 1, 0, 0, 0])
+    passes = torch.tensor([0, 1, 1, 2, 0, 0])
+    assert candidate_pairs(boxes, classes, passes, rects).tolist() == [[0, 1]]
 
 
 # ---- the merge ---------------------------------------------------------------------------------
