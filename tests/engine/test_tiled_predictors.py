@@ -17,6 +17,7 @@ from solo_d2.modeling.tiling import TileSettings
 def predictor(**tile):
     cfg = tiny_cfg()
     cfg.MODEL.SOLO.PRIOR_PROB = 0.3  # a random model that detects something
+    cfg.INPUT.MIN_SIZE_TEST = 128  # small inputs: fast
     for key, value in tile.items():
         cfg.INPUT.TILE[key] = value
     torch.manual_seed(0)  # the same weights for every predictor
@@ -32,9 +33,9 @@ def test_solo_predictor_tiled_equals_untiled_on_one_tile_and_tiles_larger_images
     assert len(untiled) > 0
     assert torch.equal(tiled.pred_masks, untiled.pred_masks)
     assert torch.equal(tiled.scores, untiled.scores)
-    large = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
-    out = predictor(TEST=True, SIZE=64)([large])[0]
-    assert out.image_size == (200, 300) and out.pred_masks.shape[1:] == (200, 300)
+    large = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)  # 2 x 3 tiles
+    out = predictor(TEST=True, SIZE=96)([large])[0]
+    assert out.image_size == (150, 200) and out.pred_masks.shape[1:] == (150, 200)
 
 
 class _StubSession:
