@@ -355,6 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         fitted_report.pop("_scales")
         print(f"\nfitted config {args.fit} (* changed; base value -> fitted value):")
         print(format_changes(fit, cfg))
+        print("\n".join(fit.decision))
         print("with the fitted config:")
         print(format_report(fitted_report, levels_only=True))
         print(format_lost_check(lost))

@@ -9,6 +9,8 @@ The exported model takes one input ``image``: float32 (3, H, W), BGR 0-255, any 
 PyTorch model receives as "image": resize with the config's test size first), or (B, 3, H, W) with
 --batch-size B. It returns ``scores`` (N,), ``classes`` (N,) int64 and ``masks`` (N, H, W) bool at
 the input size (+ ``image_index`` (N,) with a batch). The ONNX graph uses only standard ops.
+A config with tiles (``INPUT.TILE.TEST``) exports the one-pass model that runs each tile;
+``ONNXRuntimePredictor`` runs the tiling around it (solo_d2/modeling/tiling.py).
 
 Unless --no-verify is given, the exported model is then run on the sample image and on a second
 size, and its detections are compared with the PyTorch model's (scores within 1e-3, same classes,
@@ -147,7 +149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.config_file = resolve_config_file(args.config_file)  # a file, else a zoo name
         cfg = load_config(args.config_file, args.opts)  # ConfigError: one line on a mistake
         warn_untrained(cfg)
-        model, cfg = load_model(cfg, device=args.device)
+        # tiles (INPUT.TILE.TEST) run around the exported per-image model, not inside it:
+        # ONNXRuntimePredictor tiles as the PyTorch model does
+        model, cfg = load_model(cfg, ["INPUT.TILE.TEST", False], device=args.device)
         wrapper = SOLOExportable(model, batch_size=args.batch_size)
         opset = args.opset or min_opset_for(wrapper)
         images = sample_images(cfg, args.sample_image, args.batch_size or 1)

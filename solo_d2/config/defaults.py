@@ -147,3 +147,35 @@ def add_solo_config(cfg: CN) -> None:
     # evaluation stops and the demo warns, naming the file. A --dataset whose annotation file
     # declares a larger image is refused at registration. Default 10^8 (10000 x 10000).
     _C.INPUT.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+
+    # ---- tiles: small objects in large images (docs/your_data.md, "Small objects in large
+    # images"; solo_d2/data/tiling.py trains on tiles, solo_d2/modeling/tiling.py infers) ------
+    _C.INPUT.TILE = CN()
+    # Train on tiles: each training image becomes a SIZE x SIZE crop of the full-resolution image
+    # resized by SCALE, or, with probability WHOLE_IMAGE_PROB, the whole image resized as usual
+    # (MIN_SIZE_TRAIN / MAX_SIZE_TRAIN); an image that fits in one tile is always used whole.
+    _C.INPUT.TILE.TRAIN = False
+    # Infer on tiles: overlapping SIZE x SIZE tiles of the full-resolution image, each resized by
+    # SCALE, plus the whole image resized by MIN_SIZE_TEST / MAX_SIZE_TEST, merged by mask into
+    # one set of instances at the image's size. The model then takes images at full resolution
+    # (the test resize moves into the model); an image that fits in one tile runs untiled.
+    _C.INPUT.TILE.TEST = False
+    _C.INPUT.TILE.SIZE = 512  # tile side, in pixels of the original image (>= 32)
+    _C.INPUT.TILE.SCALE = 1.0  # a tile's resize before the model: model input side SIZE * SCALE
+    # Inference: share of a tile's side that neighbouring tiles overlap, in [0, 0.5]. An object
+    # smaller than the overlap is whole in at least one tile.
+    _C.INPUT.TILE.OVERLAP = 0.25
+    _C.INPUT.TILE.BATCH_SIZE = 4  # inference: tiles run through the network together
+    # Inference: two detections of one class from different passes (tiles, whole image) are one
+    # object when their masks' intersection, over the smaller of their areas inside the window
+    # both passes saw, is at least this (SAHI's IoS, on masks); merged: union, max score.
+    _C.INPUT.TILE.MERGE_THRESH = 0.5
+    _C.INPUT.TILE.WHOLE_IMAGE_TEST = True  # inference: also run the whole image (large objects)
+    # Training: share of the images used whole (resized) instead of a tile, in [0, 1].
+    _C.INPUT.TILE.WHOLE_IMAGE_PROB = 0.25
+    # Training: share of the tiles placed to hold the centre of a random instance of the image
+    # (the rest are placed uniformly), in [0, 1].
+    _C.INPUT.TILE.INSTANCE_PROB = 0.75
+    # Training: an object cut by the tile is kept when at least this share of its box is inside
+    # the tile (SAHI drops under 0.1, DOTA's splitter under 0.7); the rest are dropped as slivers.
+    _C.INPUT.TILE.MIN_VISIBLE = 0.3

@@ -16,7 +16,7 @@ are errors. In evaluation an unreadable image is always an error.
 
 import copy
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import detectron2.data.transforms as T
 import numpy as np
@@ -29,6 +29,7 @@ from detectron2.structures import Instances
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
 from ..modeling import mask_target_strides
 from ..modeling.targets import extra_mask_targets, instance_targets
+from . import tiling
 from .images import BadImageError, read_image
 
 __all__ = ["SOLODatasetMapper", "check_image_size"]
@@ -89,6 +90,7 @@ class SOLODatasetMapper(DatasetMapper):
         mask_strides: Sequence[int] = (4,),
         strict: bool = False,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        tile_min_visible: Optional[float] = None,
         **kw,
     ):
         """
@@ -100,6 +102,8 @@ class SOLODatasetMapper(DatasetMapper):
             strict: in training, raise on an unreadable image or an unusable annotation
                 instead of skipping it with a warning.
             max_image_pixels: images of more pixels are unreadable (refused before decoding).
+            tile_min_visible: training on tiles (:mod:`.tiling`, which sets it with the
+                augmentations): drop annotations with less of their box inside the tile.
             kw: as :class:`detectron2.data.DatasetMapper`; masks are always used, as bitmasks.
         """
         kw.update(use_instance_mask=True, instance_mask_format="bitmask")
@@ -108,6 +112,7 @@ class SOLODatasetMapper(DatasetMapper):
         self.mask_stride = min(self.mask_strides)
         self.strict = strict
         self.max_image_pixels = max_image_pixels
+        self.tile_min_visible = tile_min_visible
         self._num_read = self._num_failed = 0
 
     @classmethod
@@ -116,6 +121,7 @@ class SOLODatasetMapper(DatasetMapper):
         ret["mask_strides"] = mask_target_strides(cfg)
         ret["strict"] = cfg.DATASETS.STRICT
         ret["max_image_pixels"] = cfg.INPUT.MAX_IMAGE_PIXELS
+        ret.update(tiling.mapper_args(cfg, is_train, ret["augmentations"]))
         return ret
 
     def _read(self, dataset_dict: dict):
@@ -162,8 +168,12 @@ class SOLODatasetMapper(DatasetMapper):
         image = self._read(dataset_dict)
         if image is None:
             return None
-        aug_input = T.AugInput(image)
+        tiled = self.is_train and self.tile_min_visible is not None
+        boxes = tiling.annotation_boxes(dataset_dict) if tiled else None  # where the tiles go
+        aug_input = T.AugInput(image, boxes=boxes)
         transforms = self.augmentations(aug_input)
+        if tiled:
+            tiling.tile_annotations(dataset_dict, transforms, self.tile_min_visible)
         image = aug_input.image
         image_shape = image.shape[:2]  # h, w
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

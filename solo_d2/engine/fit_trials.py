@@ -93,6 +93,9 @@ TRIAL_KEYS = (
     "MODEL.SOLO.NUM_GRIDS",
     "MODEL.SOLO.SIGMA",
 )
+# ... and, where tiles are on (the fit's or the base's), the tiles' (a tiled fit keeps the
+# base's resizes and levels: without these it would read as a repeat of the start)
+TILE_TRIAL_KEYS = ("INPUT.TILE.TRAIN", "INPUT.TILE.SIZE", "INPUT.TILE.SCALE")
 # keys every candidate keeps from the fit: the dataset itself, not a choice
 _DATASET_KEYS = (
     "DATASETS.TRAIN",
@@ -135,7 +138,8 @@ def _plain(value):
 def candidate_values(cfg: CfgNode, fit: ConfigFit) -> Dict[str, object]:
     """The :data:`TRIAL_KEYS` of the base ``cfg`` with ``fit``'s changes over it."""
     out = {}
-    for key in TRIAL_KEYS:
+    tiled = "INPUT.TILE.TRAIN" in fit.changes or cfg.INPUT.TILE.TRAIN
+    for key in TRIAL_KEYS + (TILE_TRIAL_KEYS if tiled else ()):
         value = fit.changes[key][0] if key in fit.changes else config_value(cfg, key)
         out[key] = _plain(value)
     return out

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..checkpoint import SafeCheckpointer, UnsafeCheckpointError, load_checkpoint_file
 from ..config import load_config, merge_config_opts
+from ..modeling.tiling import tile_settings
 
 __all__ = [
     "DOWNLOAD_TIMEOUT_S",
@@ -214,7 +215,8 @@ class SOLOPredictor:
     Builds the model of ``cfg`` with :func:`load_model` (``cfg.MODEL.WEIGHTS``; no weights when
     it is empty) and runs images resized by ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)``.
     The model groups images by padded size itself, so a batch gives the same results as one image
-    at a time.
+    at a time. With ``INPUT.TILE.TEST`` the images go to the model at full resolution: it tiles
+    them and resizes the whole image itself (:mod:`solo_d2.modeling.tiling`).
     """
 
     def __init__(self, cfg: CfgNode):
@@ -232,6 +234,7 @@ class SOLOPredictor:
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
         self.input_format = cfg.INPUT.FORMAT
+        self.tiled = tile_settings(self.cfg) is not None
 
     def __call__(self, images: Sequence[np.ndarray]) -> List[Instances]:
         """
@@ -257,8 +260,11 @@ class SOLOPredictor:
         inputs = []
         for image in images:
             height, width = image.shape[:2]
-            resized = self.aug.get_transform(image).apply_image(image)
-            tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+            if self.tiled:  # full resolution; uint8, resized in the model as it would be here
+                tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            else:
+                resized = self.aug.get_transform(image).apply_image(image)
+                tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
             inputs.append({"image": tensor, "height": height, "width": width})
         with torch.no_grad():
             outputs = self.model(inputs)

@@ -18,6 +18,7 @@ from ..data.shapes import SPLITS as SHAPES_SPLITS
 from ..data.shapes_panoptic import SPLITS as PANOPTIC_SHAPES_SPLITS
 from ..kinds import kind_of
 from ..modeling import is_panoptic
+from ..modeling.tiling import check_tile_config
 
 __all__ = ["check_config"]
 
@@ -77,7 +78,7 @@ def check_config(
       on panoptic datasets only;
     * detectron2's builtin COCO panoptic datasets among them that are on disk are re-registered
       with the project's panoptic convention (:func:`solo_d2.data.panoptic.adopt_builtin_panoptic`);
-    * ``INPUT.MAX_IMAGE_PIXELS`` is positive;
+    * ``INPUT.MAX_IMAGE_PIXELS`` is positive; the ``INPUT.TILE`` keys are valid when tiles are on;
     * with ``check_weights``, a local ``MODEL.WEIGHTS`` file exists (URLs and ``scheme://``
       paths are not fetched here); it is not needed when ``resume`` finds a checkpoint.
 
@@ -127,6 +128,11 @@ def check_config(
             f"INPUT.MAX_IMAGE_PIXELS is {cfg.INPUT.MAX_IMAGE_PIXELS}; it must be a positive "
             "number of pixels"
         )
+    if cfg.INPUT.TILE.TRAIN or cfg.INPUT.TILE.TEST:
+        try:
+            check_tile_config(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     weights = cfg.MODEL.WEIGHTS
     if check_weights and weights and "://" not in weights and not os.path.isfile(weights):
         if not (resume and _resumable(cfg)):

@@ -13,6 +13,7 @@ from detectron2.config import CfgNode
 from detectron2.structures import Boxes, Instances
 
 from ..modeling.postprocessing import masks_to_boxes, resize_masks
+from ..modeling.tiling import TileSettings, tile_settings, tiled_inference
 from .exporter import OnnxNotInstalledError
 
 __all__ = ["ONNXModelError", "ONNXRuntimeModel", "ONNXRuntimePredictor"]
@@ -33,6 +34,9 @@ class ONNXRuntimeModel:
     The exported graph returns masks at the input size; when another output size is asked for,
     the binary masks are resized here (bilinear, threshold 0.5), whereas the PyTorch model
     resizes its soft masks, so mask borders may then differ by about a pixel.
+
+    With ``tiling`` (:mod:`solo_d2.modeling.tiling`), images are given at full resolution and
+    tiled around the exported per-tile model, as the PyTorch model does with ``INPUT.TILE.TEST``.
     """
 
     def __init__(
@@ -40,12 +44,16 @@ class ONNXRuntimeModel:
         path: Union[str, Path],
         providers: Sequence[str] = ("CPUExecutionProvider",),
         num_threads: Optional[int] = None,
+        tiling: Optional[TileSettings] = None,
+        max_per_image: int = 100,
     ):
         """
         Args:
             path: ``.onnx`` file written by ``tools/export_model.py --format onnx``.
             providers: ONNX Runtime execution providers, in order of preference.
             num_threads: intra-op threads (None: ONNX Runtime's default, one per core).
+            tiling: tiled inference around the model; None: one pass per image.
+            max_per_image: with ``tiling``, detections kept per image after merging.
         Raises:
             OnnxNotInstalledError: onnxruntime is not installed.
             ONNXModelError: ``path`` does not exist, ONNX Runtime cannot load it, or it is not a
@@ -75,6 +83,7 @@ class ONNXRuntimeModel:
         self.path = path
         self.output_names = outputs
         self.batched = len(inputs[0].shape) == 4
+        self.tiling, self.max_per_image = tiling, max_per_image
 
     def run(self, image: Union[np.ndarray, torch.Tensor]) -> Dict[str, np.ndarray]:
         """The raw outputs of the graph.
@@ -97,6 +106,11 @@ class ONNXRuntimeModel:
         return dict(zip(self.output_names, self.session.run(None, {"image": image})))
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+        if self.tiling is not None:
+            return tiled_inference(batched_inputs, self._untiled, self.tiling, self.max_per_image)
+        return [{"instances": r} for r in self._untiled(batched_inputs)]
+
+    def _untiled(self, batched_inputs: List[Dict]) -> List[Instances]:
         if self.batched:
             raise ValueError(
                 f"{self.path} was exported with a batch dimension: call .run() with a "
@@ -115,7 +129,7 @@ class ONNXRuntimeModel:
             result.pred_boxes = Boxes(masks_to_boxes(masks))
             result.scores = torch.from_numpy(out["scores"]).to(torch.float32)
             result.pred_classes = torch.from_numpy(out["classes"]).to(torch.int64)
-            results.append({"instances": result})
+            results.append(result)
         return results
 
 
@@ -125,7 +139,8 @@ class ONNXRuntimePredictor:
     Images are resized by ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` of ``cfg`` as for
     the PyTorch model, run through ONNX Runtime one at a time, and the instances come back at each
     image's own size. ``cfg`` must describe the exported model (its input format and test size);
-    its MODEL.WEIGHTS is not used.
+    its MODEL.WEIGHTS is not used. With ``INPUT.TILE.TEST`` the images are tiled around the
+    exported model (:mod:`solo_d2.modeling.tiling`), as the PyTorch model tiles them.
     """
 
     def __init__(self, cfg: CfgNode, path: Union[str, Path], num_threads: Optional[int] = None):
@@ -133,7 +148,13 @@ class ONNXRuntimePredictor:
 
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {cfg.INPUT.FORMAT!r}")
-        self.model = ONNXRuntimeModel(path, num_threads=num_threads)
+        self.tiling = tile_settings(cfg)
+        self.model = ONNXRuntimeModel(
+            path,
+            num_threads=num_threads,
+            tiling=self.tiling,
+            max_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        )
         self.aug = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
@@ -147,7 +168,10 @@ class ONNXRuntimePredictor:
         """
         inputs = []
         for image in images:
-            resized = self.aug.get_transform(image).apply_image(image)
-            tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+            if self.tiling is not None:  # full resolution, uint8: resized by the tiling as here
+                tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            else:
+                resized = self.aug.get_transform(image).apply_image(image)
+                tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
             inputs.append({"image": tensor, "height": image.shape[0], "width": image.shape[1]})
         return [out["instances"] for out in self.model(inputs)]

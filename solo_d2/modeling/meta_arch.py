@@ -35,6 +35,7 @@ from .heads import (
     split_instance_features,
 )
 from .postprocessing import category_scores, cell_strides, solo_postprocess
+from .tiling import TileSettings, tile_settings, tiled_inference
 
 __all__ = ["SOLO", "SOLOv2", "HeadOutputs"]
 
@@ -104,6 +105,7 @@ class SOLO(nn.Module):
         channels_last: bool = True,
         fold_frozen_bn: bool = True,
         channels_last_train: bool = False,
+        tiling: Optional[TileSettings] = None,
     ):
         """
         Args:
@@ -189,6 +191,7 @@ class SOLO(nn.Module):
         self.channels_last = channels_last
         self.channels_last_train = channels_last_train
         self.fold_frozen_bn = fold_frozen_bn
+        self.tiling = tiling
         self.apply_memory_format()
 
     @classmethod
@@ -234,6 +237,7 @@ class SOLO(nn.Module):
             "fold_frozen_bn": sc.FOLD_FROZEN_BN,
             "channels_last_train": _channels_last_train(sc.CHANNELS_LAST_TRAIN)
             and torch.device(cfg.MODEL.DEVICE).type == "cpu",
+            "tiling": tile_settings(cfg),
         }
 
     @property
@@ -398,8 +402,18 @@ class SOLO(nn.Module):
         """Run images with the same padded size together, so batching never changes a result.
 
         SOLO's grid cells and coordinates are relative to the padded canvas, so an image padded
-        to a larger batch canvas would get different predictions than alone.
+        to a larger batch canvas would get different predictions than alone. With ``tiling``,
+        each image is tiled (:func:`.tiling.tiled_inference`) and the tiles batched.
         """
+        if self.tiling is not None:
+            max_det = self.inference_args["max_per_image"]
+            return tiled_inference(batched_inputs, self._untiled, self.tiling, max_det)
+        return self._inference_by_size(batched_inputs)
+
+    def _untiled(self, batched_inputs: List[Dict]) -> List[Instances]:
+        return [r["instances"] for r in self._inference_by_size(batched_inputs)]
+
+    def _inference_by_size(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         div = max(self.backbone.size_divisibility, 1)
         groups = defaultdict(list)
         for i, x in enumerate(batched_inputs):

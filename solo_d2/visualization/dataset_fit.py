@@ -43,6 +43,19 @@ than ``SAME_CELL_FRACTION`` of the objects have such an overlap, the fit takes t
 ``PANOPTIC.NUM_STUFF_CLASSES`` its stuff categories); ``TEST.DETECTIONS_PER_IMAGE`` grows to 1.5
 x the largest instance count of an image when the base's is below that.
 
+**Tiles** (small objects in large images; :func:`fit_tiles`). When, at the whole-image resize
+fitted above, more than ``TILE_UNDER_FILTER`` of the objects are still under the area filter
+(the pixel budget stopped the upscale: ``megapixel``), or that resize costs more than
+``TILE_COST_RATIO`` x the base's test pixels per image (keeping the objects above the filter
+needs far larger images per iteration), the fit trains and infers on tiles instead
+(``INPUT.TILE.*``): ``SCALE`` brings the 5th-percentile object scale to the area filter (at most
+``TILE_MAX_SCALE``), ``SIZE`` makes the tile's model input the base's test short side (at
+least twice the 95th-percentile object side), ``OVERLAP`` is that object side over the tile
+(0.1-0.5: most objects are whole in some tile). The rest is the base's: a tile looks to the
+model like the images the base was made for (its resizes, scale ranges and grids; whole images
+still go through its resizes). Both options are reported with their cost per iteration,
+estimated from pixels per image.
+
 **Levels** (``fit_model=True``, ``--fit-model``: the architecture changes). The finest and
 coarsest levels that receive under 1% of the objects at every train and test size are dropped
 (``INSTANCE_IN_FEATURES``, ``FPN_INSTANCE_STRIDES`` and the per-level lists); the kept ranges
@@ -78,6 +91,7 @@ __all__ = [
     "fit_grids",
     "fit_sigma",
     "outer_empty_levels",
+    "fit_tiles",
     "fit_config",
     "format_fit",
     "write_fit",
@@ -90,6 +104,10 @@ SAME_CELL_FRACTION = 0.05  # share of a level's objects allowed to lose their ce
 GRID_STEP = 2
 SIGMA_CHOICES = (0.4, 0.3, 0.2, 0.1)
 DETECTIONS_MARGIN = 1.5
+TILE_UNDER_FILTER = 0.2  # share of objects under the area filter at the whole-image fit
+TILE_COST_RATIO = 8.0  # whole-image fit's test pixels per image over the base's
+TILE_MAX_SCALE = 4.0
+TILE_WHOLE_PROB = 0.25  # INPUT.TILE.WHOLE_IMAGE_PROB's default: whole images in training
 
 
 @dataclass
@@ -99,6 +117,8 @@ class ConfigFit:
     base_config: str
     dataset: str
     changes: Dict[str, Tuple[object, str]] = field(default_factory=dict)
+    # what the fit chose between whole images and tiles, and what each costs (report lines)
+    decision: List[str] = field(default_factory=list)
 
     def set(self, key: str, value, comment: str) -> None:
         self.changes[key] = (value, comment)
@@ -156,6 +176,108 @@ def fit_resizes(
         "small_scale": round(small, 1),
         "factor_bounds": (round(lo, 3), round(hi, 3)),
     }
+
+
+def _mean_pixels(image_hw: np.ndarray, short: int, max_size: int) -> float:
+    h, w = resized_shape(image_hw[:, 0], image_hw[:, 1], short, max_size)
+    return float(np.mean(h * w))
+
+
+def _ceil_to(x: float, step: float) -> float:
+    return round(step * math.ceil(x / step - 1e-9), 6)
+
+
+def fit_tiles(
+    objects: Dict[str, np.ndarray],
+    rs: Dict,
+    kept_scale: float,
+    base_test: Tuple[int, int],
+    base_train: Tuple[int, int],
+) -> Dict:
+    """Whole images or tiles (module docstring, "Tiles"), with the cost of each.
+
+    Args:
+        objects: :func:`~.dataset_report.collect_objects`.
+        rs: :func:`fit_resizes` (the whole-image option).
+        kept_scale: :func:`min_kept_scale`.
+        base_test: the base's (MIN_SIZE_TEST, MAX_SIZE_TEST).
+        base_train: the base's (largest MIN_SIZE_TRAIN, MAX_SIZE_TRAIN).
+    Returns:
+        chosen (bool: tiles), size, scale, overlap, under (share of the objects under the filter
+        at the whole-image fit), and pixels per image: whole_test, whole_train, base_test,
+        base_train, tile_train (mean over training samples), tile_test (tiles and the whole
+        image).
+    """
+    hw, box = objects["image_hw"], objects["box"]
+    scales = _scales_at(objects, rs["test_short"], rs["max_size"])
+    under = float(np.mean(scales < kept_scale)) if len(scales) else 0.0
+    whole_test = _mean_pixels(hw, rs["test_short"], rs["max_size"])
+    whole_train = _mean_pixels(hw, max(rs["train_shorts"]), rs["max_size"])
+    base_test_px = _mean_pixels(hw, *base_test)
+    base_train_px = _mean_pixels(hw, *base_train)
+    native = np.sqrt(box[:, 2] * box[:, 3])
+    small = float(np.percentile(native, SMALL_QUANTILE))
+    side = float(np.percentile(np.maximum(box[:, 2], box[:, 3]), 100 - SMALL_QUANTILE))
+    scale = float(np.clip(_ceil_to(kept_scale / max(small, 1e-6), 0.25), 1.0, TILE_MAX_SCALE))
+    size = max(_round_to(base_test[0] / scale, 16), 32, 16 * math.ceil(2 * side / 16))
+    size = int(min(size, max(32, int(hw.max()))))
+    overlap = float(np.clip(_ceil_to(side / size, 0.05), 0.1, 0.5))
+    stride = max(1, size - int(round(overlap * size)))
+    tiles_per_image = np.mean(
+        [
+            (1 if h <= size else -(-(h - size) // stride) + 1)
+            * (1 if w <= size else -(-(w - size) // stride) + 1)
+            for h, w in hw.tolist()
+        ]
+    )
+    tile_px = (size * scale) ** 2
+    return {
+        "chosen": under > TILE_UNDER_FILTER or whole_test > TILE_COST_RATIO * base_test_px,
+        "size": size,
+        "scale": scale,
+        "overlap": overlap,
+        "under": under,
+        "small_scale": small,
+        "object_side": side,
+        "whole_test": whole_test,
+        "whole_train": whole_train,
+        "base_test": base_test_px,
+        "base_train": base_train_px,
+        "tile_train": (1 - TILE_WHOLE_PROB) * tile_px + TILE_WHOLE_PROB * base_train_px,
+        "tile_test": float(tiles_per_image) * tile_px + base_test_px,
+    }
+
+
+def _tile_decision(t: Dict, rs: Dict) -> List[str]:
+    """The report lines of :func:`fit_tiles`: the option chosen and what each costs."""
+    mp = 1e6
+    whole = (
+        f"whole images at short side {rs['test_short']} (train {min(rs['train_shorts'])}-"
+        f"{max(rs['train_shorts'])}): {100 * t['under']:.0f}% of the objects still under the "
+        f"area filter; {t['whole_train'] / mp:.2f} Mpx per training image "
+        f"({t['whole_train'] / t['base_train']:.1f}x the base's), {t['whole_test'] / mp:.2f} "
+        f"Mpx per test image ({t['whole_test'] / t['base_test']:.1f}x)"
+    )
+    tiles = (
+        f"tiles of {t['size']} px x {t['scale']:g} (model input {round(t['size'] * t['scale'])} "
+        f"px), overlap {t['overlap']:g}: {t['tile_train'] / mp:.2f} Mpx per training sample "
+        f"({t['tile_train'] / t['base_train']:.1f}x the base's, {100 * TILE_WHOLE_PROB:g}% whole "
+        f"images at the base's size), {t['tile_test'] / mp:.2f} Mpx per test image "
+        f"({t['tile_test'] / t['base_test']:.1f}x; all tiles and the whole image)"
+    )
+    why = (
+        f"more than {100 * TILE_UNDER_FILTER:g}% under the filter"
+        if t["under"] > TILE_UNDER_FILTER
+        else f"whole images cost over {TILE_COST_RATIO:g}x the base's test pixels"
+    )
+    if t["chosen"]:
+        return [f"chose tiles ({why}): {tiles}", f"not chosen: {whole}"]
+    return [
+        f"chose whole images ({100 * t['under']:.0f}% under the filter, at most "
+        f"{100 * TILE_UNDER_FILTER:g}%; {t['whole_test'] / t['base_test']:.1f}x the base's "
+        f"test pixels, at most {TILE_COST_RATIO:g}x): {whole}",
+        f"not chosen: {tiles}",
+    ]
 
 
 def _scales_at(objects: Dict[str, np.ndarray], short: int, max_size: int) -> np.ndarray:
@@ -349,6 +471,18 @@ def fit_config(
     rs = fit_resizes(
         objects["image_hw"], native, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, kept
     )
+    tiles = fit_tiles(
+        objects,
+        rs,
+        kept,
+        (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST),
+        (max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN),
+    )
+    fit.decision = _tile_decision(tiles, rs)
+    if tiles["chosen"]:
+        _set_tiles(fit, tiles, kept)
+        _fit_detections(fit, objects, cfg)
+        return fit
     lo, hi = rs["factor_bounds"]
     fit.set(
         "INPUT.MIN_SIZE_TEST",
@@ -418,6 +552,38 @@ def fit_config(
                 "MODEL.SOLO.FPN_SCALE_RANGES"][1] + "; outer ends kept")  # fmt: skip
             fit.set("MODEL.SOLO.NUM_GRIDS", [grids[i] for i in keep],
                     fit.changes["MODEL.SOLO.NUM_GRIDS"][1])  # fmt: skip
+    _fit_detections(fit, objects, cfg)
+    return fit
+
+
+def _set_tiles(fit: ConfigFit, t: Dict, kept: float) -> None:
+    why = (
+        f"{100 * t['under']:.0f}% of the objects under the area filter at the whole-image fit"
+        if t["under"] > TILE_UNDER_FILTER
+        else f"the whole-image fit costs {t['whole_test'] / t['base_test']:.1f}x the base's pixels"
+    )
+    fit.set("INPUT.TILE.TRAIN", True, f"small objects in large images: {why}")
+    fit.set("INPUT.TILE.TEST", True, "infer on tiles too, as trained")
+    fit.set(
+        "INPUT.TILE.SCALE",
+        t["scale"],
+        f"brings the p{SMALL_QUANTILE} object scale {t['small_scale']:.1f} px to {kept:.1f} px "
+        f"(area filter), at most x{TILE_MAX_SCALE:g}",
+    )
+    fit.set(
+        "INPUT.TILE.SIZE",
+        t["size"],
+        "x SCALE = the base's test short side (model input), at least 2 x the "
+        f"p{100 - SMALL_QUANTILE} object side {t['object_side']:.0f} px",
+    )
+    fit.set(
+        "INPUT.TILE.OVERLAP",
+        t["overlap"],
+        f"the p{100 - SMALL_QUANTILE} object side over the tile, in [0.1, 0.5]",
+    )
+
+
+def _fit_detections(fit: ConfigFit, objects: Dict[str, np.ndarray], cfg) -> None:
     per_image = np.bincount(objects["image"], minlength=len(objects["image_hw"]))
     most = int(per_image.max())
     wanted = 10 * math.ceil(DETECTIONS_MARGIN * most / 10)
@@ -427,7 +593,6 @@ def fit_config(
             wanted,
             f"{DETECTIONS_MARGIN:g} x the most instances in one image ({most})",
         )
-    return fit
 
 
 def _yaml_value(value) -> str:
@@ -440,7 +605,9 @@ def _yaml_value(value) -> str:
         return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return str(value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # "3.0", not "3": yacs refuses an int for a float key
+        return f"{value:g}" if not value.is_integer() else f"{value:.1f}"
+    return str(value)
 
 
 def format_fit(fit: ConfigFit, out_path: str, notes: Sequence[str] = ()) -> str:
@@ -452,6 +619,7 @@ def format_fit(fit: ConfigFit, out_path: str, notes: Sequence[str] = ()) -> str:
     lines = [
         f"# Fitted to the statistics of dataset {fit.dataset!r} by tools/analyze_dataset.py --fit",
         "# (solo_d2/visualization/dataset_fit.py); each value's comment names its statistic.",
+        *(f"# {line}" for line in fit.decision),
         *(f"# {line}" for note in notes for line in note.splitlines()),
         f'_BASE_: "{base}"',
     ]
