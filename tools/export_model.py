@@ -111,10 +111,18 @@ def get_parser() -> argparse.ArgumentParser:
     add("--quantize", choices=["int8"], default=None,
         help="also write model_int8.onnx: static post-training quantization of the ONNX export "
         "with ONNX Runtime (QDQ; needs --calibration-dataset)")  # fmt: skip
-    add("--calibration-dataset", metavar="NAME",
-        help="registered dataset whose images (resized as at test time) calibrate --quantize")
-    add("--calibration-images", type=int, default=32, metavar="N",
-        help="calibration images, spread evenly over the dataset (default 32)")
+    add(
+        "--calibration-dataset",
+        metavar="NAME",
+        help="registered dataset whose images (resized as at test time) calibrate --quantize",
+    )
+    add(
+        "--calibration-images",
+        type=int,
+        default=32,
+        metavar="N",
+        help="calibration images, spread evenly over the dataset (default 32)",
+    )
     add("--keep-float", action="append", default=None, metavar="NODE",
         help="leave the Conv nodes whose ONNX name contains NODE in float32 (repeatable; "
         f"replaces the default {' '.join(DEFAULT_KEEP_FLOAT)})")  # fmt: skip
@@ -127,8 +135,13 @@ def get_parser() -> argparse.ArgumentParser:
     add("--evaluate-dataset", metavar="NAME",
         help="evaluate the PyTorch model and the export (int8 with --quantize) on this "
         "registered dataset; a mask AP drop above --max-ap-drop fails")  # fmt: skip
-    add("--max-ap-drop", type=float, default=DEFAULT_MAX_AP_DROP, metavar="POINTS",
-        help=f"largest mask AP drop of the export (default {DEFAULT_MAX_AP_DROP})")
+    add(
+        "--max-ap-drop",
+        type=float,
+        default=DEFAULT_MAX_AP_DROP,
+        metavar="POINTS",
+        help=f"largest mask AP drop of the export (default {DEFAULT_MAX_AP_DROP})",
+    )
     add_dataset_arguments(parser)
     add("--opts", nargs=argparse.REMAINDER, default=[],
         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")  # fmt: skip
@@ -271,7 +284,10 @@ def evaluate(args: argparse.Namespace, cfg: CfgNode, model, path: Path) -> Dict:
     "evaluation"."""
     name, out_dir = args.evaluate_dataset, path.parent / "evaluation"
     results = {"dataset": name}
-    for key, evaluated in (("pytorch", model), ("export", ONNXRuntimeModel(path, num_threads=args.threads))):
+    for key, evaluated in (
+        ("pytorch", model),
+        ("export", ONNXRuntimeModel(path, num_threads=args.threads)),
+    ):
         tic = time.perf_counter()
         results[key] = evaluate_model(cfg, evaluated, name, out_dir / key)
         print(

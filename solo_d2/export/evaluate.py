@@ -53,20 +53,23 @@ def evaluate_model(
 
     Args:
         cfg: the model's config (its test resize and loader settings are used).
-        output_dir: the evaluator's folder (its predictions file).
+        output_dir: the evaluation's ``OUTPUT_DIR`` (the evaluator writes its predictions file
+            to ``inference/<dataset_name>`` in it).
     Returns:
         detectron2's results, e.g. ``{"segm": {"AP": ...}, "bbox": {...}}``.
     """
     from ..engine import Trainer
 
     cfg = _test_config(cfg, dataset_name, output_dir)
-    evaluator = Trainer.build_evaluator(cfg, dataset_name, output_folder=str(output_dir))
     if isinstance(model, nn.Module):
         model.eval()
-    results = Trainer.test(cfg, model, [evaluator])
+    # the evaluator is built after the loader, which generates the synthetic datasets' files
+    results = Trainer.test(cfg, model)
     return {task: dict(metrics) for task, metrics in results.items()}
 
 
-def mask_ap_drop(pytorch: Dict[str, Dict[str, float]], export: Dict[str, Dict[str, float]]) -> float:
+def mask_ap_drop(
+    pytorch: Dict[str, Dict[str, float]], export: Dict[str, Dict[str, float]]
+) -> float:
     """Mask AP of the PyTorch model minus the export's (points; positive: the export is worse)."""
     return float(pytorch["segm"]["AP"]) - float(export["segm"]["AP"])

@@ -215,7 +215,14 @@ def layer_errors(
             )
         matching = debug.create_activation_matching(activations["qdq"], activations["float"])
         activation_err = debug.compute_activation_error(matching)
-        weight_err = debug.compute_weight_error(debug.create_weight_matching(str(pre), qdq_path))
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.CRITICAL)  # it logs an error for each float Conv's weight
+        try:
+            matches = debug.create_weight_matching(str(pre), str(qdq_path))
+        finally:
+            root.setLevel(level)
+        weight_err = debug.compute_weight_error(matches)
     del quantization
     errors = {}
     for node in onnx.load(str(qdq_path)).graph.node:

@@ -21,7 +21,6 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from solo_d2.modeling.targets import instance_targets
 from solo_d2.export import SOLOExportable, export_onnx
 from solo_d2.export.compare import compare_detections
 from solo_d2.export.quantize import (
@@ -31,6 +30,7 @@ from solo_d2.export.quantize import (
     quantize_export,
 )
 from solo_d2.export.runtime import ONNXRuntimeModel
+from solo_d2.modeling.targets import instance_targets
 
 QUICKSTART_CONFIG = REPO / "configs" / "SOLOv2_R18_quickstart_shapes.yaml"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -263,7 +263,9 @@ def test_keep_float_must_name_a_conv(trained, tmp_path):
     export_onnx(SOLOExportable(model), torch.zeros(3, 64, 64), tmp_path / "m.onnx")
     images = [np.zeros((3, 64, 96), np.float32)]
     with pytest.raises(ValueError, match=r"keep-float \['/no/such/conv'\] match no Conv node"):
-        quantize_export(tmp_path / "m.onnx", tmp_path / "q.onnx", images, keep_float=["/no/such/conv"])
+        quantize_export(
+            tmp_path / "m.onnx", tmp_path / "q.onnx", images, keep_float=["/no/such/conv"]
+        )
     with pytest.raises(ValueError, match="at least one image"):
         quantize_export(tmp_path / "m.onnx", tmp_path / "q.onnx", [])
 
