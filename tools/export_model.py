@@ -65,6 +65,7 @@ from solo_d2.export.evaluate import (
 )
 from solo_d2.export.quantize import (
     DEFAULT_KEEP_FLOAT,
+    PREDICTION_CONVS,
     calibration_images,
     layer_errors,
     quantize_export,
@@ -124,8 +125,8 @@ def get_parser() -> argparse.ArgumentParser:
         help="calibration images, spread evenly over the dataset (default 32)",
     )
     add("--keep-float", action="append", default=None, metavar="NODE",
-        help="leave the Conv nodes whose ONNX name contains NODE in float32 (repeatable; "
-        f"replaces the default {' '.join(DEFAULT_KEEP_FLOAT)})")  # fmt: skip
+        help="leave the Conv nodes whose ONNX name contains NODE in float32 (repeatable; default: "
+        f"every Conv in int8; the first to try: {' '.join(PREDICTION_CONVS)})")  # fmt: skip
     add("--no-reduce-range", action="store_true",
         help="8-bit weights instead of 7-bit: only for CPUs with VNNI (or ARM); without VNNI "
         "the int8 products can saturate")  # fmt: skip

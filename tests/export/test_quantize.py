@@ -25,6 +25,7 @@ from solo_d2.export import SOLOExportable, export_onnx
 from solo_d2.export.compare import compare_detections
 from solo_d2.export.quantize import (
     DEFAULT_KEEP_FLOAT,
+    PREDICTION_CONVS,
     conv_nodes,
     layer_errors,
     quantize_export,
@@ -174,11 +175,12 @@ def test_ap_drop_above_the_threshold_fails(trained, tmp_path, capsys, monkeypatc
 
 
 def test_int8_export(trained, tmp_path, capsys):
-    """--quantize int8: a QDQ model with the default convolutions left in float, its per-layer
-    errors measured, that the runtime and the evaluation take, close to PyTorch."""
+    """--quantize int8: a QDQ model with the prediction convolutions left in float, its per-layer
+    errors measured, that the runtime, the evaluation and the demo take, close to PyTorch."""
     _, _, name, model = trained
     rc = run_tool(
         trained, tmp_path, "--quantize", "int8", "--calibration-dataset", name,
+        *[f for node in PREDICTION_CONVS for f in ("--keep-float", node)],
         "--layer-errors", "--evaluate-dataset", name, "--max-ap-drop", "100",
     )  # fmt: skip
     assert rc == 0
@@ -188,10 +190,9 @@ def test_int8_export(trained, tmp_path, capsys):
     assert info["file"] == "model_int8.onnx" and info["float_file"] == "model.onnx"
     q = info["quantization"]
     assert q["calibration_images"] == 4 and q["reduce_range"] is True
-    assert {k for k in DEFAULT_KEEP_FLOAT if any(k in n for n in q["kept_float"])} == set(
-        DEFAULT_KEEP_FLOAT
-    )
-    assert len(q["quantized"]) > 40 and not set(q["quantized"]) & set(q["kept_float"])
+    assert len(q["kept_float"]) == 11  # 5 levels of category and of kernel predictions, 1 mask
+    assert all(any(k in n for k in PREDICTION_CONVS) for n in q["kept_float"])
+    assert len(q["quantized"]) == 55 and not set(q["quantized"]) & set(q["kept_float"])
     errors = q["layer_errors_db"]
     assert set(errors) == set(q["quantized"])
     # 8-bit activations, 7-bit weights: tens of dB of SQNR per layer, whatever the CPU
@@ -207,7 +208,8 @@ def test_int8_export(trained, tmp_path, capsys):
     assert evaluation["export"]["segm"]["AP"] > 10
 
     # PyTorch's confident detections, to int8 precision
-    image = cv2.imread(str(trained[0].parent / "images" / "0.png"))
+    images = trained[0].parent / "images"
+    image = cv2.imread(str(images / "0.png"))
     x = torch.as_tensor(image.transpose(2, 0, 1).astype("float32"))
     with torch.no_grad():
         ref = model([{"image": x}])[0]["instances"]
@@ -218,6 +220,17 @@ def test_int8_export(trained, tmp_path, capsys):
         score_tol=0.1, min_iou=0.8,
     )  # fmt: skip
     assert agreement.num_paired >= 1 and agreement.min_mask_iou >= 0.8, agreement
+
+    # the demo takes the int8 export as it takes the float one
+    demo = load_script(REPO / "demo" / "demo.py", "solo_demo")
+    rc = demo.main(
+        ["--config-file", str(QUICKSTART_CONFIG), "--input", str(images / "0.png")]
+        + ["--onnx", str(tmp_path / "model_int8.onnx"), "--output", str(tmp_path / "demo")]
+        + ["--json", "--confidence-threshold", "0.3", "--opts", *TEST_SIZE]
+    )
+    assert rc == 0
+    record = json.loads((tmp_path / "demo" / "0.json").read_text())
+    assert len(record["instances"]) >= 1
 
 
 @pytest.mark.parametrize(
@@ -270,14 +283,14 @@ def test_keep_float_must_name_a_conv(trained, tmp_path):
         quantize_export(tmp_path / "m.onnx", tmp_path / "q.onnx", [])
 
 
-def test_quantize_everything_and_measure(trained, tmp_path):
-    """With nothing kept float every Conv is int8, and :func:`layer_errors` measures them all."""
+def test_quantize_everything_by_default_and_measure(trained, tmp_path):
+    """By default every Conv is int8, and :func:`layer_errors` measures them all."""
     _, _, _, model = trained
     export_onnx(SOLOExportable(model), torch.zeros(3, 64, 64), tmp_path / "m.onnx")
     g = np.random.default_rng(0)
     images = [g.integers(0, 256, (3, 96, 128)).astype(np.float32) for _ in range(2)]
-    result = quantize_export(tmp_path / "m.onnx", tmp_path / "q.onnx", images, keep_float=())
-    assert result.kept_float == [] and result.calibration_images == 2
+    result = quantize_export(tmp_path / "m.onnx", tmp_path / "q.onnx", images)
+    assert DEFAULT_KEEP_FLOAT == () and result.kept_float == [] and result.calibration_images == 2
     assert len(result.quantized) == len(conv_nodes(tmp_path / "m.onnx"))
     errors = layer_errors(tmp_path / "m.onnx", tmp_path / "q.onnx", images[:1])
     assert set(errors) == set(result.quantized)
