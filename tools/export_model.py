@@ -8,7 +8,9 @@ Writes ``model.onnx`` or ``model.ts`` and ``export.json`` (interface, config, si
 The exported model takes one input ``image``: float32 (3, H, W), BGR 0-255, any H and W (what the
 PyTorch model receives as "image": resize with the config's test size first), or (B, 3, H, W) with
 --batch-size B. It returns ``scores`` (N,), ``classes`` (N,) int64 and ``masks`` (N, H, W) bool at
-the input size (+ ``image_index`` (N,) with a batch). The ONNX graph uses only standard ops.
+the input size (+ ``image_index`` (N,) with a batch); the ONNX graph also returns ``soft_masks``
+(N, Hf, Wf) float32, from which ``ONNXRuntimeModel`` resizes masks to other sizes as PyTorch does.
+The ONNX graph uses only standard ops.
 
 Unless --no-verify is given, the exported model is then run on the sample image and on a second
 size, and its detections are compared with the PyTorch model's (scores within 1e-3, same classes,
@@ -376,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("OK: the export matches PyTorch" if ok else "FAILED: the export differs from PyTorch")
     if args.quantize:
         # int8 cannot match to 1e-3: its accuracy is what --evaluate-dataset checks
-        print("\n".join(f"int8 (not a parity check): {r.agreement}" for r in int8_results))
+        print("\n".join(f"int8 vs PyTorch, informative: {r.agreement}" for r in int8_results))
         if not args.evaluate_dataset:
             print(
                 "warning: the int8 model's accuracy is unchecked: add --evaluate-dataset NAME",
