@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
 
 from solo_d2.config import ConfigError, load_config
 from solo_d2.engine import WeightsUnavailableError, load_model
@@ -245,6 +246,11 @@ def check_datasets(args: argparse.Namespace, cfg: CfgNode) -> None:
                 check_evaluation_dataset(cfg, name)
             except ConfigError as e:
                 raise ValueError(f"{flag} {name}: {e}") from e
+            if MetadataCatalog.get(name).get("evaluator_type", "coco") == "coco_panoptic_seg":
+                raise ValueError(
+                    f"{flag} {name}: a panoptic dataset; the export holds the instances only: "
+                    "name an instance dataset (COCO or LVIS format)"
+                )
 
 
 def quantize(args: argparse.Namespace, cfg: CfgNode, float_path: Path) -> Dict:
@@ -294,7 +300,7 @@ def evaluate(args: argparse.Namespace, cfg: CfgNode, model, path: Path) -> Dict:
         tic = time.perf_counter()
         results[key] = evaluate_model(cfg, evaluated, name, out_dir / key)
         print(
-            f"{key} ({path.name if key == 'export' else 'PyTorch'}) on {name}: mask AP "
+            f"{'PyTorch' if key == 'pytorch' else path.name} on {name}: mask AP "
             f"{results[key]['segm']['AP']:.2f}, box AP {results[key]['bbox']['AP']:.2f} "
             f"({time.perf_counter() - tic:.0f} s)"
         )

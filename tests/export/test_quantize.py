@@ -295,3 +295,10 @@ def test_quantize_everything_by_default_and_measure(trained, tmp_path):
     errors = layer_errors(tmp_path / "m.onnx", tmp_path / "q.onnx", images[:1])
     assert set(errors) == set(result.quantized)
     assert all(np.isfinite(e["output"]) for e in errors.values())
+
+
+def test_panoptic_dataset_is_refused(trained, tmp_path, capsys):
+    """The export holds the instances only: a panoptic dataset cannot evaluate it."""
+    assert run_tool(trained, tmp_path, "--evaluate-dataset", "shapes_panoptic_val") == 2
+    err = capsys.readouterr().err
+    assert "error: --evaluate-dataset shapes_panoptic_val:" in err and "panoptic" in err
