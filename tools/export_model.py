@@ -246,7 +246,8 @@ def check_datasets(args: argparse.Namespace, cfg: CfgNode) -> None:
                 check_evaluation_dataset(cfg, name)
             except ConfigError as e:
                 raise ValueError(f"{flag} {name}: {e}") from e
-            if MetadataCatalog.get(name).get("evaluator_type", "coco") == "coco_panoptic_seg":
+            kind = MetadataCatalog.get(name).get("evaluator_type", "coco")
+            if flag == "--evaluate-dataset" and kind == "coco_panoptic_seg":
                 raise ValueError(
                     f"{flag} {name}: a panoptic dataset; the export holds the instances only: "
                     "name an instance dataset (COCO or LVIS format)"
