@@ -1,5 +1,7 @@
 """Export of SOLO-family inference to TorchScript and ONNX, an ONNX Runtime runner, and the
-verification of an export against the PyTorch model (:mod:`.verify`).
+verification of an export against the PyTorch model (:mod:`.verify`); int8 quantization of an
+ONNX export (:mod:`.quantize`) and its evaluation on a dataset beside the PyTorch model
+(:mod:`.evaluate`).
 
 ``onnx`` (ONNX export and graph checks) and ``onnxruntime`` (:mod:`.runtime`) are optional
 dependencies, imported only when used; TorchScript export needs neither.

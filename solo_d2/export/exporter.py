@@ -16,6 +16,7 @@ from torch import Tensor
 from .traceable import SOLOExportable
 
 __all__ = [
+    "METADATA_PREFIX",
     "MIN_OPSET",
     "DEFORM_CONV_OPSET",
     "OnnxNotInstalledError",
@@ -24,7 +25,13 @@ __all__ = [
     "export_onnx",
     "onnx_op_types",
     "check_standard_onnx",
+    "export_metadata",
+    "read_metadata",
+    "write_metadata",
 ]
+
+# Prefix of the keys solo_d2 writes into an ONNX model's metadata (:func:`export_metadata`).
+METADATA_PREFIX = "solo_d2."
 
 # Oldest ONNX opset the export is made and tested for (the graph's Trilu alone needs 14).
 MIN_OPSET = 17
@@ -146,6 +153,8 @@ def export_onnx(
     for name in wrapper.output_names:
         dynamic[name] = {0: "detections"}
     dynamic["masks"].update({1: "height", 2: "width"})
+    if "soft_masks" in dynamic:
+        dynamic["soft_masks"].update({1: "mask_height", 2: "mask_width"})
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # dynamo=False
@@ -161,6 +170,33 @@ def export_onnx(
             dynamo=False,
             do_constant_folding=True,
         )
+    write_metadata(path, export_metadata(wrapper))
+
+
+def export_metadata(wrapper: SOLOExportable) -> Dict[str, str]:
+    """What a runtime needs beside the graph to post-process as the PyTorch model does: the
+    padding multiple of the input and the mask threshold (ONNX metadata, strings)."""
+    return {
+        METADATA_PREFIX + "size_divisibility": str(wrapper.size_divisibility),
+        METADATA_PREFIX + "mask_threshold": repr(float(wrapper.postprocess_args["mask_threshold"])),
+    }
+
+
+def write_metadata(path: Union[str, Path], metadata: Dict[str, str]) -> None:
+    """Set ``metadata`` in the ``metadata_props`` of the ONNX model at ``path`` (rewritten)."""
+    onnx = _import_onnx()
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(metadata)
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
+    """The ``metadata_props`` of the ONNX model at ``path``."""
+    onnx = _import_onnx()
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def onnx_op_types(path: Union[str, Path]) -> Dict[str, List[str]]:

@@ -14,7 +14,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..modeling.postprocessing import masks_to_boxes, resize_masks
 from ..modeling.tiling import TileSettings, tile_settings, tiled_inference
-from .exporter import OnnxNotInstalledError
+from .exporter import METADATA_PREFIX, OnnxNotInstalledError
 
 __all__ = ["ONNXModelError", "ONNXRuntimeModel", "ONNXRuntimePredictor"]
 
@@ -32,11 +32,15 @@ class ONNXRuntimeModel:
     ``[{"instances": Instances}]`` with pred_masks (bool, at height x width), pred_boxes (from the
     masks), scores and int64 pred_classes, as :class:`solo_d2.modeling.SOLOv2` in eval mode does.
     The exported graph returns masks at the input size; when another output size is asked for,
-    the binary masks are resized here (bilinear, threshold 0.5), whereas the PyTorch model
-    resizes its soft masks, so mask borders may then differ by about a pixel.
+    the graph's ``soft_masks`` output (``tools/export_model.py`` writes it) is resized and
+    thresholded here as the PyTorch model does (:func:`resize_masks`). An export without it
+    (``SOLOExportable(model)`` exported from Python) has its binary masks resized instead
+    (bilinear, threshold 0.5): mask borders may then differ by about a pixel, which costs
+    ~0.2 mask AP on ``shapes_val_large`` (docs/export.md).
 
-    With ``tiling`` (:mod:`solo_d2.modeling.tiling`), images are given at full resolution and
-    tiled around the exported per-tile model, as the PyTorch model does with ``INPUT.TILE.TEST``.
+    Int8 exports (``tools/export_model.py --quantize int8``) load and run the same way. With
+    ``tiling`` (:mod:`solo_d2.modeling.tiling`), images are given at full resolution and tiled
+    around the exported per-tile model, as the PyTorch model does with ``INPUT.TILE.TEST``.
     """
 
     def __init__(
@@ -84,6 +88,11 @@ class ONNXRuntimeModel:
         self.output_names = outputs
         self.batched = len(inputs[0].shape) == 4
         self.tiling, self.max_per_image = tiling, max_per_image
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.size_divisibility = int(meta.get(METADATA_PREFIX + "size_divisibility", 0))
+        self.mask_threshold = float(meta.get(METADATA_PREFIX + "mask_threshold", 0.5))
+        # the soft masks are resized only with the padding multiple that places them on the input
+        self.resizes_soft_masks = "soft_masks" in outputs and self.size_divisibility > 0
 
     def run(self, image: Union[np.ndarray, torch.Tensor]) -> Dict[str, np.ndarray]:
         """The raw outputs of the graph.
@@ -93,7 +102,7 @@ class ONNXRuntimeModel:
                 BGR 0-255, what the PyTorch model gets as "image".
         Returns:
             {"scores": (N,), "classes": (N,), "masks": (N, H, W) bool} (+ "image_index" (N,)
-            for a batched model).
+            for a batched model, + "soft_masks" (N, Hf, Wf) float32 when the export has them).
         """
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu().numpy()
@@ -122,7 +131,12 @@ class ONNXRuntimeModel:
             masks = torch.from_numpy(out["masks"]).to(torch.bool)
             image_hw = tuple(x["image"].shape[-2:])
             output_hw = (x.get("height", image_hw[0]), x.get("width", image_hw[1]))
-            if output_hw != image_hw:
+            if output_hw != image_hw and self.resizes_soft_masks:
+                div = self.size_divisibility
+                canvas_hw = tuple(-(-s // div) * div for s in image_hw)
+                soft = torch.from_numpy(out["soft_masks"])
+                masks = resize_masks(soft, canvas_hw, image_hw, output_hw, self.mask_threshold)
+            elif output_hw != image_hw:
                 masks = resize_masks(masks.to(torch.float32), image_hw, image_hw, output_hw, 0.5)
             result = Instances(output_hw)
             result.pred_masks = masks

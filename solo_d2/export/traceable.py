@@ -38,7 +38,10 @@ class SOLOExportable(nn.Module):
     (B, 3, H, W) when built with ``batch_size=B``. Outputs, sorted by descending score per image:
     ``scores`` (N,) float32, ``classes`` (N,) int64, ``masks`` (N, H, W) bool at the input size,
     and with a batch also ``image_index`` (N,) int64, the image of each detection (detections of
-    image 0 first).
+    image 0 first). With ``soft_masks=True`` a last output ``soft_masks`` (N, Hf, Wf) float32
+    holds the masks' probabilities at the mask stride of the padded canvas, from which a runtime
+    resizes masks to another size exactly as the PyTorch model does
+    (:func:`solo_d2.modeling.postprocessing.resize_masks`, the soft masks before thresholding).
 
     The results equal ``model([{"image": image}])`` (each image of a batch gives what it gives
     alone: all have the same size, so the same padded canvas). Only Matrix NMS is supported
@@ -47,11 +50,14 @@ class SOLOExportable(nn.Module):
     panoptic segmentation of ``PanopticSOLO``) are not, and a warning names them.
     """
 
-    def __init__(self, model: nn.Module, batch_size: Optional[int] = None):
+    def __init__(
+        self, model: nn.Module, batch_size: Optional[int] = None, soft_masks: bool = False
+    ):
         """
         Args:
             model: a SOLO-family META_ARCH of ``solo_d2.modeling`` (its weights are shared).
             batch_size: None for a (3, H, W) input, else the fixed B of a (B, 3, H, W) input.
+            soft_masks: also return the soft masks at the mask stride (the last output).
         """
         super().__init__()
         for attr in ("predict", "read_cells", "inference_args", "cell_strides"):
@@ -76,27 +82,29 @@ class SOLOExportable(nn.Module):
             )
         self.model = model
         self.batch_size = batch_size
+        self.soft_masks = soft_masks
         self.size_divisibility = max(model.backbone.size_divisibility, 1)
         self.postprocess_args = args
 
     def _image_detections(
         self, cate: Tensor, soft_masks, canvas_hw: Tuple[int, int], image_hw: Tuple[int, int]
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The post-processing core, then the masks upsampled to the padded canvas and cropped
-        to the image (the output size is the input size)."""
+        to the image (the output size is the input size); also the soft masks."""
         scores, classes, soft = select_detections(
             cate, soft_masks, self.model.cell_strides, **self.postprocess_args
         )
         # masks along the batch axis: upsampling accepts an empty batch, not empty channels
         h, w = image_hw
-        soft = F.interpolate(soft[:, None], size=canvas_hw, mode="bilinear")
+        upsampled = F.interpolate(soft[:, None], size=canvas_hw, mode="bilinear")
         threshold = self.postprocess_args["mask_threshold"]
-        return scores, classes, soft[:, 0, :h, :w] > threshold
+        return scores, classes, upsampled[:, 0, :h, :w] > threshold, soft
 
     @property
     def output_names(self) -> List[str]:
         names = ["scores", "classes", "masks"]
-        return names if self.batch_size is None else names + ["image_index"]
+        names += [] if self.batch_size is None else ["image_index"]
+        return names + (["soft_masks"] if self.soft_masks else [])
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
         images = image.unsqueeze(0) if self.batch_size is None else image
@@ -110,10 +118,11 @@ class SOLOExportable(nn.Module):
             self._image_detections(cate[i], soft_masks[i], canvas_hw, (h, w))
             for i in range(self.batch_size or 1)  # fixed when exported
         ]
+        soft = [torch.cat([o[3] for o in outputs])] if self.soft_masks else []
         if self.batch_size is None:
-            return outputs[0]
-        scores, classes, masks = (torch.cat(t) for t in zip(*outputs))
+            return (*outputs[0][:3], *soft)
+        scores, classes, masks = (torch.cat(t) for t in list(zip(*outputs))[:3])
         image_index = torch.cat(
-            [torch.full_like(s, i, dtype=torch.int64) for i, (s, _, _) in enumerate(outputs)]
+            [torch.full_like(o[0], i, dtype=torch.int64) for i, o in enumerate(outputs)]
         )
-        return scores, classes, masks, image_index
+        return (scores, classes, masks, image_index, *soft)
