@@ -37,6 +37,7 @@ class DatasetKind:
             (detectron2's builtin datasets, a user's own code) that are of this kind.
         packs: whether its datasets are packed (:mod:`solo_d2.data.packed`) for training.
         metric_name: the name of :meth:`metric` ("mask AP").
+        annotation_key: the metadata / record key of its annotation file ("json_file").
     """
 
     name: str = ""
@@ -46,6 +47,7 @@ class DatasetKind:
     evaluator_types: Tuple[str, ...] = ()
     packs: bool = False
     metric_name: str = "mask AP"
+    annotation_key: str = "json_file"  # the files' role of its annotation file
 
     def register(self, spec: str, max_image_pixels: int) -> str:
         """Check and register the dataset of ``spec``; return its name.
@@ -107,8 +109,8 @@ class DatasetKind:
         """The annotation file a held-out split of ``name`` is cut from (the same format, split
         by image), or None when it has none on record."""
         record = dataset_record(name)
-        meta = MetadataCatalog.get(name)
-        path = record.files.get("json_file") if record is not None else meta.get("json_file", None)
+        files = record.files if record is not None else MetadataCatalog.get(name)
+        path = files.get(self.annotation_key, None)
         return path if isinstance(path, str) and os.path.isfile(path) else None
 
     def split_spec(self, name: str, split_name: str, json_file: str) -> str:

@@ -14,7 +14,6 @@ from detectron2.evaluation import DatasetEvaluators
 
 from ..config import ConfigError
 from ..data.panoptic import adopt_builtin_panoptic, panoptic_things_coco, register_panoptic_dataset
-from ..data.record import dataset_record
 from ..data.specs import PANOPTIC_SPEC_FORM
 from ..evaluation import SOLOCOCOEvaluator, SOLOPanopticEvaluator
 from ..modeling import is_panoptic
@@ -33,6 +32,7 @@ class PanopticKind(DatasetKind):
     evaluator_types = ("coco_panoptic_seg",)
     packs = True
     metric_name = "PQ"
+    annotation_key = "panoptic_json"
 
     def register(self, spec: str, max_image_pixels: int) -> str:
         return register_panoptic_dataset(spec, max_image_pixels)
@@ -80,12 +80,6 @@ class PanopticKind(DatasetKind):
 
     def metric(self, results) -> float:
         return finite_or_zero(results.get("panoptic_seg", {}).get("PQ"))
-
-    def annotation_file(self, name: str):
-        record = dataset_record(name)
-        meta = MetadataCatalog.get(name)
-        path = (record.files if record is not None else meta).get("panoptic_json", None)
-        return path if isinstance(path, str) and os.path.isfile(path) else None
 
     def split_spec(self, name: str, split_name: str, json_file: str) -> str:
         meta = MetadataCatalog.get(name)
