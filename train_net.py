@@ -13,10 +13,11 @@ checked: a mistake (an unknown config key, NUM_CLASSES disagreeing with a datase
 weights file, an annotation file that is not COCO, a builtin dataset such as coco_2017_train
 missing on disk, --num-gpus above the GPUs present, ...) ends the run with one
 "train_net.py: error: ..." line and exit status 2. Without CUDA, one process runs on the CPU
-after a one-line warning (MODEL.DEVICE cpu); --num-gpus N with MODEL.DEVICE cpu starts N CPU
-processes. Started by torchrun, the processes take their ranks from its variables (--num-gpus and
-the other launch arguments start nothing: a contradicting one is an error), and the checks run
-on local rank 0 of each machine while the others wait (docs/training.md).
+after a one-line warning (MODEL.DEVICE cpu); --num-gpus N with MODEL.DEVICE cpu forks N CPU
+processes (they start with this process's imports and datasets). Started by torchrun, the
+processes take their ranks from its variables (--num-gpus and the other launch arguments start
+nothing: a contradicting one is an error), and the checks run on local rank 0 of each machine
+while the others wait (docs/training.md).
 
 Preemption: on SIGTERM or SIGUSR1 (what job schedulers send), training stops after the current
 iteration, writes a checkpoint of it, logs "Stopped by SIGTERM after iteration N: ..." and exits
@@ -42,6 +43,7 @@ from solo_d2.engine.launch import (
     PreflightFailed,
     check_torchrun_arguments,
     launch_from_env,
+    prepare_forked_workers,
     torchrun_env,
 )
 from solo_d2.engine.preflight import check_config
@@ -175,6 +177,9 @@ def invoke_main() -> None:
                 fail(e.message)
             sys.exit(2)
         return
+    fork_threads = None  # CPU workers are forked: they skip the imports this process did
+    if args.num_gpus * args.num_machines > 1 and config_device(args) == "cpu":
+        fork_threads = prepare_forked_workers()  # before this process's first torch op
     error = preflight_error(args)
     if error is not None:
         fail(error)
@@ -185,6 +190,7 @@ def invoke_main() -> None:
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        fork_threads=fork_threads,
     )
 
 

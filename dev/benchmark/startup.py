@@ -295,8 +295,9 @@ def _process_tree(root: int) -> List[int]:
 
 def _sample_peaks(root: int, peaks: Dict[int, Dict]) -> None:
     """Raise ``peaks[pid]["peak_rss_kb"]`` to the current VmHWM of each process of ``root``'s
-    tree, with its ``role``: "main" (``root``), "worker" (spawned by multiprocessing),
-    "tracker" (multiprocessing's resource tracker) or "other"; and its command line."""
+    tree, with its ``role``: "main" (``root``), "worker" (a child of ``root``: forked, or spawned
+    by multiprocessing), "tracker" (multiprocessing's resource tracker) or "other"; and its
+    command line."""
     for pid in _process_tree(root):
         hwm = _status_kb("VmHWM", str(pid))
         try:
@@ -310,9 +311,8 @@ def _sample_peaks(root: int, peaks: Dict[int, Dict]) -> None:
             role = "main"
         elif "resource_tracker" in cmd:
             role = "tracker"
-        else:  # spawned by root; a fork of a worker (a subprocess before its exec) is "other"
-            spawned = "multiprocessing" in cmd and _status_kb("PPid", str(pid)) == root
-            role = "worker" if spawned else "other"
+        else:  # a child of a worker (a subprocess, a DataLoader worker) is "other"
+            role = "worker" if _status_kb("PPid", str(pid)) == root else "other"
         old = peaks.get(pid, {}).get("peak_rss_kb", 0)
         peaks[pid] = {"pid": pid, "role": role, "cmd": cmd[:200], "peak_rss_kb": max(old, hwm)}
 

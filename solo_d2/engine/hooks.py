@@ -171,7 +171,7 @@ def leave_signals_to_trainer(loader):
     process: they keep loading until it stops, and end when it shuts them down or exits.
 
     The workers are forked (Linux's default, but not in processes that torch's spawn started, as
-    detectron2's launch does with ``--num-gpus`` > 1): a forked worker starts with one thread,
+    :func:`solo_d2.engine.launch` does for GPU training): a forked worker starts with one thread,
     which blocks the signals for all the threads it starts; a spawned one has threads already.
 
     Args:

@@ -1,6 +1,7 @@
 """Starting the processes of a training that a preemption signal may stop (see :mod:`.hooks`):
-detectron2's ``launch`` (:func:`launch`: this process spawns one per GPU), or torchrun
-(:func:`launch_from_env`: torchrun started them, its variables give the ranks)."""
+detectron2's ``launch`` (:func:`launch`: this process spawns one per GPU, or forks one per CPU
+process), or torchrun (:func:`launch_from_env`: torchrun started them, its variables give the
+ranks)."""
 
 import functools
 import logging
@@ -27,6 +28,7 @@ __all__ = [
     "distributed_backend",
     "launch",
     "launch_from_env",
+    "prepare_forked_workers",
     "torchrun_env",
 ]
 
@@ -44,11 +46,18 @@ def launch(
     dist_url=None,
     args=(),
     timeout=DEFAULT_TIMEOUT,
+    fork_threads: Optional[int] = None,
 ):
-    """detectron2's :func:`~detectron2.engine.launch` (same arguments), preemption-aware.
+    """detectron2's :func:`~detectron2.engine.launch` (same arguments), preemption-aware, and
+    able to fork CPU workers.
 
     With one process in all, ``main_func(*args)`` runs in this process, as in detectron2. With
-    several, this process spawns the workers and waits for them; then:
+    several, this process starts the workers and waits for them. They are spawned (fresh
+    interpreters, as in detectron2), or, with ``fork_threads``, forked: they start with this
+    process's imports and registered datasets instead of importing torch, detectron2 and solo_d2
+    again (4-5 s of every start on a 2-core machine), then run torch on ``fork_threads``
+    threads. Forking is for CPU training only (CUDA does not survive a fork), from a process whose
+    torch ops all ran on one thread (:func:`prepare_forked_workers`). Then:
 
     * SIGTERM and SIGUSR1 do not end it (and its workers with it): they are forwarded to the
       workers, which may not have received them (Kubernetes signals the container's first
@@ -57,10 +66,19 @@ def launch(
       before they are terminated (torch terminates them at once);
     * when a worker exits with :data:`~.hooks.PREEMPTED_EXIT_STATUS`, this process raises
       :class:`~.hooks.TrainingPreempted`: it exits with that status, without a traceback.
+
+    Raises:
+        ValueError: ``fork_threads`` given while this process runs torch on several threads.
     """
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         return main_func(*args)
+    if fork_threads is not None and torch.get_num_threads() != 1:
+        raise ValueError(
+            f"launch(fork_threads={fork_threads}) in a process running torch on "
+            f"{torch.get_num_threads()} threads: call prepare_forked_workers() before its first "
+            "torch op (a forked worker would hang in its first multi-threaded op)"
+        )
     if dist_url == "auto":
         assert num_machines == 1, "dist_url=auto not supported in multi-machine jobs."
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
@@ -72,7 +90,7 @@ def launch(
         distributed_worker,
         nprocs=num_gpus_per_machine,
         args=(
-            functools.partial(_spawned_main, main_func),
+            functools.partial(_worker_main, main_func, fork_threads),
             world_size,
             num_gpus_per_machine,
             machine_rank,
@@ -82,6 +100,7 @@ def launch(
         ),
         daemon=False,
         join=False,
+        start_method="spawn" if fork_threads is None else "fork",
     )
 
     def forward(signum, frame):
@@ -101,10 +120,27 @@ def launch(
         _restore_handlers(previous_handlers)
 
 
-def _spawned_main(main_func, *args):
-    """``main_func(*args)`` in a worker that :func:`launch` spawned; after it returns, or stops
-    the training by a preemption (all ranks together), the process groups are closed
-    (:func:`_close_process_groups`), so that the worker exits with its own status."""
+def prepare_forked_workers() -> int:
+    """Keep this process's torch ops on one thread from now on, so that :func:`launch` may fork
+    its workers; returns the number of threads it had, the workers' ``fork_threads``.
+
+    Call it before this process's first torch op. torch's CPU ops run on GNU OpenMP's thread
+    team, which a fork does not copy: a forked child whose parent had started the team hangs in
+    its first multi-threaded op. One thread never starts it. (numpy's OpenBLAS and OpenCV threads
+    survive a fork.)
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def _worker_main(main_func, threads: Optional[int], *args):
+    """``main_func(*args)`` in a worker that :func:`launch` started (a forked one first gets its
+    ``threads`` back); after it returns, or stops the training by a preemption (all ranks
+    together), the process groups are closed (:func:`_close_process_groups`), so that the worker
+    exits with its own status."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         result = main_func(*args)
     except TrainingPreempted:

@@ -198,10 +198,10 @@ def test_a_spawned_worker_closes_its_process_groups_after_main(tmp_path, outcome
     try:
         comm.create_local_process_group(1)
         if outcome == "return":
-            assert solo_launch._spawned_main(main, 42) == 42
+            assert solo_launch._worker_main(main, None, 42) == 42
         else:
             with pytest.raises((TrainingPreempted, ValueError)):
-                solo_launch._spawned_main(main, 42)
+                solo_launch._worker_main(main, None, 42)
         assert dist.is_initialized() == (outcome == "error")
         assert (comm._LOCAL_PROCESS_GROUP is None) == (outcome != "error")
     finally:
