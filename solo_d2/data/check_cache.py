@@ -21,13 +21,12 @@ import functools
 import hashlib
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import orjson
 
 from ..atomic_io import atomic_write_bytes
 from . import validation
-from .dataset_dicts import to_dataset_dicts
 from .validation import CheckedCOCO, check_coco_dict
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "store_entry",
     "check_key",
     "read_and_check",
-    "load_checked_coco",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,25 +200,3 @@ def read_and_check(
         store_entry(key, {"checked": checked.to_json(), "extra": extra})
     checked.key = key
     return data, checked, extra
-
-
-def load_checked_coco(
-    json_file: str,
-    image_root: str,
-    what: str = "",
-    max_image_pixels: Optional[int] = None,
-    with_faults: bool = True,
-) -> Tuple[Dict[str, Any], CheckedCOCO, List[Dict[str, Any]]]:
-    """Read, check (once per file content: :func:`read_and_check`) and convert a COCO file:
-    (raw dict, check outcome, dataset dicts).
-
-    Args:
-        what, max_image_pixels: as :func:`read_coco_json` and :func:`check_coco_dict` take them.
-        with_faults: as :func:`read_and_check`.
-    Raises:
-        DatasetError: the file cannot be used at all.
-    """
-    data, checked, _ = read_and_check(
-        json_file, image_root, max_image_pixels, what, with_faults=with_faults
-    )
-    return data, checked, to_dataset_dicts(data, checked, image_root)

@@ -8,36 +8,69 @@ loader reads the file and gives the checked dataset dicts.
 """
 
 import logging
+from dataclasses import dataclass
 from functools import partial
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from detectron2.data import DatasetCatalog
 
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
-from .check_cache import check_key, load_checked_coco, read_and_check
+from .check_cache import check_key, read_and_check
+from .dataset_dicts import to_dataset_dicts
 from .faults import summarize_faults
 from .packed import ensure_pack, open_pack
 from .record import DatasetRecord, dataset_record, set_dataset_record
-from .specs import is_registered_with, parse_dataset_spec, resolve_spec_paths
+from .specs import SPEC_FORM, is_registered_with, parse_dataset_spec, resolve_spec_paths
+from .validation import CheckedCOCO
 
-__all__ = ["register_coco_dataset", "warn_if_changed", "warn_instance_faults"]
+__all__ = [
+    "COCO_FORMAT",
+    "InstanceFormat",
+    "register_coco_dataset",
+    "register_instance_dataset",
+    "warn_if_changed",
+    "warn_instance_faults",
+]
 
 logger = logging.getLogger(__name__)
 
+Reader = Callable[..., Tuple[Optional[Dict[str, Any]], CheckedCOCO, Dict[str, Any]]]
 
-def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list:
+
+@dataclass(frozen=True)
+class InstanceFormat:
+    """A COCO-like instance-segmentation file format: COCO's (:data:`COCO_FORMAT`) or one that
+    adapts it (LVIS: :data:`solo_d2.data.lvis.LVIS_FORMAT`)."""
+
+    kind: str  # the record's kind, the metadata's evaluator_type and part of the check key
+    prefix: str  # the spec's prefix after "NAME=" ("lvis:"), "" for none
+    spec_form: str  # the spec's form, for messages
+    # read_and_check(json_file, image_root, max_image_pixels, what="", need_data=True,
+    # with_faults=True) -> (data, checked, extra) as check_cache.read_and_check; ``extra``
+    # (JSON, kept with the check) is added to the dataset's metadata
+    read_and_check: Reader
+    image_lists: Tuple[str, ...] = ()  # image fields each dataset dict (and the pack) keeps
+
+
+COCO_FORMAT = InstanceFormat("coco", "", SPEC_FORM, read_and_check)
+
+
+def _load_dataset(
+    fmt: InstanceFormat, name: str, json_file: str, image_root: str, max_image_pixels: int
+) -> list:
     """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration),
     from the file's pack when it has one (:mod:`~solo_d2.data.packed`)."""
-    pack = open_pack(check_key("coco", json_file, image_root, max_image_pixels))
+    pack = open_pack(check_key(fmt.kind, json_file, image_root, max_image_pixels))
     if pack is not None:
         warn_if_changed(name, json_file, pack.key, pack.num_faults)
         return pack.to_dicts()
-    data, checked, dicts = load_checked_coco(
-        json_file, image_root, max_image_pixels=max_image_pixels, with_faults=False
+    data, checked, _ = fmt.read_and_check(
+        json_file, image_root, max_image_pixels, with_faults=False
     )
     warn_if_changed(name, json_file, checked.key, checked.num_faults)
     # no pack (cache off, or a damaged one removed): written again from what was just read
-    ensure_pack(checked, json_file, image_root, data, lambda: data)
-    return dicts
+    ensure_pack(checked, json_file, image_root, data, lambda: data, fmt.image_lists)
+    return to_dataset_dicts(data, checked, image_root, fmt.image_lists)
 
 
 def warn_if_changed(name: str, json_file: str, key: str, num_faults: int) -> None:
@@ -74,46 +107,60 @@ def warn_instance_faults(name: str, json_file: str, checked) -> None:
 
 
 def register_coco_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
-    """Check and register the COCO instances dataset described by ``spec``; return its name.
+    """Check and register the COCO instances dataset described by ``spec``; return its name
+    (:func:`register_instance_dataset` of :data:`COCO_FORMAT`)."""
+    return register_instance_dataset(COCO_FORMAT, spec, max_image_pixels)
+
+
+def register_instance_dataset(
+    fmt: InstanceFormat, spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> str:
+    """Check and register the dataset of ``spec``, a file of format ``fmt``; return its name.
 
     The annotation file is checked now (:mod:`solo_d2.data.validation`; not read at all when its
     content was checked before, :func:`~solo_d2.data.check_cache.read_and_check`): a file that
-    cannot be used raises ``ValueError`` (an image entry declaring more than ``max_image_pixels``
-    pixels, ``INPUT.MAX_IMAGE_PIXELS``, included); faulty annotations and images (missing image
-    files) are logged, counted and named, and left out of the dataset. The metadata gets
-    ``thing_classes`` at once (so ``MODEL.SOLO.NUM_CLASSES`` can be checked before training) and its
-    :class:`~solo_d2.data.record.DatasetRecord` (the faults, the check key).
+    cannot be used raises (``FileNotFoundError`` / ``NotADirectoryError`` for the paths,
+    ``ValueError`` for the spec and the content, an image entry declaring more than
+    ``max_image_pixels`` pixels, ``INPUT.MAX_IMAGE_PIXELS``, included; one line naming the file);
+    faulty annotations and images (missing image files) are logged, counted and named, and left
+    out of the dataset. The metadata gets ``thing_classes`` at once (so
+    ``MODEL.SOLO.NUM_CLASSES`` can be checked before training), the format's extra fields and
+    the dataset's :class:`~solo_d2.data.record.DatasetRecord` (the faults, the check key). The
+    file is packed for the training processes, which map the pack instead of reading the file.
 
     Registering a name again with the same files is a no-op; with other files it is an error.
     """
-    name, json_str, image_str = parse_dataset_spec(spec)
+    name, json_str, image_str = parse_dataset_spec(spec, fmt.prefix, fmt.spec_form)
     json_file, image_root = resolve_spec_paths(
         spec, ("Annotation file", json_str), [("Image directory", image_str)]
     )
     files = {"json_file": json_file, "image_root": image_root}
-    if is_registered_with(name, "coco", files, f"spec {spec!r}"):
+    if is_registered_with(name, fmt.kind, files, f"spec {spec!r}"):
         return name
     what = f"(dataset spec {spec!r})"
-    data, checked, _ = read_and_check(
+    data, checked, extra = fmt.read_and_check(
         json_file, image_root, max_image_pixels, what, need_data=False
     )
     warn_instance_faults(name, json_file, checked)
-    ensure_pack(  # for the training processes: they map it instead of reading the file
+    ensure_pack(
         checked,
         json_file,
         image_root,
         data,
-        lambda: read_and_check(json_file, image_root, max_image_pixels, what)[0],
+        lambda: fmt.read_and_check(json_file, image_root, max_image_pixels, what)[0],
+        fmt.image_lists,
     )
-    loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
-    DatasetCatalog.register(name, loader)
-    record = DatasetRecord("coco", files, tuple(checked.faults), checked.key, max_image_pixels)
+    DatasetCatalog.register(
+        name, partial(_load_dataset, fmt, name, json_file, image_root, max_image_pixels)
+    )
+    record = DatasetRecord(fmt.kind, files, tuple(checked.faults), checked.key, max_image_pixels)
     set_dataset_record(
         name,
         record,
         **files,
-        evaluator_type="coco",
+        evaluator_type=fmt.kind,
         thing_classes=checked.thing_classes,
         thing_dataset_id_to_contiguous_id=checked.id_map,
+        **extra,
     )
     return name

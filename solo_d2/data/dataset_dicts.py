@@ -9,7 +9,7 @@ also keep ``neg_category_ids`` and ``not_exhaustive_category_ids``. Panoptic dic
 """
 
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from detectron2.structures import BoxMode
 from pycocotools import mask as mask_util
@@ -28,12 +28,16 @@ def dict_segmentation(segm, h: int, w: int):
 
 
 def to_dataset_dicts(
-    data: Dict[str, Any], checked: CheckedCOCO, image_root: str
+    data: Dict[str, Any],
+    checked: CheckedCOCO,
+    image_root: str,
+    image_lists: Sequence[str] = (),
 ) -> List[Dict[str, Any]]:
     """detectron2 dataset dicts of the images and annotations that passed, by image id order.
 
     Each annotation keeps its COCO ``id`` (so later messages can name it); ``category_id`` is
-    the contiguous id.
+    the contiguous id. Each dict also gets a copy of its image's ``image_lists`` fields (LVIS's
+    ``neg_category_ids`` and ``not_exhaustive_category_ids``).
     """
     images = {img["id"]: img for img in data["images"] if img["id"] not in checked.bad_images}
     per_image = {img_id: [] for img_id in images}
@@ -59,6 +63,7 @@ def to_dataset_dicts(
             "width": images[img_id]["width"],
             "image_id": img_id,
             "annotations": per_image[img_id],
+            **{key: list(images[img_id][key]) for key in image_lists},
         }
         for img_id in sorted(images)
     ]

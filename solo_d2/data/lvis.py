@@ -33,35 +33,26 @@ need nothing from here: their dicts (detectron2's loader) go through the SOLO ma
 ``evaluator_type`` is "lvis" already.
 """
 
-import logging
 import os
-from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
-from detectron2.data import DatasetCatalog
-
 from ..config.defaults import DEFAULT_MAX_IMAGE_PIXELS
-from .check_cache import check_key, read_and_check
-from .coco import warn_if_changed, warn_instance_faults
-from .dataset_dicts import clean_coco_dict, to_dataset_dicts
+from .check_cache import read_and_check
+from .coco import InstanceFormat, register_instance_dataset
 from .faults import DatasetError
-from .packed import ensure_pack, open_pack
-from .record import DatasetRecord, set_dataset_record
-from .specs import LVIS_SPEC_FORM, is_registered_with, parse_dataset_spec, resolve_spec_paths
+from .specs import LVIS_SPEC_FORM, parse_dataset_spec
 from .validation import CheckedCOCO, check_coco_dict
 
 __all__ = [
     "LVIS_SPEC_FORM",
+    "LVIS_FORMAT",
     "FREQUENCIES",
+    "IMAGE_CATEGORY_LISTS",
     "parse_lvis_spec",
     "adapt_lvis_dict",
     "read_and_check_lvis",
-    "load_checked_lvis",
-    "clean_lvis_dict",
     "register_lvis_dataset",
 ]
-
-logger = logging.getLogger(__name__)
 
 FREQUENCIES = ("r", "c", "f")  # rare, common, frequent (LVIS's order, and APr / APc / APf's)
 IMAGE_CATEGORY_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
@@ -157,8 +148,8 @@ def _check_lvis_fields(data: Dict[str, Any], checked: CheckedCOCO, json_file: st
 def read_and_check_lvis(
     json_file: str,
     image_root: str,
-    what: str = "",
     max_image_pixels: Optional[int] = None,
+    what: str = "",
     need_data: bool = True,
     with_faults: bool = True,
 ) -> Tuple[Optional[Dict[str, Any]], CheckedCOCO, Dict[str, Any]]:
@@ -189,41 +180,6 @@ def read_and_check_lvis(
     )
 
 
-def load_checked_lvis(
-    json_file: str,
-    image_root: str,
-    what: str = "",
-    max_image_pixels: Optional[int] = None,
-    with_faults: bool = True,
-) -> Tuple[Dict[str, Any], CheckedCOCO, List[Dict[str, Any]]]:
-    """Read, adapt, check (once per content: :func:`read_and_check_lvis`) and convert an LVIS
-    file: (adapted dict, check outcome, dataset dicts).
-
-    The dataset dicts are those of COCO data plus each image's ``neg_category_ids`` and
-    ``not_exhaustive_category_ids`` (the file's category ids).
-
-    Raises:
-        DatasetError: the file cannot be used at all.
-    """
-    data, checked, _ = read_and_check_lvis(
-        json_file, image_root, what, max_image_pixels, with_faults=with_faults
-    )
-    dicts = to_dataset_dicts(data, checked, image_root)
-    lists = {img["id"]: img for img in data["images"]}
-    for record in dicts:
-        img = lists[record["image_id"]]
-        for key in IMAGE_CATEGORY_LISTS:
-            record[key] = list(img[key])
-    return data, checked, dicts
-
-
-def clean_lvis_dict(data: Dict[str, Any], checked: CheckedCOCO) -> Dict[str, Any]:
-    """The LVIS ground truth for evaluation: the adapted dict without faulty images and
-    annotations, areas and ``iscrowd`` filled in
-    (:func:`~solo_d2.data.dataset_dicts.clean_coco_dict`)."""
-    return clean_coco_dict(data, checked)
-
-
 def _class_info(data: Dict[str, Any], checked: CheckedCOCO) -> Tuple[List[str], List[dict]]:
     """``class_frequency`` and ``class_image_count`` (see the module docstring)."""
     annotated: Dict[int, set] = {}
@@ -247,61 +203,13 @@ def _class_info(data: Dict[str, Any], checked: CheckedCOCO) -> Tuple[List[str], 
     return frequency, counts
 
 
-def _load_dataset(name: str, json_file: str, image_root: str, max_image_pixels: int) -> list:
-    """DatasetCatalog loader: the checked dataset dicts (faults were reported at registration)."""
-    pack = open_pack(check_key("lvis", json_file, image_root, max_image_pixels))
-    if pack is not None:
-        warn_if_changed(name, json_file, pack.key, pack.num_faults)
-        return pack.to_dicts()
-    data, checked, dicts = load_checked_lvis(
-        json_file, image_root, max_image_pixels=max_image_pixels, with_faults=False
-    )
-    warn_if_changed(name, json_file, checked.key, checked.num_faults)
-    # no pack (cache off, or a damaged one removed): written again from what was just read
-    ensure_pack(checked, json_file, image_root, data, lambda: data, IMAGE_CATEGORY_LISTS)
-    return dicts
+LVIS_FORMAT = InstanceFormat(
+    "lvis", "lvis:", LVIS_SPEC_FORM, read_and_check_lvis, IMAGE_CATEGORY_LISTS
+)
 
 
 def register_lvis_dataset(spec: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Check and register the LVIS-format dataset of ``spec`` (:data:`LVIS_SPEC_FORM`); return
-    its name.
-
-    As :func:`~solo_d2.data.coco.register_coco_dataset`: a file that cannot be used raises
-    (``FileNotFoundError`` / ``NotADirectoryError`` for the paths, ``DatasetError`` for the
-    content, one line naming the file); faulty annotations and images are logged, counted and
-    left out; registering a name again with the same files is a no-op, with other files an error.
-    """
-    name, json_str, image_str = parse_lvis_spec(spec)
-    json_file, image_root = resolve_spec_paths(
-        spec, ("Annotation file", json_str), [("Image directory", image_str)]
-    )
-    files = {"json_file": json_file, "image_root": image_root}
-    if is_registered_with(name, "lvis", files, f"spec {spec!r}"):
-        return name
-    what = f"(dataset spec {spec!r})"
-    data, checked, info = read_and_check_lvis(
-        json_file, image_root, what, max_image_pixels, need_data=False
-    )
-    warn_instance_faults(name, json_file, checked)
-    ensure_pack(  # for the training processes: they map it instead of reading the file
-        checked,
-        json_file,
-        image_root,
-        data,
-        lambda: read_and_check_lvis(json_file, image_root, what, max_image_pixels)[0],
-        IMAGE_CATEGORY_LISTS,
-    )
-    loader = partial(_load_dataset, name, json_file, image_root, max_image_pixels)
-    DatasetCatalog.register(name, loader)
-    record = DatasetRecord("lvis", files, tuple(checked.faults), checked.key, max_image_pixels)
-    set_dataset_record(
-        name,
-        record,
-        **files,
-        evaluator_type="lvis",
-        thing_classes=checked.thing_classes,
-        thing_dataset_id_to_contiguous_id=checked.id_map,
-        class_frequency=info["class_frequency"],
-        class_image_count=info["class_image_count"],
-    )
-    return name
+    its name: :func:`~solo_d2.data.coco.register_instance_dataset` of :data:`LVIS_FORMAT` (the
+    same checks, errors, fault reports, pack and re-registration rules as COCO data)."""
+    return register_instance_dataset(LVIS_FORMAT, spec, max_image_pixels)

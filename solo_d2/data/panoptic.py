@@ -64,7 +64,14 @@ from .packed import (
 )
 from .record import DatasetRecord, dataset_record, set_dataset_record
 from .specs import PANOPTIC_SPEC_FORM, is_registered_with, resolve_spec_paths
-from .validation import _check_images, _is_id, _is_int, _number_rows, read_coco_json
+from .validation import (
+    _check_images,
+    _is_id,
+    _is_int,
+    _number_rows,
+    files_exist,
+    read_coco_json,
+)
 
 __all__ = [
     "IGNORE_LABEL",
@@ -221,20 +228,26 @@ def check_panoptic_dict(
 
     candidates, positions = [], []  # images whose files exist: their segments are screened
     image_faults = []  # (position in images, fault)
+    pngs = {  # image id -> PNG name, for the annotations that have one
+        image_id: ann["file_name"]
+        for image_id, ann in by_image.items()
+        if isinstance(ann.get("file_name"), str) and ann["file_name"]
+    }
+    png_found = dict(zip(pngs, files_exist(png_dir, list(pngs.values()))))
+    image_found = files_exist(image_dir, [img["file_name"] for img in images.values()])
     for position, (image_id, img) in enumerate(images.items()):
         name = img["file_name"]
-        ann = by_image.get(image_id)
         problem = None
-        if ann is None:
+        if image_id not in by_image:
             problem = ("no_panoptic_annotation", "has no panoptic annotation")
-        elif not (isinstance(ann.get("file_name"), str) and ann["file_name"]):
+        elif image_id not in pngs:
             problem = ("no_png", "its annotation has no PNG 'file_name'")
         else:
-            png_path = os.path.join(png_dir, ann["file_name"])
+            png_path = os.path.join(png_dir, pngs[image_id])
             image_path = os.path.join(image_dir, name)
-            if not os.path.isfile(png_path):
+            if not png_found[image_id]:
                 problem = ("missing_png", f"its PNG {png_path} does not exist")
-            elif not os.path.isfile(image_path):
+            elif not image_found[position]:
                 problem = ("missing_image", f"image file {image_path} does not exist")
         if problem:
             image_faults.append((position, DataFault(*problem, json_file, image_id, None, name)))

@@ -54,6 +54,7 @@ __all__ = [
     "CheckedCOCO",
     "read_coco_json",
     "check_coco_dict",
+    "files_exist",
     "MAX_DESCRIBED_FAULTS",
     "MAX_POLYGON_POINTS",
     "MAX_POLYGON_OUTLINE",
@@ -188,6 +189,33 @@ def _is_id(x) -> bool:
 
 def _is_number(x) -> bool:
     return (type(x) is float or type(x) is int) and math.isfinite(x)
+
+
+LISTED_FOLDER_FILES = 64
+"""A folder that this many checked paths or more are in is listed once (``os.scandir``) instead
+of a ``stat`` per path: COCO train2017's 118,287 images are one listing of ~0.05 s against
+~0.4 s of stats."""
+
+
+def files_exist(root: str, names: Sequence[str]) -> List[bool]:
+    """Whether each ``os.path.join(root, name)`` is a file, as ``os.path.isfile`` says (links
+    followed), folders of many of them listed once (:data:`LISTED_FOLDER_FILES`)."""
+    paths = [os.path.split(os.path.join(root, name)) for name in names]
+    per_folder: Dict[str, int] = {}
+    for folder, _ in paths:
+        per_folder[folder] = per_folder.get(folder, 0) + 1
+    listed = {}
+    for folder, count in per_folder.items():
+        if count >= LISTED_FOLDER_FILES:
+            try:
+                with os.scandir(folder) as entries:
+                    listed[folder] = {e.name for e in entries if e.is_file()}
+            except OSError:
+                listed[folder] = set()
+    return [
+        base in listed[folder] if folder in listed else os.path.isfile(os.path.join(folder, base))
+        for folder, base in paths
+    ]
 
 
 def _check_categories(categories: list, json_file: str) -> Tuple[List[str], Dict[int, int]]:
@@ -602,9 +630,10 @@ def check_coco_dict(
     image_faults = _FaultLog(json_file)
     bad_images, bad_annotations = set(), set()
     if image_root is not None:
+        found = files_exist(image_root, [img["file_name"] for img in images.values()])
         for i, (img_id, img) in enumerate(images.items(), start=-len(images)):  # images first
-            path = os.path.join(image_root, img["file_name"])
-            if not os.path.isfile(path):
+            if not found[i + len(images)]:
+                path = os.path.join(image_root, img["file_name"])
                 message = f"image file {path} not found"
                 image_faults.add(i, "missing_image_file", message, img_id, None, img["file_name"])
                 bad_images.add(img_id)

@@ -39,8 +39,9 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..data.dataset_dicts import clean_coco_dict
 from ..data.faults import summarize_faults
-from ..data.lvis import clean_lvis_dict, read_and_check_lvis
+from ..data.lvis import read_and_check_lvis
 from ..data.record import dataset_record
 from .coco_evaluation import staged_output, write_evaluation_files
 
@@ -191,7 +192,7 @@ class SOLOLVISEvaluator(DatasetEvaluator):
                 f"{len(checked.bad_annotations)} faulty annotations and "
                 f"{len(checked.bad_images)} faulty images:\n" + summarize_faults(checked.faults)
             )
-        return _lvis_api(clean_lvis_dict(data, checked))
+        return _lvis_api(clean_coco_dict(data, checked))
 
     def reset(self):
         self.predictions = []

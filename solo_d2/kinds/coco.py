@@ -6,8 +6,7 @@ without a kind solo_d2 knows (``evaluator_type`` "coco" or none).
 
 from detectron2.config import CfgNode
 
-from ..data.coco import register_coco_dataset
-from ..data.specs import SPEC_FORM
+from ..data.coco import COCO_FORMAT, register_coco_dataset
 from ..evaluation import SOLOCOCOEvaluator
 from .base import DatasetKind
 
@@ -18,8 +17,8 @@ class COCOKind(DatasetKind):
     """COCO instances (:mod:`solo_d2.data.coco`), evaluated by :class:`SOLOCOCOEvaluator`."""
 
     name = "coco"
-    spec_prefix = ""
-    spec_form = SPEC_FORM
+    spec_prefix = COCO_FORMAT.prefix
+    spec_form = COCO_FORMAT.spec_form
     description = "COCO instances"
     evaluator_types = ("coco",)
     packs = True

@@ -5,8 +5,7 @@ Also the kind of detectron2's builtin ``lvis_v1_*`` / ``lvis_v0.5_*`` datasets.
 
 from detectron2.config import CfgNode
 
-from ..data.lvis import register_lvis_dataset
-from ..data.specs import LVIS_SPEC_FORM
+from ..data.lvis import LVIS_FORMAT, register_lvis_dataset
 from ..evaluation import SOLOLVISEvaluator
 from .base import DatasetKind
 
@@ -17,8 +16,8 @@ class LVISKind(DatasetKind):
     """LVIS (:mod:`solo_d2.data.lvis`), evaluated by :class:`SOLOLVISEvaluator`."""
 
     name = "lvis"
-    spec_prefix = "lvis:"
-    spec_form = LVIS_SPEC_FORM
+    spec_prefix = LVIS_FORMAT.prefix
+    spec_form = LVIS_FORMAT.spec_form
     description = "LVIS"
     evaluator_types = ("lvis",)
     packs = True

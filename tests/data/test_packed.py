@@ -24,7 +24,7 @@ from solo_d2.data import check_cache, packed, panoptic, validation
 from solo_d2.data.check_cache import check_key
 from solo_d2.data.coco import register_coco_dataset
 from solo_d2.data.dataset_dicts import to_dataset_dicts
-from solo_d2.data.lvis import IMAGE_CATEGORY_LISTS, load_checked_lvis, register_lvis_dataset
+from solo_d2.data.lvis import IMAGE_CATEGORY_LISTS, read_and_check_lvis, register_lvis_dataset
 from solo_d2.data.record import dataset_record
 from solo_d2.data.training_data import packed_train_data
 from solo_d2.data.validation import check_coco_dict
@@ -183,7 +183,7 @@ def test_registration_packs_and_the_loader_uses_the_pack(tmp_path, cache, monkey
     name = register_coco_dataset(f"packed_{uuid.uuid4().hex[:8]}={ann}:{images}")
     key = dataset_record(name).check_key
     assert packed.has_pack(key) and len(os.listdir(cache)) == 1
-    expected = to_dataset_dicts(*check_cache.load_checked_coco(ann, images)[:2], images)
+    expected = to_dataset_dicts(*check_cache.read_and_check(ann, images)[:2], images)
 
     def no_read(*args, **kwargs):
         raise AssertionError("the annotation file was read")
@@ -215,7 +215,7 @@ def test_lvis_packs_keep_the_image_lists(tmp_path, cache):
     ann, images = _write(tmp_path, data)
     name = register_lvis_dataset(f"packed_{uuid.uuid4().hex[:8]}=lvis:{ann}:{images}")
     [pack] = packed.open_packs([name])
-    dicts = load_checked_lvis(ann, images)[2]
+    dicts = to_dataset_dicts(*read_and_check_lvis(ann, images)[:2], images, IMAGE_CATEGORY_LISTS)
     assert pack.to_dicts() == dicts and any(d[k] for d in dicts for k in IMAGE_CATEGORY_LISTS)
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)

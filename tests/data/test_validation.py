@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+import os
 import uuid
 
 import numpy as np
@@ -20,7 +21,7 @@ from solo_d2.data.dataset_mapper import SOLODatasetMapper
 from solo_d2.data.faults import DatasetError
 from solo_d2.data.record import dataset_record
 from solo_d2.data.training_data import report_training_faults
-from solo_d2.data.validation import check_coco_dict
+from solo_d2.data.validation import LISTED_FOLDER_FILES, check_coco_dict, files_exist
 from solo_d2.engine.trainer import Trainer
 
 H, W = 40, 60
@@ -256,3 +257,22 @@ def test_evaluation_reports_faults_and_uses_the_checked_ground_truth(registered,
         task: {k: None if np.isnan(v) else v for k, v in metrics.items()}
         for task, metrics in results.items()
     }
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_files_exist_answers_as_isfile(tmp_path, many):
+    """Listed folders (many paths in them) and stat'ed ones give os.path.isfile's answers."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "dir.jpg").mkdir()  # a folder named like an image
+    filler = [f"f{i}.jpg" for i in range(LISTED_FOLDER_FILES if many else 2)]
+    for name in filler + ["sub/a.jpg"]:
+        (tmp_path / name).write_bytes(b"x")
+    os.symlink(tmp_path / "f0.jpg", tmp_path / "link.jpg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
+    names = filler + [
+        "sub/a.jpg", "sub/b.jpg", "link.jpg", "broken.jpg", "dir.jpg", "missing.jpg",
+        "nofolder/x.jpg", "sub/../f1.jpg", str(tmp_path / "f0.jpg"),
+    ]  # fmt: skip
+    expected = [os.path.isfile(os.path.join(tmp_path, n)) for n in names]
+    assert files_exist(str(tmp_path), names) == expected
+    assert expected[-9:] == [True, False, True, False, False, False, False, True, True]
