@@ -2,7 +2,7 @@
 loading, the evaluator's read and ``train_net.py`` until training starts, against detectron2.
 
     python -m dev.benchmark.startup [--kind coco lvis panoptic] [--scale 1.0] [--data-dir DIR]
-        [--steps d2 json register loader evaluator train_net] [--json OUT]
+        [--steps d2 json register loader evaluator train_net] [--repeat N] [--json OUT]
 
 The files come from :func:`dev.benchmark.coco_scale.write_coco_like` (panoptic:
 :func:`~dev.benchmark.coco_scale.write_panoptic_like`), written under
@@ -24,7 +24,9 @@ with ``SOLO_D2_CACHE`` set to a temporary folder of the run:
   with "Starting training from iteration" appears (then its process group is ended), cold and
   warm, with the peak resident memory of each of its processes (VmHWM, sampled every 0.2 s).
 
-Peak memory is each process's VmHWM (Linux ``/proc``). Nothing is asserted about the times: the
+With ``--repeat N`` every row runs N times, in turn with the others (each time with new cache
+folders), and the table gives the median run and the range. Peak memory is each process's
+VmHWM (Linux ``/proc``). Nothing is asserted about the times: the
 rows are measured in the run that prints them, on the machine the report names.
 """
 
@@ -79,6 +81,7 @@ class StartupSettings:
     data_dir: str = os.path.join("datasets", "benchmark_scale")
     steps: Sequence[str] = tuple(STEPS)  # keys of STEPS
     timeout: float = 3600.0  # seconds, per row
+    repeats: int = 1  # runs of every row (each with new cache folders), the median reported
 
 
 def dataset_files(kind: str, scale: float, data_dir: str) -> Dict[str, str]:
@@ -421,19 +424,32 @@ def run_startup_benchmark(s: StartupSettings) -> Dict:
         "rows": {},
     }
     rows = [row for step in STEPS if step in s.steps for row in STEPS[step]]
-    with tempfile.TemporaryDirectory(prefix="solo_startup_cache_") as caches:
-        for row in rows:
-            cache_dir = os.path.join(caches, _CACHE_OF_ROW.get(row, "unused"))
-            os.makedirs(cache_dir, exist_ok=True)
-            load = os.getloadavg()[0]
-            if row.startswith("train_net"):
-                res = time_train_net(s.kind, spec, cache_dir, s.timeout)
-            else:
-                res = _run_child_row(row, params, cache_dir, s.timeout)
-            res["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
-            report["rows"][row] = res
-            print(f"[{s.kind}] {row}: {_fmt_row(res)}", flush=True)
+    runs: Dict[str, List[Dict]] = {row: [] for row in rows}
+    for run in range(s.repeats):  # every row in turn, so that the rows share the machine's moods
+        with tempfile.TemporaryDirectory(prefix="solo_startup_cache_") as caches:
+            for row in rows:
+                cache_dir = os.path.join(caches, _CACHE_OF_ROW.get(row, "unused"))
+                os.makedirs(cache_dir, exist_ok=True)
+                load = os.getloadavg()[0]
+                if row.startswith("train_net"):
+                    res = time_train_net(s.kind, spec, cache_dir, s.timeout)
+                else:
+                    res = _run_child_row(row, params, cache_dir, s.timeout)
+                res["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+                runs[row].append(res)
+                label = f" (run {run + 1} of {s.repeats})" if s.repeats > 1 else ""
+                print(f"[{s.kind}] {row}{label}: {_fmt_row(res)}", flush=True)
+    report["rows"] = {row: median_run(results) for row, results in runs.items()}
     return report
+
+
+def median_run(results: List[Dict]) -> Dict:
+    """The run of median wall time (the lower middle one of an even count), with every run's
+    wall time under "runs_s"; a skipped row as it is."""
+    if any("skipped" in res for res in results):
+        return results[0]
+    ordered = sorted(results, key=lambda res: res["wall_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_s": [res["wall_s"] for res in results]}
 
 
 _LABELS = {
@@ -468,12 +484,14 @@ def format_startup_table(report: Dict, machine: Dict) -> str:
     rows = report["rows"]
     d2 = rows.get("d2_load_json", {}).get("wall_s")
     imports = [r["import_s"] for r in rows.values() if "import_s" in r]
+    runs = max((len(r.get("runs_s", ())) for r in rows.values()), default=1)
     label_d2 = {"lvis": "load_lvis_json", "panoptic": "load_coco_panoptic_json"}.get(
         report["kind"], "load_coco_json"
     )
     lines = [
         f"{report['kind']}-sized file (scale {report['scale']:g}): {report['json_mb']:g} MB, "
-        f"{report['images']:,} images, {report['annotations']:,} annotations",
+        f"{report['images']:,} images, {report['annotations']:,} annotations"
+        + (f"; medians of {runs} runs (range)" if runs > 1 else ""),
         f"machine: {machine['cpu']}, {machine['cpu_cores']} cores "
         f"({machine['cpu_cores_usable']} usable), torch {machine['torch']} with "
         f"{machine['torch_threads']} threads, load average {machine['load_average']}",
@@ -488,7 +506,10 @@ def format_startup_table(report: Dict, machine: Dict) -> str:
             continue
         ratio = f"{res['wall_s'] / d2:.2f}" if d2 else "-"
         rss = _fmt_rss(res["peak_rss_kb"])
-        lines.append(f"| {label} | {res['wall_s']:.2f} | {ratio} | {rss} |")
+        wall = f"{res['wall_s']:.2f}"
+        if len(res.get("runs_s", ())) > 1:
+            wall += f" ({min(res['runs_s']):.2f}-{max(res['runs_s']):.2f})"
+        lines.append(f"| {label} | {wall} | {ratio} | {rss} |")
     if imports:
         lines.append("")
         lines.append(
@@ -511,17 +532,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--data-dir", default=os.path.join("datasets", "benchmark_scale"))
     parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per row")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every row (medians)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     import torch
 
     from dev.benchmark.timing import machine_info
 
     reports = []
     for kind in args.kind:
-        settings = StartupSettings(kind, args.scale, args.data_dir, args.steps, args.timeout)
+        settings = StartupSettings(
+            kind, args.scale, args.data_dir, args.steps, args.timeout, args.repeat
+        )
         reports.append(run_startup_benchmark(settings))
     machine = machine_info(torch.device("cpu"))
     print("\n\n".join(format_startup_table(r, machine) for r in reports))

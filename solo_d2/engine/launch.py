@@ -3,7 +3,9 @@ detectron2's ``launch`` (:func:`launch`: this process spawns one per GPU, or for
 process), or torchrun (:func:`launch_from_env`: torchrun started them, its variables give the
 ranks)."""
 
+import ctypes
 import functools
+import gc
 import logging
 import os
 import signal
@@ -86,6 +88,8 @@ def launch(
         logging.getLogger(__name__).warning(
             "file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://"
         )
+    if fork_threads is not None:
+        _release_free_memory()  # not copied into every worker's resident memory
     context = mp.start_processes(
         distributed_worker,
         nprocs=num_gpus_per_machine,
@@ -132,6 +136,17 @@ def prepare_forked_workers() -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     return threads
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the system (glibc's
+    ``malloc_trim``; nothing elsewhere): after reading and checking a large annotation file the
+    launching process holds gigabytes it freed, which forked workers would count as theirs."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _worker_main(main_func, threads: Optional[int], *args):

@@ -21,6 +21,7 @@ from dev.benchmark.startup import (
     dataset_files,
     dataset_spec,
     format_startup_table,
+    median_run,
     run_child,
     run_startup_benchmark,
     train_net_command,
@@ -117,6 +118,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "--scale must be positive" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "dev.benchmark.startup", "--repeat", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--repeat must be at least 1" in proc.stderr
 
 
 def test_table_of_a_report():
@@ -146,6 +154,13 @@ def test_table_of_a_report():
     table = format_startup_table(report, machine_info(torch.device("cpu")))
     assert "skipped: the lvis package is not installed" in table
     assert "| solo_d2 register_dataset, cold cache | 20.00 | - | 2.00 |" in table
+    runs = [{"wall_s": w, "import_s": 5.0, "peak_rss_kb": {"main": [w]}} for w in (30, 10, 20)]
+    report["rows"] = {"d2_load_json": median_run(runs[:2]), "register_cold": median_run(runs)}
+    assert report["rows"]["register_cold"]["peak_rss_kb"] == {"main": [20]}  # the median run's
+    table = format_startup_table(report, machine_info(torch.device("cpu")))
+    assert "medians of 3 runs (range)" in table
+    assert "| detectron2 load_lvis_json | 10.00 (10.00-30.00) | 1.00 |" in table
+    assert "| solo_d2 register_dataset, cold cache | 20.00 (10.00-30.00) | 2.00 |" in table
 
 
 def test_process_tree_and_train_net_command():
