@@ -111,20 +111,14 @@ def test_command_line_registers_cold_and_warm_for_both_kinds(data_dir, tmp_path)
 def test_bad_arguments_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown step"):
         run_startup_benchmark(StartupSettings(steps=["d2", "warp"], data_dir=str(tmp_path)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "dev.benchmark.startup", "--scale", "0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "--scale must be positive" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "dev.benchmark.startup", "--repeat", "0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "--repeat must be at least 1" in proc.stderr
+    for flag, message in (("--scale", "--scale must be positive"), ("--repeat", "at least 1")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dev.benchmark.startup", flag, "0"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_table_of_a_report():
