@@ -191,10 +191,11 @@ def _is_number(x) -> bool:
     return (type(x) is float or type(x) is int) and math.isfinite(x)
 
 
-LISTED_FOLDER_FILES = 64
+LISTED_FOLDER_FILES = 1000
 """A folder that this many checked paths or more are in is listed once (``os.scandir``) instead
 of a ``stat`` per path: COCO train2017's 118,287 images are one listing of ~0.05 s against
-~0.4 s of stats."""
+~0.4 s of stats (~3.4 us a stat, ~0.4 us a listed entry, on a 2-core EPYC). Fewer paths are
+stat'ed (a few ms at most), so a small dataset in a huge folder does not list it."""
 
 
 def files_exist(root: str, names: Sequence[str]) -> List[bool]:
