@@ -36,6 +36,7 @@ the dataset dicts of what passed, and its COCO dict (the evaluation ground truth
 """
 
 import array
+import collections
 import functools
 import itertools
 import logging
@@ -201,12 +202,13 @@ stat'ed (a few ms at most), so a small dataset in a huge folder does not list it
 def files_exist(root: str, names: Sequence[str]) -> List[bool]:
     """Whether each ``os.path.join(root, name)`` is a file, as ``os.path.isfile`` says (links
     followed), folders of many of them listed once (:data:`LISTED_FOLDER_FILES`)."""
-    paths = [os.path.split(os.path.join(root, name)) for name in names]
-    per_folder: Dict[str, int] = {}
-    for folder, _ in paths:
-        per_folder[folder] = per_folder.get(folder, 0) + 1
+    sep, alt = os.sep, os.altsep or os.sep
+    located = [  # (folder, name in it); plain names, the common case, are not joined and split
+        (root, name) if name and sep not in name and alt not in name else _split(root, name)
+        for name in names
+    ]
     listed = {}
-    for folder, count in per_folder.items():
+    for folder, count in collections.Counter(folder for folder, _ in located).items():
         if count >= LISTED_FOLDER_FILES:
             try:
                 with os.scandir(folder) as entries:
@@ -215,8 +217,12 @@ def files_exist(root: str, names: Sequence[str]) -> List[bool]:
                 listed[folder] = set()
     return [
         base in listed[folder] if folder in listed else os.path.isfile(os.path.join(folder, base))
-        for folder, base in paths
+        for folder, base in located
     ]
+
+
+def _split(root: str, name: str) -> Tuple[str, str]:
+    return os.path.split(os.path.join(root, name))
 
 
 def _check_categories(categories: list, json_file: str) -> Tuple[List[str], Dict[int, int]]:
