@@ -638,8 +638,9 @@ def check_coco_dict(
     bad_images, bad_annotations = set(), set()
     if image_root is not None:
         found = files_exist(image_root, [img["file_name"] for img in images.values()])
-        for i, (img_id, img) in enumerate(images.items(), start=-len(images)):  # images first
-            if not found[i + len(images)]:
+        # positions -len(images)..-1: the images' faults come first in the file's order
+        for i, (img_id, img), ok in zip(itertools.count(-len(images)), images.items(), found):
+            if not ok:
                 path = os.path.join(image_root, img["file_name"])
                 message = f"image file {path} not found"
                 image_faults.add(i, "missing_image_file", message, img_id, None, img["file_name"])

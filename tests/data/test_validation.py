@@ -260,7 +260,7 @@ def test_evaluation_reports_faults_and_uses_the_checked_ground_truth(registered,
 
 
 @pytest.mark.parametrize("many", [False, True])
-def test_files_exist_answers_as_isfile(tmp_path, many):
+def test_files_exist_answers_as_isfile(tmp_path, many, monkeypatch):
     """Listed folders (many paths in them) and stat'ed ones give os.path.isfile's answers."""
     (tmp_path / "sub").mkdir()
     (tmp_path / "dir.jpg").mkdir()  # a folder named like an image
@@ -274,5 +274,9 @@ def test_files_exist_answers_as_isfile(tmp_path, many):
         "nofolder/x.jpg", "sub/../f1.jpg", str(tmp_path / "f0.jpg"),
     ]  # fmt: skip
     expected = [os.path.isfile(os.path.join(tmp_path, n)) for n in names]
+    listings = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: listings.append(path) or scandir(path))
     assert files_exist(str(tmp_path), names) == expected
+    assert listings == ([str(tmp_path)] if many else [])  # the folder of many, listed once
     assert expected[-9:] == [True, False, True, False, False, False, False, True, True]
